@@ -1,0 +1,19 @@
+"""rewardplug: a multimodal reward model (Skywork-VL-Reward and checkpoints of its shape) as a reward
+service for online RL of vision-language models."""
+
+from .errors import CheckpointError, InvalidSampleError, RewardPlugError, SampleError
+from .images import ImagePolicy
+from .model import RewardModel
+from .samples import Sample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ImagePolicy",
+    "InvalidSampleError",
+    "RewardModel",
+    "RewardPlugError",
+    "Sample",
+    "SampleError",
+]

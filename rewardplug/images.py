@@ -1,0 +1,171 @@
+"""Turn an image source into a decoded PIL image, safely.
+
+Sources: a PIL image, raw bytes, a local path, a ``file://`` URI, a ``data:image/...;base64,`` string,
+a Hugging Face datasets dict ``{"bytes": ..., "path": ...}``, and http(s) URLs only when the policy
+allows them. Local paths are read only inside the policy's roots. Every failure is a ``SampleError``
+whose message says which source and why, without echoing file contents.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+from urllib.parse import urlparse
+
+from PIL import Image
+
+from .errors import SampleError
+
+ImageSource = Any  # PIL.Image.Image | bytes | str | os.PathLike | dict
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """Where images may come from.
+
+    local_roots: folders whose files may be read; None means any readable path (opt-in).
+        The default is the current working directory at the time the policy is made.
+    url_hosts: host names whose http(s) URLs may be fetched; ("*",) allows any host. Empty (the
+        default) fetches nothing, so a sample cannot make the scorer reach into your network.
+    max_image_pixels: decoded width x height above which an image is refused (decompression bombs).
+    max_bytes: largest encoded image accepted from a URL, a data URI or a file.
+    """
+
+    local_roots: tuple[str, ...] | None = field(default_factory=lambda: (os.getcwd(),))
+    url_hosts: tuple[str, ...] = ()
+    max_image_pixels: int = 64 * 1024 * 1024
+    max_bytes: int = 64 * 1024 * 1024
+    url_timeout_s: float = 10.0
+
+    def __post_init__(self):
+        if self.local_roots is not None:
+            roots = tuple(str(Path(r).expanduser().resolve()) for r in self.local_roots)
+            object.__setattr__(self, "local_roots", roots)
+
+    @classmethod
+    def permissive(cls) -> "ImagePolicy":
+        """Any local path and any URL: for trusted data only."""
+        return cls(local_roots=None, url_hosts=("*",))
+
+
+def load_image(source: ImageSource, policy: ImagePolicy) -> Image.Image:
+    """Decode ``source`` into a fully loaded PIL image, or raise SampleError."""
+    if isinstance(source, Image.Image):
+        _check_pixels(source, policy)
+        return source
+    if isinstance(source, dict):
+        if source.get("bytes") is not None:
+            return _decode(bytes(source["bytes"]), policy, "image bytes")
+        if source.get("path"):
+            return load_image(source["path"], policy)
+        if source.get("url"):
+            return load_image(source["url"], policy)
+        raise SampleError(f"image dict has none of 'bytes', 'path', 'url' (keys: {sorted(source)})")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _decode(bytes(source), policy, "image bytes")
+    if isinstance(source, os.PathLike):
+        return _read_local(os.fspath(source), policy)
+    if not isinstance(source, str):
+        raise SampleError(f"unsupported image type {type(source).__name__}")
+    if source.startswith("data:"):
+        return _decode(_data_uri_bytes(source), policy, "data URI")
+    if source.startswith(("http://", "https://")):
+        return _fetch_url(source, policy)
+    if source.startswith("file://"):
+        return _read_local(source[len("file://"):], policy)
+    if "://" in source[:16]:
+        raise SampleError(f"unsupported image URI scheme {source.split('://', 1)[0]!r}")
+    return _read_local(source, policy)
+
+
+def image_digest(image: Image.Image) -> str:
+    """Content hash of a decoded image: same pixels, same size and mode give the same digest."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{image.mode}:{image.size}".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def _check_pixels(image: Image.Image, policy: ImagePolicy) -> None:
+    w, h = image.size
+    if w * h > policy.max_image_pixels:
+        raise SampleError(f"image of {w}x{h} pixels is over the limit of {policy.max_image_pixels} pixels")
+    if w < 1 or h < 1:
+        raise SampleError(f"image has an empty size {w}x{h}")
+
+
+def _decode(data: bytes, policy: ImagePolicy, what: str) -> Image.Image:
+    if len(data) > policy.max_bytes:
+        raise SampleError(f"{what} of {len(data)} bytes is over the limit of {policy.max_bytes} bytes")
+    try:
+        image = Image.open(io.BytesIO(data))
+        _check_pixels(image, policy)  # before decoding the pixels: the header alone gives the size
+        image.load()
+    except SampleError:
+        raise
+    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        raise SampleError(f"{what} could not be decoded as an image ({type(e).__name__}: {e})") from None
+    return image
+
+
+def _data_uri_bytes(uri: str) -> bytes:
+    head, sep, payload = uri.partition(",")
+    if not sep or not head.startswith("data:image/") or not head.endswith(";base64"):
+        raise SampleError("data URI must look like 'data:image/<type>;base64,<data>'")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise SampleError("data URI holds invalid base64") from None
+
+
+def _read_local(path: str, policy: ImagePolicy) -> Image.Image:
+    resolved = Path(path).expanduser().resolve()
+    if policy.local_roots is not None and not any(
+        resolved.is_relative_to(root) for root in policy.local_roots
+    ):
+        # Name the path the user gave, not the resolved one, and not the server's roots.
+        raise SampleError(
+            f"image path {path!r} is outside the allowed image roots; "
+            "pass image_roots=[...] (or image_roots=None to allow any path)"
+        )
+    try:
+        size = resolved.stat().st_size
+    except OSError:
+        raise SampleError(f"image file {path!r} does not exist or cannot be read") from None
+    if size > policy.max_bytes:
+        raise SampleError(f"image file {path!r} has {size} bytes, over the limit of {policy.max_bytes}")
+    try:
+        data = resolved.read_bytes()
+    except OSError as e:
+        raise SampleError(f"image file {path!r} cannot be read ({e.strerror})") from None
+    return _decode(data, policy, f"image file {path!r}")
+
+
+def _fetch_url(url: str, policy: ImagePolicy) -> Image.Image:
+    host = urlparse(url).hostname or ""
+    if "*" not in policy.url_hosts and host not in policy.url_hosts:
+        raise SampleError(
+            f"image URL host {host!r} is not allowed; fetching URLs is off unless you list hosts "
+            "in url_hosts (or '*')"
+        )
+    import requests  # a dependency of qwen-vl-utils; imported here since most runs never fetch
+
+    try:
+        # No redirects: a redirect could lead outside the allowed hosts.
+        with requests.get(url, stream=True, timeout=policy.url_timeout_s, allow_redirects=False) as r:
+            if r.status_code != 200:
+                raise SampleError(f"image URL {url!r} answered HTTP {r.status_code}")
+            data = bytearray()
+            for chunk in r.iter_content(1 << 16):
+                data += chunk
+                if len(data) > policy.max_bytes:
+                    raise SampleError(f"image URL {url!r} is larger than {policy.max_bytes} bytes")
+    except requests.RequestException as e:
+        raise SampleError(f"image URL {url!r} could not be fetched ({type(e).__name__})") from None
+    return _decode(bytes(data), policy, f"image URL {url!r}")

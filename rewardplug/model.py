@@ -1,0 +1,293 @@
+"""RewardModel: a Qwen2.5-VL (or Qwen2-VL) backbone with a scalar value head.
+
+The score of a sample is the value head applied to the backbone's post-norm last hidden state at the
+sample's last real token (the "\\n" after the final <|im_end|>), as the model card computes it. The head
+is an fp32 linear on the upcast hidden state. The language-model head (vocabulary logits) is never
+run: in transformers 5 ``hidden_states[-1]`` of the full model equals ``last_hidden_state`` of its
+inner ``model``, so scoring calls the inner model alone and drops ``lm_head`` after loading.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .checkpoint import read_value_head, resolve_checkpoint
+from .encoding import Batch, EncodedSample, Encoder, collate
+from .errors import CheckpointError, InvalidSampleError, SampleError
+from .images import ImagePolicy
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}  # fmt: skip
+IMAGE_BACKENDS = ("pil", "torchvision", "auto")
+
+
+def _backbone_class(model_type: str):
+    import transformers
+
+    classes = {
+        "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+        "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+    }
+    if model_type not in classes:
+        raise CheckpointError(
+            f"unsupported model_type {model_type!r} in config.json; rewardplug loads {sorted(classes)}"
+        )
+    return classes[model_type]
+
+
+def _resolve_dtype(dtype: Any, config) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(declared, torch.dtype):
+            return declared
+        return DTYPES.get(str(declared), torch.float32)
+    if str(dtype) not in DTYPES:
+        raise ValueError(f"dtype must be 'auto', a torch.dtype or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[str(dtype)]
+
+
+@dataclass
+class RewardModel:
+    """Scores (images, question, answer) samples with a Skywork-VL-Reward style checkpoint.
+
+    Build one with ``RewardModel.from_pretrained``. ``score`` takes samples (see ``rewardplug.samples``)
+    and returns one float per sample.
+
+    >>> rm = RewardModel.from_pretrained("Skywork/Skywork-VL-Reward-7B", dtype="bfloat16")  # doctest: +SKIP
+    >>> rm.score([{"prompt": "What is in the picture?", "completion": "A cat.", "images": ["cat.png"]}])  # doctest: +SKIP
+    [3.14...]
+    """
+
+    backbone: nn.Module  # Qwen2_5_VLModel: .visual and .language_model
+    value_head: nn.Linear  # fp32, hidden -> 1
+    processor: Any
+    encoder: Encoder
+    name_or_path: str = ""
+    padding_side: str = "right"
+
+    # ---- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        dtype: Any = "auto",
+        device: str | torch.device | None = None,
+        device_map: str | dict | None = None,
+        max_memory: dict | None = None,
+        attn_implementation: str | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        max_length: int | None = None,
+        value_head: str | None = "value_head.safetensors",
+        image_backend: str = "pil",
+        image_roots: Sequence[str | os.PathLike] | None | str = "cwd",
+        image_url_hosts: Sequence[str] = (),
+        padding_side: str = "right",
+    ) -> "RewardModel":
+        """Load a reward model from a hub id or a local folder.
+
+        dtype: "auto" (the checkpoint's, bf16 for the 7B), a torch dtype, or "float32"/"bfloat16"/...
+        device: where the whole model goes ("cuda", "cuda:1", "cpu", or "meta" to build the
+            architecture without reading weights); default: the first GPU if there is one, else CPU.
+        device_map / max_memory: split the model over several GPUs with accelerate ("auto",
+            "balanced", or an explicit map); excludes ``device``.
+        min_pixels / max_pixels: image size bounds (default: the checkpoint's preprocessor config).
+        max_length: samples with more tokens are refused (InvalidSampleError) instead of scored.
+        value_head: the head's file in the folder; None reads it from the main weights
+            (``v_head.*`` or ``score.*``), as does a missing file.
+        image_backend: "pil" (default) resizes and normalizes images with the PIL image processor,
+            which is what ``Qwen2VLImageProcessor`` was when the model card was written (transformers
+            4.x) and what the model was trained with; "torchvision" uses transformers 5's default
+            fast processor, whose resizing differs slightly; "auto" takes whatever AutoProcessor picks.
+        image_roots: folders that local image paths may be read from; "cwd" (default) is the current
+            folder, None allows any path. image_url_hosts: hosts whose http(s) image URLs may be
+            fetched (default none; "*" for any).
+        padding_side: "right" or "left"; scores do not depend on it.
+        """
+        from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
+
+        if device is not None and device_map is not None:
+            raise ValueError("pass either device or device_map, not both")
+        if image_backend not in IMAGE_BACKENDS:
+            raise ValueError(f"image_backend must be one of {IMAGE_BACKENDS}, got {image_backend!r}")
+        folder = resolve_checkpoint(name_or_path)
+        try:
+            config = AutoConfig.from_pretrained(folder)
+        except Exception as e:
+            raise CheckpointError(f"config.json in {str(folder)!r} cannot be read: {e}") from None
+        backbone_cls = _backbone_class(config.model_type)
+        torch_dtype = _resolve_dtype(dtype, config)
+        hidden = config.text_config.hidden_size
+
+        if device is None and device_map is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        kwargs: dict[str, Any] = {"dtype": torch_dtype}
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+
+        if str(device) == "meta":
+            with torch.device("meta"):
+                full = backbone_cls._from_config(config, **kwargs)
+            weight = bias = None
+        else:
+            weight, bias = read_value_head(folder, value_head, hidden)
+            if device_map is not None:
+                kwargs.update(device_map=device_map, max_memory=max_memory)
+            try:
+                full = backbone_cls.from_pretrained(folder, **kwargs)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise CheckpointError(f"weights in {str(folder)!r} cannot be loaded: {e}") from e
+            if device_map is None:
+                full.to(device)
+        full.eval()
+        backbone = full.model
+        del full.lm_head  # never run: scores come from the last hidden state
+
+        head_device = backbone.language_model.norm.weight.device
+        head = nn.Linear(hidden, 1, dtype=torch.float32, device=head_device)
+        if weight is not None:
+            with torch.no_grad():
+                head.weight.copy_(weight)
+                head.bias.copy_(bias)
+        head.eval()
+
+        processor = AutoProcessor.from_pretrained(folder)
+        image_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
+        if image_backend != "auto" or image_kwargs:
+            backend = None if image_backend == "auto" else image_backend
+            processor.image_processor = AutoImageProcessor.from_pretrained(folder, backend=backend, **image_kwargs)
+        size = processor.image_processor.size
+        policy = ImagePolicy(
+            local_roots=(os.getcwd(),) if image_roots == "cwd" else (None if image_roots is None else tuple(image_roots)),
+            url_hosts=tuple(image_url_hosts),
+        )
+        encoder = Encoder(
+            processor=processor,
+            policy=policy,
+            min_pixels=int(size.shortest_edge),
+            max_pixels=int(size.longest_edge),
+            max_length=max_length,
+            patch_size=int(processor.image_processor.patch_size),
+        )
+        return cls(backbone, head, processor, encoder, str(name_or_path), padding_side)
+
+    # ---- properties ----------------------------------------------------------------------------
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.language_model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.language_model.embed_tokens.weight.dtype
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.processor.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def num_parameters(self) -> int:
+        """Parameters used for scoring: backbone (vision + language) and value head, no lm_head."""
+        return sum(p.numel() for p in self.backbone.parameters()) + sum(p.numel() for p in self.value_head.parameters())
+
+    def memory_bytes(self) -> int:
+        """Bytes the scoring parameters take in their current dtypes."""
+        params = list(self.backbone.parameters()) + list(self.value_head.parameters())
+        return sum(p.numel() * p.element_size() for p in params)
+
+    # ---- scoring -------------------------------------------------------------------------------
+
+    def encode(self, sample: Any) -> EncodedSample:
+        """Tokens and pixels of one sample; raises SampleError with the reason if it cannot be scored."""
+        return self.encoder.encode(sample)
+
+    def encode_many(self, samples: Sequence[Any]) -> tuple[list[EncodedSample | None], dict[int, str]]:
+        """Encode every sample; bad ones come back as None with their reason in the errors dict."""
+        encoded: list[EncodedSample | None] = []
+        errors: dict[int, str] = {}
+        for i, sample in enumerate(samples):
+            try:
+                encoded.append(self.encode(sample))
+            except SampleError as e:
+                encoded.append(None)
+                errors[i] = str(e)
+            except Exception as e:  # a template or processor failure is still this sample's problem
+                logger.debug("sample %d failed to encode", i, exc_info=True)
+                encoded.append(None)
+                errors[i] = f"cannot be encoded ({type(e).__name__}: {e})"
+        return encoded, errors
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Scores of a collated batch, fp32 on the CPU, shape [B]."""
+        dev = self.device
+        ids = batch.input_ids.to(dev)
+        mask = batch.attention_mask.to(dev)
+        mm = batch.mm_token_type_ids.to(dev)
+        grid = None if batch.image_grid_thw is None else batch.image_grid_thw.to(dev)
+        pixels = None if batch.pixel_values is None else batch.pixel_values.to(dev)
+        # Positions computed here, per sample from its unpadded tokens, so they never depend on padding
+        # and never reuse the model's cached rope_deltas.
+        position_ids, _ = self.backbone.get_rope_index(ids, mm, image_grid_thw=grid, attention_mask=mask)
+        out = self.backbone(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, pixel_values=pixels,
+            image_grid_thw=grid, mm_token_type_ids=mm, use_cache=False,
+        )  # fmt: skip
+        hidden = out.last_hidden_state
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.last_index.to(hidden.device)]
+        last = last.to(self.value_head.weight.device, torch.float32)
+        return self.value_head(last).squeeze(-1).cpu()
+
+    def score(
+        self,
+        samples: Sequence[Any],
+        *,
+        batch_size: int = 8,
+        on_invalid: str = "raise",
+        progress: bool = False,
+    ) -> list[float | None]:
+        """Score samples; one float per sample, in order.
+
+        on_invalid: "raise" (default) raises InvalidSampleError naming every bad sample before any
+            compute; "none" scores the rest and gives None for the bad ones.
+        batch_size: samples per forward pass (sorted by length to keep padding low).
+        """
+        if on_invalid not in ("raise", "none"):
+            raise ValueError(f"on_invalid must be 'raise' or 'none', got {on_invalid!r}")
+        if isinstance(samples, (dict,)) or not isinstance(samples, Iterable):
+            raise TypeError("score() takes a list of samples; wrap a single sample in a list")
+        samples = list(samples)
+        encoded, errors = self.encode_many(samples)
+        if errors and on_invalid == "raise":
+            raise InvalidSampleError(errors)
+        scores: list[float | None] = [None] * len(samples)
+        order = sorted((i for i, e in enumerate(encoded) if e is not None), key=lambda i: encoded[i].num_tokens)
+        chunks = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+        if progress:
+            from tqdm.auto import tqdm
+
+            chunks = tqdm(chunks, desc="scoring", unit="batch")
+        for chunk in chunks:
+            values = self.forward(collate([encoded[i] for i in chunk], self.pad_token_id, self.padding_side))
+            for i, v in zip(chunk, values.tolist()):
+                scores[i] = v
+        return scores

@@ -1,0 +1,186 @@
+"""Samples as users and trainers pass them, turned into one chat conversation each.
+
+Accepted forms (plain dicts, or the ``Sample`` dataclass):
+
+- ``{"messages": [...]}``: a whole conversation that ends with the assistant's answer. Content is a
+  string or a list of items as qwen-vl-utils takes them (``{"type": "image", "image": src}``,
+  ``{"type": "text", "text": ...}``). An optional ``"images"`` list fills ``{"type": "image"}``
+  placeholders in order.
+- ``{"prompt": str | messages, "completion": str | messages, "images": [...]}``: the way TRL passes
+  them, standard (strings) or conversational (message lists). ``"image"`` (one) works too.
+
+Images embedded in the messages win: the ``images`` column is used to fill placeholders, or, when the
+messages hold no image at all, placed before the text of the first user turn (the model card's order).
+TRL embeds the same images it also passes as a column, so they are not counted twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from .errors import SampleError
+from .images import ImagePolicy, load_image
+
+
+@dataclass
+class Sample:
+    """Typed form of a sample; ``to_dict()`` gives the plain dict form."""
+
+    prompt: str | list[dict] | None = None
+    completion: str | list[dict] | None = None
+    images: list[Any] = field(default_factory=list)
+    messages: list[dict] | None = None
+
+    def to_dict(self) -> dict:
+        if self.messages is not None:
+            return {"messages": self.messages, "images": self.images}
+        return {"prompt": self.prompt, "completion": self.completion, "images": self.images}
+
+
+@dataclass
+class Conversation:
+    """One sample ready for the chat template: images decoded, in the order they appear."""
+
+    messages: list[dict]
+    images: list[Image.Image]
+
+
+def to_conversation(sample: Any, policy: ImagePolicy) -> Conversation:
+    """Normalize one sample; raise SampleError with the reason when it cannot be scored."""
+    if isinstance(sample, Sample):
+        sample = sample.to_dict()
+    if not isinstance(sample, dict):
+        raise SampleError(f"a sample must be a dict or rewardplug.Sample, got {type(sample).__name__}")
+    column = _image_column(sample)
+
+    if "messages" in sample:
+        messages = _copy_messages(sample["messages"], "messages")
+    elif "prompt" in sample or "completion" in sample:
+        if sample.get("completion") is None:
+            raise SampleError("sample has no 'completion' (the answer to score)")
+        if sample.get("prompt") is None:
+            raise SampleError("sample has no 'prompt'")
+        messages = _prompt_messages(sample["prompt"]) + _completion_messages(sample["completion"])
+    else:
+        raise SampleError(f"sample needs 'messages', or 'prompt' and 'completion' (keys: {sorted(sample)})")
+
+    if not messages:
+        raise SampleError("the conversation is empty")
+    if messages[-1]["role"] != "assistant":
+        raise SampleError(
+            f"the conversation must end with the assistant's answer; the last message has role "
+            f"{messages[-1]['role']!r}"
+        )
+    _place_column_images(messages, column)
+    images = []
+    for item in _image_items(messages):
+        try:
+            image = load_image(item["image"], policy)
+        except SampleError as e:
+            raise SampleError(f"image {len(images)}: {e}") from None
+        item["image"] = image
+        images.append(image)
+    return Conversation(messages, images)
+
+
+def _image_column(sample: dict) -> list:
+    images = sample.get("images")
+    if images is None:
+        images = sample.get("image")
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return [im for im in images if im is not None]
+    return [images]
+
+
+def _prompt_messages(prompt: Any) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return _copy_messages(prompt, "prompt")
+
+
+def _completion_messages(completion: Any) -> list[dict]:
+    if isinstance(completion, str):
+        return [{"role": "assistant", "content": completion}]
+    if isinstance(completion, dict):
+        completion = [completion]
+    messages = _copy_messages(completion, "completion")
+    if not messages:
+        raise SampleError("'completion' is an empty list of messages")
+    return messages
+
+
+def _copy_messages(messages: Any, what: str) -> list[dict]:
+    """Copy the caller's messages (never mutate them) and check their shape."""
+    if not isinstance(messages, (list, tuple)):
+        raise SampleError(f"'{what}' must be a string or a list of messages, got {type(messages).__name__}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise SampleError(f"'{what}' message {i} must be a dict with 'role' and 'content'")
+        content = m["content"]
+        if isinstance(content, (list, tuple)):
+            items = []
+            for j, item in enumerate(content):
+                if isinstance(item, str):
+                    item = {"type": "text", "text": item}
+                if not isinstance(item, dict):
+                    raise SampleError(f"'{what}' message {i} item {j} must be a dict, got {type(item).__name__}")
+                if item.get("type") == "video" or "video" in item:
+                    raise SampleError(f"'{what}' message {i} holds a video; only images are supported")
+                items.append(dict(item))
+            content = items
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise SampleError(f"'{what}' message {i} content must be a string or a list of items")
+        out.append({**m, "content": content})
+    return out
+
+
+def _is_image_item(item: dict) -> bool:
+    return item.get("type") in ("image", "image_url") or "image" in item or "image_url" in item
+
+
+def _image_items(messages: list[dict]) -> list[dict]:
+    """Image items in template order, each normalized to ``{"type": "image", "image": src}``."""
+    found = []
+    for m in messages:
+        if not isinstance(m["content"], list):
+            continue
+        for item in m["content"]:
+            if not _is_image_item(item):
+                continue
+            src = item.get("image")
+            if src is None and item.get("image_url") is not None:
+                src = item.pop("image_url")
+                src = src.get("url") if isinstance(src, dict) else src
+            item["type"] = "image"
+            item["image"] = src
+            found.append(item)
+    return found
+
+
+def _place_column_images(messages: list[dict], column: list) -> None:
+    items = _image_items(messages)
+    placeholders = [item for item in items if item["image"] is None]
+    if placeholders:
+        if len(placeholders) != len(column):
+            raise SampleError(
+                f"the messages have {len(placeholders)} image placeholders but {len(column)} images were given"
+            )
+        for item, image in zip(placeholders, column):
+            item["image"] = image
+        return
+    if items or not column:
+        return  # images embedded in the messages win over the column (TRL passes both)
+    first_user = next((m for m in messages if m["role"] == "user"), None)
+    if first_user is None:
+        raise SampleError("images were given but the conversation has no user message to hold them")
+    content = first_user["content"]
+    text = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    first_user["content"] = [{"type": "image", "image": im} for im in column] + text

@@ -1,0 +1,244 @@
+"""Checkpoints in the exact hub format of Skywork-VL-Reward-7B, made offline.
+
+``make_tiny_checkpoint`` writes a small random-weight Qwen2.5-VL reward model: ``config.json`` in the
+flat form of the hub's Qwen2.5-VL configs, ``model.safetensors`` with the hub's key names
+(``model.layers.*``, ``visual.*``, ``lm_head.weight``), ``value_head.safetensors``
+(``v_head.summary.weight`` / ``v_head.summary.bias``), a byte-level Qwen2 tokenizer with the Qwen
+special tokens and the Qwen2-VL chat template, and the image processor config. The weights are random:
+scores mean nothing, but every code path that loads and runs the real 7B runs on it. Deterministic for
+a given seed; built in seconds. Use it in your own CI.
+
+>>> from rewardplug import RewardModel
+>>> from rewardplug.testing import make_tiny_checkpoint
+>>> path = make_tiny_checkpoint("/tmp/tiny-rm")
+>>> rm = RewardModel.from_pretrained(path)
+>>> rm.score([{"prompt": "Hi", "completion": "Hello!"}])  # doctest: +SKIP
+[0.0213...]
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Qwen2.5-VL's special tokens, in the hub's order. The tiny tokenizer gives them ids after its 256 bytes.
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+
+# The chat template shipped with Qwen2.5-VL-7B-Instruct (and so with Skywork-VL-Reward-7B).
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture "
+    "{{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
+    "{{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# config.json of Qwen2.5-VL-7B-Instruct / Skywork-VL-Reward-7B in the hub's flat form.
+QWEN2_5_VL_7B_CONFIG: dict[str, Any] = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "hidden_act": "silu",
+    "hidden_size": 3584,
+    "image_token_id": 151655,
+    "initializer_range": 0.02,
+    "intermediate_size": 18944,
+    "max_position_embeddings": 128000,
+    "max_window_layers": 28,
+    "model_type": "qwen2_5_vl",
+    "num_attention_heads": 28,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"},
+    "rope_theta": 1000000.0,
+    "sliding_window": 32768,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "video_token_id": 151656,
+    "vision_config": {
+        "depth": 32,
+        "hidden_act": "silu",
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "in_chans": 3,
+        "out_hidden_size": 3584,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "spatial_patch_size": 14,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "tokens_per_second": 2,
+        "temporal_patch_size": 2,
+    },
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "vision_token_id": 151654,
+    "vocab_size": 152064,
+}
+
+TINY_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+
+
+def tiny_config(**overrides: Any) -> dict[str, Any]:
+    """The tiny checkpoint's config.json: the 7B's shape, scaled down, with the tiny tokenizer's ids."""
+    ids = {tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)}
+    cfg = copy.deepcopy(QWEN2_5_VL_7B_CONFIG)
+    cfg.update(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_window_layers=2, vocab_size=TINY_VOCAB_SIZE,
+        rope_scaling={"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
+        torch_dtype="float32", initializer_range=0.1,
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        vision_token_id=ids["<|vision_pad|>"],
+    )  # fmt: skip
+    cfg["vision_config"].update(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+        fullatt_block_indexes=[1],
+    )  # fmt: skip
+    for key, value in overrides.items():
+        if key == "vision_config":
+            cfg["vision_config"].update(value)
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def make_tiny_checkpoint(
+    path: str | os.PathLike,
+    *,
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    max_pixels: int = 256 * 28 * 28,
+    weights: bool = True,
+) -> Path:
+    """Write a complete hub-format reward-model folder at ``path`` and return it.
+
+    config: a full config.json dict (default ``tiny_config()``); pass ``QWEN2_5_VL_7B_CONFIG`` with
+        ``weights=False`` for a weightless folder that loads on the meta device.
+    max_pixels: the image processor's default max_pixels (small, so CPU tests stay fast).
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(config or tiny_config())
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_processor(path, max_pixels)
+    if weights:
+        _write_weights(path, config, seed)
+    return path
+
+
+def cached_tiny_checkpoint(seed: int = 0) -> Path:
+    """The tiny checkpoint in rewardplug's cache folder, built once (atomically, so parallel workers
+    and Ray actors can call this at the same time)."""
+    root = Path(os.environ.get("REWARDPLUG_CACHE", Path.home() / ".cache" / "rewardplug"))
+    target = root / f"tiny-qwen2.5-vl-rm-seed{seed}-v1"
+    if (target / "value_head.safetensors").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))
+    try:
+        make_tiny_checkpoint(tmp, seed=seed)
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / "value_head.safetensors").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _write_processor(path: Path, max_pixels: int) -> None:
+    """Tokenizer, chat template and image processor config, laid out as on the hub."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {ch: i for i, ch in enumerate(_byte_symbols() + SPECIAL_TOKENS)}
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=[], eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token=None, model_max_length=131072,
+    )  # fmt: skip
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    tokenizer.save_pretrained(path)
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_VL_CHAT_TEMPLATE}, indent=2) + "\n")
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+    preprocessor = {
+        "min_pixels": 3136,
+        "max_pixels": max_pixels,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+    }
+    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable symbols that byte-level BPE (GPT-2, Qwen) uses for the bytes 0..255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def hub_key(key: str) -> str:
+    """transformers 5 parameter name -> the key it has in the hub's safetensors files."""
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model.") :]
+    if key.startswith("model.visual."):
+        return key[len("model.") :]
+    return key
+
+
+def _write_weights(path: Path, config: dict, seed: int) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    hf_config = AutoConfig.from_pretrained(path)
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(hf_config, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        # Fresh draws instead of the library's init: fixed by the seed whatever transformers does, and
+        # large enough that different samples get clearly different scores.
+        if name.endswith("norm.weight") or name.endswith("ln_q.weight") or ".norm" in name:
+            value = 1.0 + 0.1 * torch.randn(tensor.shape, generator=generator)
+        else:
+            value = 0.1 * torch.randn(tensor.shape, generator=generator)
+        state[hub_key(name)] = value.contiguous()
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    hidden = config["hidden_size"]
+    head = {
+        "v_head.summary.weight": torch.randn((1, hidden), generator=generator) / hidden**0.5,
+        "v_head.summary.bias": 0.1 * torch.randn((1,), generator=generator),
+    }
+    save_file(head, str(path / "value_head.safetensors"), metadata={"format": "pt"})
