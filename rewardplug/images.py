@@ -132,7 +132,7 @@ def _read_local(path: str, policy: ImagePolicy) -> Image.Image:
         # Name the path the user gave, not the resolved one, and not the server's roots.
         raise SampleError(
             f"image path {path!r} is outside the allowed image roots; "
-            "pass image_roots=[...] (or image_roots=None to allow any path)"
+            "allow its folder with image_roots=[...] (CLI: --image-root), or image_roots=None for any path"
         )
     try:
         size = resolved.stat().st_size

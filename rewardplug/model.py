@@ -279,7 +279,13 @@ class RewardModel:
         encoded, errors = self.encode_many(samples)
         if errors and on_invalid == "raise":
             raise InvalidSampleError(errors)
-        scores: list[float | None] = [None] * len(samples)
+        return self.score_encoded(encoded, batch_size=batch_size, progress=progress)
+
+    def score_encoded(
+        self, encoded: Sequence[EncodedSample | None], *, batch_size: int = 8, progress: bool = False
+    ) -> list[float | None]:
+        """Score already encoded samples (None entries give None), in order."""
+        scores: list[float | None] = [None] * len(encoded)
         order = sorted((i for i, e in enumerate(encoded) if e is not None), key=lambda i: encoded[i].num_tokens)
         chunks = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
         if progress:

@@ -1,0 +1,31 @@
+"""Shared fixtures: the tiny hub-format checkpoint and a model loaded from it (fp32, CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rewardplug import RewardModel
+from rewardplug.testing import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-rm"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def model(tiny_path):
+    return RewardModel.from_pretrained(tiny_path, dtype="float32", device="cpu", image_roots=None)
+
+
+def random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4}[mode]
+    return Image.fromarray((rng.random((height, width, channels)) * 255).astype("uint8"), mode)
+
+
+@pytest.fixture
+def images():
+    return [random_image(100, 150, seed=1), random_image(200, 60, seed=2), random_image(64, 64, seed=3)]
