@@ -74,7 +74,7 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     scores = rm.score(samples, batch_size=args.batch_size)
     dt = time.perf_counter() - t0
-    print(f"\n{'image':<16} {"completion":<46} {'score':>9}")
+    print(f"\n{'image':<16} {'completion':<46} {'score':>9}")
     for (name, text), s in zip(rows, scores):
         print(f"{name:<16} {text:<46} {s:>9.4f}")
     print(f"\nscored {len(samples)} samples ({len(rows) // max(args.group_size, 1)} prompts x "
