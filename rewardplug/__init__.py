@@ -3,6 +3,7 @@ service for online RL of vision-language models."""
 
 from .errors import CheckpointError, InvalidSampleError, RewardPlugError, SampleError
 from .images import ImagePolicy
+from .engine import RewardEngine
 from .model import RewardModel
 from .samples import Sample
 
@@ -12,6 +13,7 @@ __all__ = [
     "CheckpointError",
     "ImagePolicy",
     "InvalidSampleError",
+    "RewardEngine",
     "RewardModel",
     "RewardPlugError",
     "Sample",

@@ -29,6 +29,7 @@ class EncodedSample:
     pixel_values: torch.Tensor | None = None  # [patches, C*T*P*P]
     image_grid_thw: torch.Tensor | None = None  # [images, 3]
     image_digests: list[str] = field(default_factory=list)
+    position_ids: torch.Tensor | None = None  # [3, L] M-RoPE positions, set by RewardModel.encode
 
     @property
     def num_tokens(self) -> int:
@@ -87,6 +88,7 @@ class Batch:
     attention_mask: torch.Tensor  # [B, L]
     mm_token_type_ids: torch.Tensor  # [B, L]
     last_index: torch.Tensor  # [B] position of each sample's last real token
+    position_ids: torch.Tensor | None  # [3, B, L], zeros at padding
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
 
@@ -103,12 +105,16 @@ def collate(samples: list[EncodedSample], pad_token_id: int, padding_side: str =
     mask = torch.zeros((len(samples), length), dtype=torch.long)
     mm = torch.zeros((len(samples), length), dtype=torch.long)
     last = torch.empty(len(samples), dtype=torch.long)
+    with_positions = all(s.position_ids is not None for s in samples)
+    positions = torch.zeros((3, len(samples), length), dtype=torch.long) if with_positions else None
     for row, s in enumerate(samples):
         n = s.num_tokens
         cols = slice(0, n) if padding_side == "right" else slice(length - n, length)
         ids[row, cols] = s.input_ids
         mask[row, cols] = 1
         mm[row, cols] = s.mm_token_type_ids
+        if positions is not None:
+            positions[:, row, cols] = s.position_ids
         last[row] = n - 1 if padding_side == "right" else length - 1
     pixels = [s.pixel_values for s in samples if s.pixel_values is not None]
     grids = [s.image_grid_thw for s in samples if s.image_grid_thw is not None]
@@ -117,6 +123,7 @@ def collate(samples: list[EncodedSample], pad_token_id: int, padding_side: str =
         attention_mask=mask,
         mm_token_type_ids=mm,
         last_index=last,
+        position_ids=positions,
         pixel_values=torch.cat(pixels) if pixels else None,
         image_grid_thw=torch.cat(grids) if grids else None,
     )

@@ -217,8 +217,14 @@ class RewardModel:
     # ---- scoring -------------------------------------------------------------------------------
 
     def encode(self, sample: Any) -> EncodedSample:
-        """Tokens and pixels of one sample; raises SampleError with the reason if it cannot be scored."""
-        return self.encoder.encode(sample)
+        """Tokens, pixels and M-RoPE positions of one sample; raises SampleError if it cannot be scored."""
+        encoded = self.encoder.encode(sample)
+        # Positions from the sample's own tokens, so they never depend on padding or batch neighbours.
+        positions, _ = self.backbone.get_rope_index(
+            encoded.input_ids[None], encoded.mm_token_type_ids[None], image_grid_thw=encoded.image_grid_thw
+        )
+        encoded.position_ids = positions[:, 0]
+        return encoded
 
     def encode_many(self, samples: Sequence[Any]) -> tuple[list[EncodedSample | None], dict[int, str]]:
         """Encode every sample; bad ones come back as None with their reason in the errors dict."""
@@ -237,63 +243,75 @@ class RewardModel:
         return encoded, errors
 
     @torch.inference_mode()
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """Scores of a collated batch, fp32 on the CPU, shape [B]."""
+    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Vision tower output per image: [tokens_i, hidden] each, in input order."""
+        out = self.backbone.get_image_features(pixel_values.to(self.device), image_grid_thw.to(self.device))
+        return list(out.pooler_output)
+
+    def _inputs(self, batch: Batch, image_embeds: Sequence[torch.Tensor] | None) -> dict[str, Any]:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
         dev = self.device
-        ids = batch.input_ids.to(dev)
-        mask = batch.attention_mask.to(dev)
-        mm = batch.mm_token_type_ids.to(dev)
-        grid = None if batch.image_grid_thw is None else batch.image_grid_thw.to(dev)
-        pixels = None if batch.pixel_values is None else batch.pixel_values.to(dev)
-        # Positions computed here, per sample from its unpadded tokens, so they never depend on padding
-        # and never reuse the model's cached rope_deltas.
-        position_ids, _ = self.backbone.get_rope_index(ids, mm, image_grid_thw=grid, attention_mask=mask)
-        out = self.backbone(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids, pixel_values=pixels,
-            image_grid_thw=grid, mm_token_type_ids=mm, use_cache=False,
-        )  # fmt: skip
-        hidden = out.last_hidden_state
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.last_index.to(hidden.device)]
+        if batch.position_ids is None:
+            raise ValueError("batch has no position_ids: encode samples with RewardModel.encode")
+        inputs: dict[str, Any] = {
+            "input_ids": batch.input_ids.to(dev),
+            "attention_mask": batch.attention_mask.to(dev),
+            "position_ids": batch.position_ids.to(dev),
+            "mm_token_type_ids": batch.mm_token_type_ids.to(dev),
+        }
+        if batch.image_grid_thw is not None:
+            inputs["image_grid_thw"] = batch.image_grid_thw.to(dev)
+            if image_embeds is not None:
+                pooled = BaseModelOutputWithPooling(pooler_output=tuple(image_embeds))
+                inputs["mm_encoder_outputs"] = {"image": pooled}
+            else:
+                inputs["pixel_values"] = batch.pixel_values.to(dev)
+        return inputs
+
+    def _head(self, hidden: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index.to(hidden.device)]
         last = last.to(self.value_head.weight.device, torch.float32)
-        return self.value_head(last).squeeze(-1).cpu()
+        return self.value_head(last).squeeze(-1).float().cpu()
 
-    def score(
-        self,
-        samples: Sequence[Any],
-        *,
-        batch_size: int = 8,
-        on_invalid: str = "raise",
-        progress: bool = False,
-    ) -> list[float | None]:
-        """Score samples; one float per sample, in order.
+    @torch.inference_mode()
+    def forward(self, batch: Batch, image_embeds: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Scores of a collated batch, fp32 on the CPU, shape [B].
 
-        on_invalid: "raise" (default) raises InvalidSampleError naming every bad sample before any
-            compute; "none" scores the rest and gives None for the bad ones.
-        batch_size: samples per forward pass (sorted by length to keep padding low).
+        image_embeds: the vision tower's output for each image of the batch, in order (from
+        ``image_features``, maybe cached); without it the vision tower runs on the batch's pixels.
         """
-        if on_invalid not in ("raise", "none"):
-            raise ValueError(f"on_invalid must be 'raise' or 'none', got {on_invalid!r}")
-        if isinstance(samples, (dict,)) or not isinstance(samples, Iterable):
-            raise TypeError("score() takes a list of samples; wrap a single sample in a list")
-        samples = list(samples)
-        encoded, errors = self.encode_many(samples)
-        if errors and on_invalid == "raise":
-            raise InvalidSampleError(errors)
-        return self.score_encoded(encoded, batch_size=batch_size, progress=progress)
+        out = self.backbone(**self._inputs(batch, image_embeds), use_cache=False)
+        return self._head(out.last_hidden_state, batch.last_index)
 
-    def score_encoded(
-        self, encoded: Sequence[EncodedSample | None], *, batch_size: int = 8, progress: bool = False
-    ) -> list[float | None]:
-        """Score already encoded samples (None entries give None), in order."""
-        scores: list[float | None] = [None] * len(encoded)
-        order = sorted((i for i, e in enumerate(encoded) if e is not None), key=lambda i: encoded[i].num_tokens)
-        chunks = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
-        if progress:
-            from tqdm.auto import tqdm
+    @torch.inference_mode()
+    def forward_prefixes(self, prefixes: Batch, image_embeds: Sequence[torch.Tensor] | None = None):
+        """Run shared prompt prefixes (right padded) once; returns their key/value cache."""
+        out = self.backbone(**self._inputs(prefixes, image_embeds), use_cache=True)
+        return out.past_key_values
 
-            chunks = tqdm(chunks, desc="scoring", unit="batch")
-        for chunk in chunks:
-            values = self.forward(collate([encoded[i] for i in chunk], self.pad_token_id, self.padding_side))
-            for i, v in zip(chunk, values.tolist()):
-                scores[i] = v
-        return scores
+    @torch.inference_mode()
+    def forward_suffixes(self, cache, rows: torch.Tensor, prefix_mask: torch.Tensor, suffixes: Batch) -> torch.Tensor:
+        """Score completions on top of cached prefixes.
+
+        cache: from ``forward_prefixes`` (left unchanged, so it serves several suffix batches).
+        rows: for each suffix, the row of its prefix in the cache.
+        prefix_mask: the prefixes' attention mask [n_prefixes, P]; padding holes between a prefix and
+        its suffix are masked, and positions come from each full sample, so scores equal full scoring.
+        suffixes: right-padded suffix tokens with their full-sample positions.
+        """
+        from transformers import DynamicCache
+
+        dev = self.device
+        selected = DynamicCache([(k.index_select(0, rows.to(k.device)), v.index_select(0, rows.to(v.device)))
+                                 for k, v, *_ in cache])  # fmt: skip
+        mask = torch.cat([prefix_mask.to(dev)[rows.to(dev)], suffixes.attention_mask.to(dev)], dim=1)
+        lm = self.backbone.language_model
+        out = lm(
+            inputs_embeds=lm.embed_tokens(suffixes.input_ids.to(dev)),
+            attention_mask=mask,
+            position_ids=suffixes.position_ids.to(dev),
+            past_key_values=selected,
+            use_cache=True,
+        )
+        return self._head(out.last_hidden_state, suffixes.last_index)

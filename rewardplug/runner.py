@@ -1,0 +1,159 @@
+"""Runs planned batches on a RewardModel, sharing work without changing any score.
+
+- The vision tower runs once per distinct image (content digest); outputs are kept in a VisionCache.
+- Units whose samples share a prompt prefix run it once (key/value cache) and score each completion
+  on top of it, with each sample's own M-RoPE positions.
+- Out of memory (or any failure) splits the batch and retries, down to single samples, so one bad
+  sample fails alone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .encoding import EncodedSample, collate
+from .model import RewardModel
+from .scheduler import Unit, WorkItem
+from .stats import Stats
+from .vision_cache import VisionCache
+
+logger = logging.getLogger(__name__)
+
+Result = tuple[WorkItem, "float | BaseException"]
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(error).lower()
+
+
+def _prefix(s: EncodedSample, p: int) -> EncodedSample:
+    return EncodedSample(s.input_ids[:p], s.mm_token_type_ids[:p], s.pixel_values, s.image_grid_thw,
+                         s.image_digests, s.position_ids[:, :p])  # fmt: skip
+
+
+def _suffix(s: EncodedSample, p: int) -> EncodedSample:
+    return EncodedSample(s.input_ids[p:], s.mm_token_type_ids[p:], position_ids=s.position_ids[:, p:])
+
+
+class ModelRunner:
+    def __init__(self, model: RewardModel, vision_cache: VisionCache, stats: Stats, min_chunk_tokens: int = 512):
+        self.model = model
+        self.min_chunk_tokens = min_chunk_tokens
+        self.vision_cache = vision_cache
+        self.stats = stats
+
+    def run(self, units: list[Unit]) -> list[Result]:
+        """Score every item of ``units``; a failure is returned in place of its item's score."""
+        try:
+            return self._run(units)
+        except Exception as error:  # noqa: BLE001 - isolated below, then reported per sample
+            items = [i for u in units for i in u.items]
+            if torch.cuda.is_available() and is_oom(error):
+                torch.cuda.empty_cache()
+            if len(items) == 1:
+                s = items[0].encoded
+                if is_oom(error):
+                    reason = f"out of memory even when scored alone ({s.num_tokens} tokens, {s.num_patches} image patches)"
+                else:
+                    logger.warning("scoring one sample failed", exc_info=error)
+                    reason = f"scoring failed ({type(error).__name__}: {error})"
+                return [(items[0], RuntimeError(reason))]
+            self.stats.add(oom_splits=1)
+            logger.info("batch of %d samples failed (%s); splitting", len(items), type(error).__name__)
+            if len(units) > 1:
+                half = len(units) // 2
+                return self.run(units[:half]) + self.run(units[half:])
+            half = len(items) // 2
+            return self.run([Unit(items[:half], half > 1)]) + self.run([Unit(items[half:], len(items) - half > 1)])
+
+    def _run(self, units: list[Unit]) -> list[Result]:
+        singles = [u.items[0] for u in units if not u.shared]
+        groups = [u for u in units if u.shared]
+        reps = [g.items[0].encoded for g in groups]
+        embeds = self._image_embeds([i.encoded for i in singles] + reps)
+        results: list[Result] = []
+        if singles:
+            batch = collate([i.encoded for i in singles], self.model.pad_token_id, "right")
+            scores = self.model.forward(batch, _flat(embeds[: len(singles)]))
+            self.stats.add(forward_passes=1, real_tokens=sum(i.num_tokens for i in singles),
+                           padded_tokens=batch.padded_tokens)  # fmt: skip
+            results += list(zip(singles, scores.tolist()))
+        if groups:
+            results += self._run_groups(groups, embeds[len(singles) :])
+        self.stats.add(batches=1)
+        return results
+
+    def _run_groups(self, groups: list[Unit], embeds: list[list[torch.Tensor]]) -> list[Result]:
+        pad = self.model.pad_token_id
+        lengths = [g.items[0].prefix_len for g in groups]
+        prefixes = collate([_prefix(g.items[0].encoded, p) for g, p in zip(groups, lengths)], pad, "right")
+        cache = self.model.forward_prefixes(prefixes, _flat(embeds))
+        # Suffix rows of all groups, shortest first, in chunks of similar length: padding stays low.
+        rows = sorted(((i, k, p) for k, (g, p) in enumerate(zip(groups, lengths)) for i in g.items),
+                      key=lambda r: r[0].num_tokens - r[2])  # fmt: skip
+        results: list[Result] = []
+        padded, passes = prefixes.padded_tokens, 1
+        for chunk in _similar_length_chunks(rows, self.min_chunk_tokens):
+            suffixes = collate([_suffix(i.encoded, p) for i, _, p in chunk], pad, "right")
+            index = torch.tensor([k for _, k, _ in chunk])
+            scores = self.model.forward_suffixes(cache, index, prefixes.attention_mask, suffixes)
+            padded += suffixes.padded_tokens
+            passes += 1
+            results += list(zip([i for i, _, _ in chunk], scores.tolist()))
+        real = sum(lengths) + sum(i.num_tokens - p for i, _, p in rows)
+        self.stats.add(forward_passes=passes, real_tokens=real, padded_tokens=padded,
+                       prefix_groups=len(groups), prefix_hits=len(rows) - len(groups))  # fmt: skip
+        return results
+
+    def _image_embeds(self, samples: list[EncodedSample]) -> list[list[torch.Tensor]]:
+        """Vision features of each sample's images, running the tower only for images not seen yet."""
+        found: dict[str, torch.Tensor] = {}
+        todo: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        hits = 0
+        for s in samples:
+            if not s.image_digests:
+                continue
+            sizes = s.image_grid_thw.prod(-1).tolist()
+            for digest, pixels, grid in zip(s.image_digests, s.pixel_values.split(sizes), s.image_grid_thw):
+                if digest in found or digest in todo:
+                    hits += 1
+                    continue
+                cached = self.vision_cache.get(digest)
+                if cached is not None:
+                    found[digest] = cached
+                    hits += 1
+                else:
+                    todo[digest] = (pixels, grid)
+        if todo:
+            pixels = torch.cat([p for p, _ in todo.values()])
+            grids = torch.stack([g for _, g in todo.values()])
+            for digest, features in zip(todo, self.model.image_features(pixels, grids)):
+                found[digest] = features
+                self.vision_cache.put(digest, features)
+        self.stats.add(vision_hits=hits, vision_misses=len(todo))
+        return [[found[d] for d in s.image_digests] for s in samples]
+
+
+def _similar_length_chunks(rows: list, min_tokens: int, efficiency: float = 0.9) -> list[list]:
+    """Split rows sorted by suffix length into chunks; a chunk is closed when adding the next row would
+    push its padding efficiency under ``efficiency`` and it already holds ``min_tokens`` padded tokens
+    (so GPUs still get big enough batches)."""
+    chunks: list[list] = [[]]
+    real = 0
+    for row in rows:
+        length = row[0].num_tokens - row[2]
+        chunk = chunks[-1]
+        padded_after = (len(chunk) + 1) * length
+        if chunk and padded_after * efficiency > real + length and len(chunk) * length >= min_tokens:
+            chunks.append([])
+            chunk, real = chunks[-1], 0
+        chunk.append(row)
+        real += length
+    return chunks
+
+
+def _flat(per_sample: list[list[torch.Tensor]]) -> list[torch.Tensor] | None:
+    flat = [t for ts in per_sample for t in ts]
+    return flat or None
