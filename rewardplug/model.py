@@ -315,3 +315,45 @@ class RewardModel:
             use_cache=True,
         )
         return self._head(out.last_hidden_state, suffixes.last_index)
+
+    def score(
+        self,
+        samples: Sequence[Any],
+        *,
+        batch_size: int = 8,
+        on_invalid: str = "raise",
+        progress: bool = False,
+    ) -> list[float | None]:
+        """Score samples; one float per sample, in order.
+
+        on_invalid: "raise" (default) raises InvalidSampleError naming every bad sample before any
+            compute; "none" scores the rest and gives None for the bad ones.
+        batch_size: samples per forward pass (sorted by length to keep padding low).
+        For concurrent callers, shared prompts and big workloads, use ``RewardEngine``.
+        """
+        if on_invalid not in ("raise", "none"):
+            raise ValueError(f"on_invalid must be 'raise' or 'none', got {on_invalid!r}")
+        if isinstance(samples, dict) or not isinstance(samples, Iterable):
+            raise TypeError("score() takes a list of samples; wrap a single sample in a list")
+        samples = list(samples)
+        encoded, errors = self.encode_many(samples)
+        if errors and on_invalid == "raise":
+            raise InvalidSampleError(errors)
+        return self.score_encoded(encoded, batch_size=batch_size, progress=progress)
+
+    def score_encoded(
+        self, encoded: Sequence[EncodedSample | None], *, batch_size: int = 8, progress: bool = False
+    ) -> list[float | None]:
+        """Score already encoded samples (None entries give None), in order."""
+        scores: list[float | None] = [None] * len(encoded)
+        order = sorted((i for i, e in enumerate(encoded) if e is not None), key=lambda i: encoded[i].num_tokens)
+        chunks = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+        if progress:
+            from tqdm.auto import tqdm
+
+            chunks = tqdm(chunks, desc="scoring", unit="batch")
+        for chunk in chunks:
+            values = self.forward(collate([encoded[i] for i in chunk], self.pad_token_id, self.padding_side))
+            for i, v in zip(chunk, values.tolist()):
+                scores[i] = v
+        return scores
