@@ -1,0 +1,174 @@
+"""GRPO scoring side by side: the model card's way, naive batching, and RewardEngine.
+
+    python benchmarks/bench_engine.py            # full run (about 5 minutes on 2 cores)
+    python benchmarks/bench_engine.py --quick    # smaller workload
+
+Workload: prompts with one 448x448 image (256 image tokens) and a one-line question, G=8
+completions of 16-256 tokens each, on a random-weight model sized for this CPU with the 7B's
+proportions (benchmarks/common.py), fp32.
+
+(a) the model card's way: one sample at a time, processor per sample, full model forward with hidden
+    states and full-vocabulary logits, fp32 head on hidden_states[-1] at attention_mask.sum()-1;
+(b) naive batched: one processor call per group of G (right padding), one forward of the inner model
+    (no logits), no sharing;
+(c) RewardEngine: one call with all samples (vision once per image, prompt prefix once per group).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import (  # noqa: E402
+    PeakRSS, count_flops, grpo_workload, make_bench_checkpoint, matmul_flops, param_split,
+)  # fmt: skip
+
+from rewardplug import RewardEngine, RewardModel  # noqa: E402
+from rewardplug.runner import ModelRunner  # noqa: E402
+from rewardplug.scheduler import make_item, make_units, plan_batches  # noqa: E402
+from rewardplug.stats import Stats  # noqa: E402
+from rewardplug.vision_cache import VisionCache  # noqa: E402
+
+
+def card_way(path: Path):
+    """The model card's code, ported to transformers 5 (TRL no longer has its head class)."""
+    from qwen_vl_utils import process_vision_info
+    from safetensors.torch import load_file
+    from transformers import AutoImageProcessor, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    processor.image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+    head_sd = load_file(str(path / "value_head.safetensors"))
+    head = torch.nn.Linear(model.config.text_config.hidden_size, 1)
+    head.load_state_dict({"weight": head_sd["v_head.summary.weight"], "bias": head_sd["v_head.summary.bias"]})
+
+    def messages(s):
+        content = [{"type": "image", "image": im} for im in s["images"]] + [{"type": "text", "text": s["prompt"]}]
+        return [{"role": "user", "content": content}, {"role": "assistant", "content": s["completion"]}]
+
+    @torch.inference_mode()
+    def score_one(s):
+        msgs = messages(s)
+        text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+        image_inputs, video_inputs = process_vision_info(msgs)
+        inputs = processor(text=[text], images=image_inputs, videos=video_inputs, padding=True, return_tensors="pt")
+        out = model(**inputs, output_hidden_states=True, return_dict=True)
+        values = head(out.hidden_states[-1].float()).squeeze(-1)
+        return values.gather(-1, inputs["attention_mask"].sum(-1, keepdim=True) - 1).item()
+
+    @torch.inference_mode()
+    def score_batch(group):
+        msgs = [messages(s) for s in group]
+        texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=False) for m in msgs]
+        image_inputs, _ = process_vision_info(msgs)
+        inputs = processor(text=texts, images=image_inputs, padding=True, return_tensors="pt")
+        hidden = model.model(**inputs).last_hidden_state
+        values = head(hidden.float()).squeeze(-1)
+        return values.gather(-1, inputs["attention_mask"].sum(-1, keepdim=True) - 1).squeeze(-1).tolist()
+
+    return score_one, score_batch
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def run(args) -> None:
+    torch.manual_seed(0)
+    tmp = Path(tempfile.mkdtemp(prefix="rp-bench-"))
+    path = make_bench_checkpoint(tmp / "bench")
+    rm = RewardModel.from_pretrained(path, dtype="float32", device="cpu", image_roots=None)
+    split = param_split(rm)
+    print(f"model: vision {split['vision'] / 1e6:.2f}M, LM layers {split['lm_layers'] / 1e6:.2f}M "
+          f"(vision/LM {split['vision'] / split['lm_layers']:.2f}), vocab 151936, fp32, {torch.get_num_threads()} threads")  # fmt: skip
+    peak_flops = matmul_flops()
+    print(f"dense fp32 matmul on this machine: {peak_flops / 1e9:.0f} GFLOP/s")
+
+    samples = grpo_workload(args.prompts, args.group)
+    card_subset = samples[: args.card_samples]
+    score_one, score_batch = card_way(path)
+    mem = PeakRSS()
+
+    score_one(samples[0])  # warm up
+    with mem.measure():
+        ref_a, t_a = timed(lambda: [score_one(s) for s in card_subset])
+    mem_a = mem.peak
+    with mem.measure():
+        ref_b, t_b = timed(lambda: [v for k in range(0, len(samples), args.group)
+                                    for v in score_batch(samples[k : k + args.group])])  # fmt: skip
+    mem_b = mem.peak
+
+    def engine_run():
+        with RewardEngine(rm) as engine:  # fresh caches each time
+            scores = engine.score(samples)
+            return scores, engine.stats()
+
+    def direct():
+        """Same encoding and same batches as the engine, without its threads, queues and futures."""
+        encoded, _ = rm.encode_many(samples)
+        im_start = rm.processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
+        items = [make_item(e, im_start) for e in encoded]
+        runner = ModelRunner(rm, VisionCache(2**30), Stats())
+        return [r for plan in plan_batches(make_units(items, True), 16384, 64) for r in runner.run(plan.units)]
+
+    engine_run()  # warm up
+    with mem.measure():
+        (got_c, stats), t_c = timed(engine_run)
+    mem_c = mem.peak
+    # Engine against direct calls, alternated and best of 3 each (this machine is noisy).
+    t_engine, t_direct = [t_c], []
+    for _ in range(3):
+        t_direct.append(timed(direct)[1])
+        t_engine.append(timed(engine_run)[1])
+    flops_c = count_flops(direct)
+
+    n = len(samples)
+    diff_a = max(abs(x - y) for x, y in zip(ref_a, got_c))
+    diff_b = max(abs(x - y) for x, y in zip(ref_b, got_c))
+    rate_a, rate_b, rate_c = len(card_subset) / t_a, n / t_b, n / t_c
+    print(f"\nworkload: {args.prompts} prompts x G={args.group}, 448x448 image, completions 16-256 tokens "
+          f"({stats['real_tokens'] / n:.0f} tokens per sample computed by the engine)")  # fmt: skip
+    print(f"{'':28}{'samples/s':>10}{'peak RSS':>11}")
+    print(f"{'(a) model card, 1 by 1':28}{rate_a:>10.2f}{mem_a / 2**30:>9.2f}GB   ({len(card_subset)} samples)")
+    print(f"{'(b) naive batched':28}{rate_b:>10.2f}{mem_b / 2**30:>9.2f}GB")
+    print(f"{'(c) RewardEngine':28}{rate_c:>10.2f}{mem_c / 2**30:>9.2f}GB")
+    print(f"(c)/(a) = {rate_c / rate_a:.1f}x   (c)/(b) = {rate_c / rate_b:.2f}x   "
+          f"max |score diff| vs (a) {diff_a:.1e}, vs (b) {diff_b:.1e}")  # fmt: skip
+    print(f"padding efficiency {stats['padding_efficiency']:.3f}; prefix hits {stats['prefix_hits']}; "
+          f"vision hits/misses {stats['vision_hits']}/{stats['vision_misses']}; batches {stats['batches']}")  # fmt: skip
+    print(f"engine overhead vs direct calls on the same batches: {min(t_engine) / min(t_direct) - 1:+.1%} "
+          f"(best of {len(t_engine)}: {min(t_engine):.2f}s vs {min(t_direct):.2f}s)")  # fmt: skip
+    print(f"engine FLOPs executed {flops_c / 1e9:.0f} GFLOP -> {flops_c / t_c / 1e9:.0f} GFLOP/s = "
+          f"{flops_c / t_c / peak_flops:.0%} of dense matmul")  # fmt: skip
+
+    if args.scaling:
+        print("\nscaling (engine vs naive batched, same run):")
+        print(f"{'G':>4}{'image':>7}{'(b) s/s':>10}{'(c) s/s':>10}{'(c)/(b)':>9}")
+        for group, side in [(1, 448), (4, 448), (8, 448), (16, 448), (8, 224), (8, 672)]:
+            work = grpo_workload(max(2, 32 // group), group, side=side, seed=group + side)
+            _, tb = timed(lambda: [v for k in range(0, len(work), group) for v in score_batch(work[k : k + group])])
+            with RewardEngine(rm) as eng:
+                _, tc = timed(lambda: eng.score(work))
+            print(f"{group:>4}{side:>7}{len(work) / tb:>10.2f}{len(work) / tc:>10.2f}{tb / tc:>9.2f}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--card-samples", type=int, default=16, help="samples scored the model card's way (slow)")
+    p.add_argument("--no-scaling", dest="scaling", action="store_false")
+    p.add_argument("--quick", action="store_true", help="4 prompts, 8 card samples, no scaling table")
+    args = p.parse_args()
+    if args.quick:
+        args.prompts, args.card_samples, args.scaling = 4, 8, False
+    run(args)
