@@ -10,7 +10,7 @@ TOL = 1e-5
 
 def mixed_samples() -> list[dict]:
     """Text-only and image samples of very different lengths (the tiny tokenizer: one token per byte)."""
-    long_answer = "A long and winding answer. " * 20
+    long_answer = "A long and winding answer. " * 12
     return [
         {"prompt": "Hi", "completion": "Hello."},
         {"prompt": "Describe.", "completion": "Noise.", "images": [random_image(56, 56, seed=1)]},
@@ -26,7 +26,7 @@ def mixed_samples() -> list[dict]:
 def test_batch_score_equals_score_alone(model, side):
     samples = mixed_samples()
     lengths = [model.encode(s).num_tokens for s in samples]
-    assert max(lengths) > 5 * min(lengths), lengths  # the batch really is padded a lot
+    assert max(lengths) > 4 * min(lengths), lengths  # the batch really is padded a lot
     previous = model.padding_side
     model.padding_side = side
     try:

@@ -1,0 +1,565 @@
+"""RewardEngine: async batching, sharing paths, thread safety, budgets, bad input, out of memory, stats.
+
+The reference for every score is independent scoring, one sample at a time: ``model.score([s])[0]``
+(fp32 on CPU), which tests/test_parity.py ties to the model card's own computation. Every sharing path
+of the engine (prefix KV reuse, vision cache, duplicate removal, batching, OOM splitting) must give the
+same numbers within 1e-4.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+import threading
+
+import pytest
+import torch
+from conftest import random_image
+
+from rewardplug import InvalidSampleError, RewardEngine
+from rewardplug.vision_cache import VisionCache
+
+TOL = 1e-4
+STATS_KEYS = [
+    "samples", "real_tokens", "padded_tokens", "padding_efficiency", "batches", "vision_hits", "vision_misses",
+    "vision_cache_bytes", "prefix_hits", "queue_depth", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms",
+]  # fmt: skip
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+def _text(n: int, seed: int) -> str:
+    """n characters of words (the tiny tokenizer is byte level: about n tokens)."""
+    rng = random.Random(seed)
+    words = ["red", "circle", "noise", "pixel", "blue", "the", "a", "picture", "shows", "maybe", "green"]
+    out = ""
+    while len(out) < n:
+        out += rng.choice(words) + " "
+    return out[:n]
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def independent(model, samples) -> list[float]:
+    return [model.score([s])[0] for s in samples]
+
+
+def assert_scores(got, expected, what=""):
+    assert len(got) == len(expected), what
+    for k, (g, e) in enumerate(zip(got, expected)):
+        assert g is not None, f"{what} sample {k}: None"
+        assert abs(g - e) <= TOL, f"{what} sample {k}: engine {g} vs independent {e}"
+
+
+@pytest.fixture
+def make_engine(model):
+    engines = []
+
+    def make(**kwargs) -> RewardEngine:
+        engine = RewardEngine(model, **kwargs)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.close(timeout=30)
+
+
+IMG_A = random_image(100, 150, seed=11)
+IMG_B = random_image(150, 100, seed=12)
+IMG_C = random_image(56, 56, seed=13)
+IMG_D = random_image(90, 70, seed=14)
+
+
+def grpo_samples() -> list[dict]:
+    """Three image prompts with G = 4, 6, 8 completions of 1 to 200 tokens, interleaved as a trainer
+    would not (order must not matter)."""
+    rng = random.Random(0)
+    out = []
+    for p, (prompt, image, g) in enumerate(
+        [("What is in the picture?", IMG_A, 4), ("Describe the colours.", IMG_B, 6), ("Count the dots.", IMG_C, 8)]
+    ):
+        lengths = [1, 200] + [rng.randint(2, 199) for _ in range(g - 2)]
+        out += [{"prompt": prompt, "completion": _text(n, 10 * p + k), "images": [image]} for k, n in enumerate(lengths)]
+    return out
+
+
+def mixed_samples() -> list[dict]:
+    system = [{"role": "system", "content": "You are a strict visual judge."}]
+    user_img = [{"role": "user", "content": [{"type": "image", "image": IMG_D}, {"type": "text", "text": "Rate it."}]}]
+    samples = [
+        # two-image prompts (a group of 3)
+        *[{"prompt": "Which picture is wider?", "completion": _text(n, n), "images": [IMG_A, IMG_B]} for n in (3, 80, 30)],
+        # text-only prompts (a group of 3 and a single)
+        *[{"prompt": "Write a haiku about autumn.", "completion": _text(n, n + 1)} for n in (12, 150, 1)],
+        {"prompt": "Hi", "completion": "Hello there!"},
+        # a system prompt (group of 2), conversational prompt and completion
+        *[{"prompt": system + [{"role": "user", "content": "Describe the image."}],
+           "completion": [{"role": "assistant", "content": _text(n, n + 2)}], "images": [IMG_C]} for n in (20, 90)],
+        # whole conversations (messages), one multi-turn
+        {"messages": user_img + [{"role": "assistant", "content": "Seven out of ten."}]},
+        {"messages": user_img + [{"role": "assistant", "content": "Two."}]},
+        {"messages": user_img + [{"role": "assistant", "content": "Why?"}, {"role": "user", "content": "Explain."},
+                                 {"role": "assistant", "content": _text(60, 5)}]},
+        # answers holding an image: no prefix sharing possible
+        *[{"prompt": "Draw a square.", "completion": [{"role": "assistant", "content": [
+            {"type": "image", "image": im}, {"type": "text", "text": "Here it is."}]}]} for im in (IMG_C, IMG_D)],
+    ]  # fmt: skip
+    random.Random(1).shuffle(samples)
+    return samples
+
+
+@pytest.fixture(scope="module")
+def grpo(model):
+    samples = grpo_samples()
+    return samples, independent(model, samples)
+
+
+@pytest.fixture(scope="module")
+def mixed(model):
+    samples = mixed_samples()
+    return samples, independent(model, samples)
+
+
+# ---- 1. defaults ---------------------------------------------------------------------------------
+
+
+def test_defaults_just_work(model):
+    samples = [
+        {"prompt": "What is it?", "completion": "A picture.", "images": [IMG_C]},
+        {"prompt": "Hi", "completion": "Hello!"},
+        {"prompt": "What is it?", "completion": _text(70, 3), "images": [IMG_C]},
+        {"prompt": "Which is wider?", "completion": "The left.", "images": [IMG_A, IMG_B]},
+    ]
+    expected = independent(model, samples)
+    assert len({round(e, 4) for e in expected}) == len(expected)  # order is observable
+
+    with RewardEngine(model) as engine:
+        assert_scores(engine.score(samples), expected, "score")
+        assert_scores(engine.submit(samples[::-1]).result(timeout=60), expected[::-1], "submit")
+        assert_scores(asyncio.run(engine.ascore(samples[1:])), expected[1:], "ascore")
+
+        async def gather():
+            return await asyncio.gather(*(engine.ascore([s]) for s in samples))
+
+        assert_scores([r[0] for r in asyncio.run(gather())], expected, "ascore gather")
+        assert engine.score([]) == []
+        assert engine.submit([]).result(timeout=1) == []
+        assert asyncio.run(engine.ascore([])) == []
+        with pytest.raises(TypeError):
+            engine.submit(samples[0])
+        # work queued just before close is finished, not dropped
+        pending = [engine.submit([s]) for s in samples]
+    assert all(f.done() for f in pending)
+    assert_scores([f.result()[0] for f in pending], expected, "queued before close")
+    assert not engine._worker.is_alive() and not engine._encoder.is_alive()
+    with pytest.raises(RuntimeError):
+        engine.submit(samples)
+    with pytest.raises(RuntimeError):
+        engine.score(samples)
+    engine.close()  # closing twice is harmless
+
+
+# ---- 2. exactness of every sharing path ----------------------------------------------------------
+
+
+def test_grpo_groups_share_prefix_exactly(make_engine, grpo):
+    samples, expected = grpo
+    engine = make_engine()
+    assert_scores(engine.score(samples), expected, "grpo")
+    stats = engine.stats()
+    assert stats["prefix_groups"] == 3
+    assert stats["prefix_hits"] == len(samples) - 3
+    assert stats["vision_misses"] == 3
+    # and again, interleaved across prompts
+    order = list(range(len(samples)))
+    random.Random(2).shuffle(order)
+    assert_scores(engine.score([samples[i] for i in order]), [expected[i] for i in order], "grpo shuffled")
+    assert engine.stats()["vision_misses"] == 3  # cached from the first call
+
+
+def test_vision_cache_across_prompts_and_calls(make_engine, model):
+    first = [
+        {"prompt": "What is it?", "completion": "Noise.", "images": [IMG_A]},
+        {"prompt": "Is it colourful?", "completion": "Yes, very.", "images": [IMG_A]},
+        {"prompt": "Compare them.", "completion": "Same size.", "images": [IMG_B, IMG_A]},
+    ]
+    second = [
+        {"prompt": "Describe it.", "completion": "Dots everywhere.", "images": [IMG_B]},
+        {"prompt": "Describe it.", "completion": "Small.", "images": [IMG_C]},
+        # the same pixels as IMG_A, given as PNG bytes: the same content, so a cache hit
+        {"prompt": "Anything odd?", "completion": "No.", "images": [_png(IMG_A)]},
+    ]
+    expected = independent(model, first + second)
+    engine = make_engine()
+    assert_scores(engine.score(first), expected[:3], "first call")
+    s1 = engine.stats()
+    assert s1["vision_misses"] == 2 and s1["vision_hits"] >= 2
+    assert_scores(engine.score(second), expected[3:], "second call")
+    s2 = engine.stats()
+    assert s2["vision_misses"] == 3  # A, B, C: each distinct image through the tower once
+    assert s2["vision_hits"] >= s1["vision_hits"] + 2
+    assert s2["vision_cache_entries"] == 3 and s2["vision_cache_bytes"] > 0
+
+
+def test_identical_samples_scored_once(make_engine, model):
+    s = {"prompt": "What is it?", "completion": "A blue circle.", "images": [IMG_D]}
+    t = {"prompt": "What is it?", "completion": "A red square.", "images": [IMG_D]}
+    u = {"prompt": "Hi", "completion": "Hello."}
+    samples = [s, dict(s), t, s, u, dict(u)]
+    es, et, eu = independent(model, [s, t, u])
+    engine = make_engine()
+    assert_scores(engine.score(samples), [es, es, et, es, eu, eu], "duplicates")
+    assert engine.stats()["duplicate_hits"] == 3
+
+
+def test_mixed_sample_kinds_in_one_call(make_engine, mixed):
+    samples, expected = mixed
+    engine = make_engine()
+    assert_scores(engine.score(samples), expected, "mixed")
+    stats = engine.stats()
+    assert stats["prefix_groups"] >= 4 and stats["prefix_hits"] >= 5
+    assert stats["vision_misses"] == 4
+
+
+@pytest.mark.parametrize("which", ["grpo", "mixed"])
+def test_share_prefix_off_gives_the_same_scores(make_engine, grpo, mixed, which):
+    samples, expected = {"grpo": grpo, "mixed": mixed}[which]
+    engine = make_engine(share_prefix=False)
+    assert_scores(engine.score(samples), expected, f"{which} share_prefix=False")
+    assert engine.stats()["prefix_hits"] == 0 and engine.stats()["prefix_groups"] == 0
+
+
+@pytest.mark.parametrize("max_tokens,max_rows", [(64, 2), (300, 3)])
+def test_tiny_budgets_give_the_same_scores(make_engine, model, grpo, mixed, max_tokens, max_rows):
+    samples = grpo[0] + mixed[0]
+    expected = grpo[1] + mixed[1]
+    engine = make_engine(max_batch_tokens=max_tokens, max_batch_size=max_rows)
+    assert_scores(engine.score(samples), expected, f"budget {max_tokens}x{max_rows}")
+    stats = engine.stats()
+    assert stats["oom_splits"] == 0 and stats["failed_samples"] == 0
+    if max_tokens == 64:
+        # every sample is over 64 tokens: each one runs alone, nothing is shared or padded
+        assert min(model.encode(s).num_tokens for s in samples) > max_tokens
+        assert stats["batches"] == len(samples)
+        assert stats["prefix_groups"] == 0 and stats["padding_efficiency"] == 1.0
+    else:
+        # groups of 4 to 8 completions cannot share in one pass of 3 rows: split into sub-groups
+        assert stats["prefix_groups"] > 0
+        assert stats["prefix_hits"] <= (max_rows - 1) * stats["prefix_groups"]
+        assert len(samples) // max_rows <= stats["batches"] < len(samples)
+
+
+# ---- 3. thread safety ----------------------------------------------------------------------------
+
+
+def test_concurrent_submits_from_threads(make_engine, model):
+    prompts = [
+        ("What is in the picture?", [IMG_A]),
+        ("Describe the colours.", [IMG_C]),
+        ("Tell me a joke.", []),
+        ("Compare the two pictures.", [IMG_C, IMG_D]),
+    ]
+    pool = [
+        {"prompt": q, "completion": _text(n, 7 * p + n), "images": ims}
+        for p, (q, ims) in enumerate(prompts)
+        for n in (1, 9, 40, 110)
+    ]
+    pool.append({"prompt": "Draw it.", "completion": [{"role": "assistant", "content": [
+        {"type": "image", "image": IMG_D}, {"type": "text", "text": "Done."}]}]})  # fmt: skip
+    expected = independent(model, pool)
+    engine = make_engine()
+    barrier = threading.Barrier(8)
+    submitted: list[list] = [[] for _ in range(8)]
+    errors = []
+
+    def client(t: int):
+        try:
+            rng = random.Random(t)
+            barrier.wait()
+            for r in range(10):
+                k = rng.randint(1, 6)
+                if r % 2:  # a GRPO group: one prompt, k completions
+                    p = rng.randrange(len(prompts))
+                    idx = [4 * p + rng.randrange(4) for _ in range(k)]
+                else:  # anything
+                    idx = [rng.randrange(len(pool)) for _ in range(k)]
+                submitted[t].append((engine.submit([pool[i] for i in idx]), idx))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not errors
+    total = 0
+    for t in range(8):
+        assert len(submitted[t]) == 10
+        for future, idx in submitted[t]:
+            assert_scores(future.result(timeout=120), [expected[i] for i in idx], f"thread {t}")
+            total += len(idx)
+    stats = engine.stats()
+    assert stats["samples"] == total and stats["requests"] == 80
+    assert stats["failed_samples"] == 0 and stats["invalid_samples"] == 0
+    assert stats["queue_depth"] == 0
+
+
+# ---- 4. token budget, padding efficiency ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_tokens,max_rows", [(200, 4), (600, 16)])
+def test_every_forward_pass_stays_in_budget(make_engine, model, grpo, mixed, max_tokens, max_rows):
+    """Checked on the language model's real inputs: rows x padded length of each pass."""
+    shapes = []
+
+    def hook(module, args, kwargs):
+        shapes.append(tuple(kwargs["inputs_embeds"].shape[:2]))
+
+    handle = model.backbone.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        engine = make_engine(max_batch_tokens=max_tokens, max_batch_size=max_rows)
+        engine.score(grpo[0] + mixed[0])
+    finally:
+        handle.remove()
+    assert shapes
+    for rows, length in shapes:
+        assert rows == 1 or rows * length <= max_tokens, (rows, length)
+        assert rows <= max_rows
+    assert engine.stats()["padded_tokens"] == sum(r * n for r, n in shapes)
+
+
+def test_padding_efficiency_is_one_for_equal_lengths(make_engine, model):
+    # distinct prompts of equal length (singles) and one group with equal-length completions
+    singles = [{"prompt": f"Question {k}?", "completion": _text(30, k)} for k in range(4)]
+    group = [{"prompt": "What is it?", "completion": _text(25, 10 + k), "images": [IMG_C]} for k in range(4)]
+    samples = singles + group
+    lengths = {model.encode(s).num_tokens for s in singles}
+    assert len(lengths) == 1
+    engine = make_engine()
+    assert_scores(engine.score(samples), independent(model, samples), "equal lengths")
+    stats = engine.stats()
+    assert stats["padding_efficiency"] == 1.0
+    assert stats["real_tokens"] == stats["padded_tokens"] > 0
+
+    uneven = make_engine(share_prefix=False)
+    uneven.score([{"prompt": "Hi", "completion": "x"}, {"prompt": "Hi", "completion": _text(100, 1)}])
+    assert 0 < uneven.stats()["padding_efficiency"] < 0.8
+
+
+# ---- 5. bad input ---------------------------------------------------------------------------------
+
+
+def test_invalid_samples(make_engine, model):
+    good = [
+        {"prompt": "What is it?", "completion": "Dots.", "images": [IMG_C]},
+        {"prompt": "What is it?", "completion": "Many coloured dots.", "images": [IMG_C]},
+        {"prompt": "Hi", "completion": "Hello."},
+    ]
+    expected = independent(model, good)
+    request = [good[0], {"prompt": "What is it?"}, good[1],
+               {"prompt": "What is it?", "completion": "x", "images": [b"not an image at all"]}, good[2]]  # fmt: skip
+
+    engine = make_engine()
+    with pytest.raises(InvalidSampleError) as info:
+        engine.submit(request).result(timeout=60)
+    err = info.value
+    assert sorted(err.errors) == [1, 3]
+    assert "completion" in err.errors[1]
+    assert "image" in err.errors[3]
+    assert err.scores[1] is None and err.scores[3] is None
+    assert_scores([err.scores[i] for i in (0, 2, 4)], expected, "valid ones of a bad request")
+
+    scores = engine.score(request, on_invalid="none")
+    assert scores[1] is None and scores[3] is None
+    assert_scores([scores[i] for i in (0, 2, 4)], expected, "on_invalid=none")
+
+    with pytest.raises(InvalidSampleError) as info:  # only bad samples: still resolves
+        engine.score([{"completion": "no prompt"}], timeout=30)
+    assert list(info.value.errors) == [0]
+    assert_scores(engine.score(good), expected, "after bad requests")
+    assert engine.stats()["invalid_samples"] == 5
+
+    lenient = make_engine(on_invalid="none")
+    scores = lenient.score(request)
+    assert scores[1] is None and scores[3] is None
+    assert_scores([scores[i] for i in (0, 2, 4)], expected, "engine on_invalid=none")
+    with pytest.raises(ValueError):
+        make_engine(on_invalid="ignore")
+
+
+# ---- 6. out of memory -------------------------------------------------------------------------------
+
+
+def test_out_of_memory_splits_and_isolates(make_engine, model, grpo):
+    lm = model.backbone.language_model
+    samples = grpo[0] + [{"prompt": f"Question {k}?", "completion": _text(5 + 7 * k, k)} for k in range(5)]
+    expected = grpo[1] + independent(model, samples[len(grpo[0]) :])
+
+    def over_two_rows(module, args, kwargs):
+        if kwargs["inputs_embeds"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    handle = lm.register_forward_pre_hook(over_two_rows, with_kwargs=True)
+    try:
+        engine = make_engine()
+        assert_scores(engine.score(samples), expected, "OOM above 2 rows")
+        assert engine.stats()["oom_splits"] > 0
+        assert engine.stats()["failed_samples"] == 0
+    finally:
+        handle.remove()
+
+    # One sample's length always runs out of memory, even alone.
+    texts = [{"prompt": f"Tell me about {w}.", "completion": _text(n, n)}
+             for w, n in [("cats", 10), ("dogs", 40), ("owls", 300), ("fish", 70), ("bees", 25)]]  # fmt: skip
+    expected = independent(model, texts)
+    doomed = 2
+    length = model.encode(texts[doomed]).num_tokens
+    assert all(model.encode(t).num_tokens < length for k, t in enumerate(texts) if k != doomed)
+
+    def this_length(module, args, kwargs):
+        if kwargs["inputs_embeds"].shape[1] == length:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    handle = lm.register_forward_pre_hook(this_length, with_kwargs=True)
+    try:
+        engine = make_engine()
+        with pytest.raises(InvalidSampleError) as info:
+            engine.score(texts, timeout=60)
+        assert list(info.value.errors) == [doomed]
+        assert "out of memory" in info.value.errors[doomed]
+        others = [k for k in range(len(texts)) if k != doomed]
+        assert_scores([info.value.scores[k] for k in others], [expected[k] for k in others], "OOM neighbours")
+        scores = engine.score(texts, on_invalid="none")
+        assert scores[doomed] is None
+        assert engine.stats()["failed_samples"] == 2
+        # still serving, hook still active
+        assert_scores(engine.score([texts[k] for k in others]), [expected[k] for k in others], "after OOM")
+    finally:
+        handle.remove()
+    assert_scores(engine.score(texts), expected, "after the hook is gone")
+
+
+# ---- 7. stats, vision cache -----------------------------------------------------------------------
+
+
+def test_stats_are_sensible(make_engine, model, grpo):
+    samples = grpo[0]
+    engine = make_engine(share_prefix=False)
+    before = engine.stats()
+    for key in STATS_KEYS:
+        assert key in before, key
+    assert before["samples"] == 0 and before["latency_p50_ms"] == 0.0 and before["queue_depth"] == 0
+
+    for k in range(0, len(samples), 3):
+        engine.score(samples[k : k + 3])
+    stats = engine.stats()
+    n = len(samples)
+    assert stats["samples"] == n and stats["requests"] == -(-n // 3)
+    # without prefix sharing, real tokens are exactly the samples' tokens
+    assert stats["real_tokens"] == sum(model.encode(s).num_tokens for s in samples)
+    assert stats["real_tokens"] <= stats["padded_tokens"]
+    assert stats["padding_efficiency"] == pytest.approx(stats["real_tokens"] / stats["padded_tokens"])
+    assert 0 < stats["padding_efficiency"] <= 1
+    assert 1 <= stats["batches"] <= n
+    assert stats["vision_misses"] == 3 and stats["vision_hits"] == n - 3
+    assert stats["vision_cache_bytes"] > 0
+    assert stats["queue_depth"] == 0
+    assert 0 < stats["latency_p50_ms"] <= stats["latency_p95_ms"] <= stats["latency_p99_ms"] < 60_000
+
+
+def test_vision_cache_lru_in_bytes():
+    def t(n):  # n float32 values: 4n bytes
+        return torch.zeros(n, dtype=torch.float32)
+
+    cache = VisionCache(max_bytes=100)
+    cache.put("a", t(10))
+    cache.put("b", t(10))
+    assert cache.bytes == 80 and len(cache) == 2
+    assert cache.get("a") is not None  # a is now the most recently used
+    cache.put("c", t(5))  # 100 bytes: fits exactly
+    assert len(cache) == 3 and cache.bytes == 100
+    cache.put("d", t(5))  # 120 > 100: the least recently used (b) goes
+    assert cache.get("b") is None
+    assert cache.get("a") is not None and cache.get("c") is not None and cache.get("d") is not None
+    assert cache.bytes == 80
+    # recency now: a, c, d (oldest first)
+    cache.put("e", t(15))  # 140: a goes (then 100, within the bound)
+    assert cache.get("a") is None and len(cache) == 3 and cache.bytes == 100
+    assert cache.get("c") is not None  # recency: d, e, c
+    cache.put("f", t(5))  # 120: d goes, not c
+    assert cache.get("d") is None
+    assert cache.get("c") is not None and cache.get("e") is not None and cache.get("f") is not None
+    assert cache.bytes == 100 and len(cache) == 3
+    cache.put("huge", t(26))  # over the bound alone: not kept, nothing evicted
+    assert cache.get("huge") is None and len(cache) == 3 and cache.bytes == 100
+    assert cache.get("missing") is None
+
+
+def test_vision_cache_bound_is_real_memory(make_engine, model):
+    """The byte bound must hold for the memory the cache really keeps alive. The vision tower returns one
+    tensor for a whole batch of images, split into per-image views: caching the views keeps the whole
+    batch's storage alive, however few images the cache claims to hold."""
+    images = [random_image(56 + 14 * k, 84, seed=40 + k) for k in range(4)]
+    samples = [{"prompt": "What is it?", "completion": "Dots.", "images": [im]} for im in images]
+    one = model.encode(samples[0])
+    one_bytes = (one.num_patches // 4) * model.config.text_config.hidden_size * 4
+    engine = make_engine(vision_cache_mb=1.5 * one_bytes / 2**20)  # room for about one image
+    engine.score(samples)
+    cache = engine.vision_cache
+    assert cache.bytes <= cache.max_bytes
+    storages = {}
+    for features in cache._entries.values():
+        storage = features.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    assert sum(storages.values()) <= cache.max_bytes, (
+        f"cache says {cache.bytes} bytes (bound {cache.max_bytes}) but keeps {sum(storages.values())} bytes alive"
+    )
+
+
+def test_submit_racing_close_never_hangs(model):
+    """A submit that passes the closed check while close() runs must either raise or be served; it must
+    never leave a future that no thread will resolve. The race is made deterministic by pausing submit
+    between its check and its enqueue (it counts the request in between)."""
+    engine = RewardEngine(model)
+    stats = engine._stats
+    real_add = stats.add
+    inside, release = threading.Event(), threading.Event()
+
+    def paused_add(**deltas):
+        if "requests" in deltas and threading.current_thread().name == "racer":
+            inside.set()
+            release.wait(10)
+        real_add(**deltas)
+
+    stats.add = paused_add
+    outcome = {}
+
+    def racer():
+        try:
+            outcome["future"] = engine.submit([{"prompt": "Hi", "completion": "Hello."}])
+        except RuntimeError as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=racer, name="racer")
+    thread.start()
+    assert inside.wait(10)
+    engine.close(timeout=10)
+    release.set()
+    thread.join(10)
+    if "error" in outcome:
+        return
+    future = outcome["future"]
+    try:
+        future.result(timeout=2)
+    except RuntimeError:
+        pass  # failing the request is fine too
+    except TimeoutError:
+        pytest.fail("a request submitted while the engine closed was never resolved")
