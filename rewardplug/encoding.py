@@ -9,14 +9,14 @@ depend on its batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
 from qwen_vl_utils import fetch_image
 
 from .errors import SampleError
-from .images import ImagePolicy, image_digest
+from .images import ImagePolicy, image_digest, load_image
 from .samples import to_conversation
 
 
@@ -52,6 +52,8 @@ class Encoder:
     patch_size: int = 14
 
     def encode(self, sample: Any) -> EncodedSample:
+        if isinstance(sample, dict) and "input_ids" in sample:
+            return self.encode_tokens(sample["input_ids"], sample.get("images") or [])
         conv = to_conversation(sample, self.policy)
         text = self.processor.apply_chat_template(conv.messages, tokenize=False, add_generation_prompt=False)
         images = [self._resize(im, i) for i, im in enumerate(conv.images)]
@@ -69,6 +71,52 @@ class Encoder:
             image_digests=[image_digest(im) for im in images],
         )
 
+    def encode_tokens(self, input_ids: Sequence[int] | torch.Tensor, images: Sequence[Any]) -> EncodedSample:
+        """A conversation already tokenized with this model's chat template (prompt + completion ids of
+        a Qwen-family policy), so nothing is decoded and tokenized again.
+
+        The ids must end the way the template ends the answer; a trailing end-of-turn
+        (<|im_end|>, <|endoftext|>) is normalized to "<|im_end|>\\n", and one is added when missing
+        (truncated completions: flag those yourself). Image placeholders may be expanded (one
+        <|image_pad|> per image token, as the processor makes them) or a single <|image_pad|> per image.
+        """
+        tok = self.processor.tokenizer
+        ids = [int(t) for t in (input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids)]
+        im_end, eot = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+        newline = tok.encode("\n", add_special_tokens=False)
+        if ids[-len(newline) - 1 :] == [im_end, *newline]:
+            ids = ids[: -len(newline)]
+        while ids and ids[-1] in (im_end, eot):
+            ids = ids[:-1]
+        if not ids:
+            raise SampleError("input_ids is empty")
+        ids += [im_end, *newline]
+        loaded = []
+        for i, src in enumerate(images):
+            try:
+                loaded.append(self._resize(load_image(src, self.policy), i))
+            except SampleError as e:
+                raise SampleError(f"image {i}: {e}") from None
+        image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+        pixel_values = grid = None
+        if loaded:
+            out = self.processor.image_processor(images=loaded, return_tensors="pt")
+            pixel_values, grid = out["pixel_values"], out["image_grid_thw"]
+            merge = self.processor.image_processor.merge_size ** 2
+            ids = _expand_image_runs(ids, image_id, [int(g.prod()) // merge for g in grid])
+        elif image_id in ids:
+            raise SampleError("input_ids hold image tokens but no images were given")
+        if self.max_length is not None and len(ids) > self.max_length:
+            raise SampleError(f"sample has {len(ids)} tokens, over max_length={self.max_length}")
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        return EncodedSample(
+            input_ids=input_ids,
+            mm_token_type_ids=(input_ids == image_id).long(),
+            pixel_values=pixel_values,
+            image_grid_thw=grid,
+            image_digests=[image_digest(im) for im in loaded],
+        )
+
     def _resize(self, image: Image.Image, index: int) -> Image.Image:
         """qwen-vl-utils' own step: RGB (RGBA on white) and smart resize to multiples of 28."""
         try:
@@ -78,6 +126,31 @@ class Encoder:
             )
         except ValueError as e:  # e.g. aspect ratio over 200
             raise SampleError(f"image {index}: {e}") from None
+
+
+def _expand_image_runs(ids: list[int], image_id: int, sizes: list[int]) -> list[int]:
+    """Make each run of image tokens as long as its image needs (a run of 1 is expanded)."""
+    out, k, i = [], 0, 0
+    while i < len(ids):
+        if ids[i] != image_id:
+            out.append(ids[i])
+            i += 1
+            continue
+        j = i
+        while j < len(ids) and ids[j] == image_id:
+            j += 1
+        if k >= len(sizes):
+            raise SampleError(f"input_ids hold more image placeholders than the {len(sizes)} images given")
+        if j - i not in (1, sizes[k]):
+            raise SampleError(
+                f"image {k} has {j - i} image tokens in input_ids but this model's processor makes {sizes[k]} "
+                "(min_pixels/max_pixels differ from the policy's?)"
+            )
+        out += [image_id] * sizes[k]
+        k, i = k + 1, j
+    if k != len(sizes):
+        raise SampleError(f"{len(sizes)} images were given but input_ids hold {k} image placeholders")
+    return out
 
 
 @dataclass

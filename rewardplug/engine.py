@@ -26,6 +26,7 @@ from typing import Any, Sequence
 from .errors import InvalidSampleError
 from .model import RewardModel
 from .runner import ModelRunner
+from .samples import token_samples
 from .scheduler import WorkItem, make_item, make_units, plan_batches
 from .stats import Stats
 from .vision_cache import VisionCache
@@ -126,6 +127,10 @@ class RewardEngine:
 
     async def ascore(self, samples: Sequence[Any], *, on_invalid: str | None = None) -> list:
         return await asyncio.wrap_future(self.submit(samples, on_invalid=on_invalid))
+
+    def score_tokens(self, input_ids: Any, images: list | None = None, attention_mask: Any = None, **kw) -> list:
+        """Score conversations given as token ids (see ``rewardplug.samples.token_samples``)."""
+        return self.score(token_samples(input_ids, images, attention_mask), **kw)
 
     def stats(self) -> dict:
         """Counters since start: samples, tokens, padding efficiency, cache and prefix hits, latency."""

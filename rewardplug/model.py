@@ -21,6 +21,7 @@ from .checkpoint import read_value_head, resolve_checkpoint
 from .encoding import Batch, EncodedSample, Encoder, collate
 from .errors import CheckpointError, InvalidSampleError, SampleError
 from .images import ImagePolicy
+from .samples import token_samples
 
 logger = logging.getLogger(__name__)
 
@@ -340,6 +341,10 @@ class RewardModel:
         if errors and on_invalid == "raise":
             raise InvalidSampleError(errors)
         return self.score_encoded(encoded, batch_size=batch_size, progress=progress)
+
+    def score_tokens(self, input_ids: Any, images: list | None = None, attention_mask: Any = None, **kw) -> list:
+        """Score conversations given as token ids (see ``rewardplug.samples.token_samples``)."""
+        return self.score(token_samples(input_ids, images, attention_mask), **kw)
 
     def score_encoded(
         self, encoded: Sequence[EncodedSample | None], *, batch_size: int = 8, progress: bool = False

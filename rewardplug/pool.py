@@ -33,6 +33,7 @@ from typing import Any, Sequence
 from PIL import Image
 
 from .errors import InvalidSampleError, RewardPlugError
+from .samples import token_samples
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +189,10 @@ class Replica:
             return await self.engine.ascore(samples, on_invalid="raise"), {}
         except InvalidSampleError as e:
             return e.scores, e.errors
+
+    def score_tokens(self, input_ids: Any, images: list | None = None, attention_mask: Any = None, **kw) -> list:
+        """Score conversations given as token ids (see ``rewardplug.samples.token_samples``)."""
+        return self.score(token_samples(input_ids, images, attention_mask), **kw)
 
     def stats(self) -> dict:
         return self.engine.stats()

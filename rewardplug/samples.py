@@ -184,3 +184,20 @@ def _place_column_images(messages: list[dict], column: list) -> None:
     content = first_user["content"]
     text = [{"type": "text", "text": content}] if isinstance(content, str) else content
     first_user["content"] = [{"type": "image", "image": im} for im in column] + text
+
+
+def token_samples(input_ids: Any, images: list | None = None, attention_mask: Any = None) -> list[dict]:
+    """Samples from token ids a policy already holds (PPO-style loops): no decode and re-tokenize.
+
+    input_ids: a list of id lists, or a 2-D tensor (padding removed with ``attention_mask``), each the
+        whole conversation in the reward model's chat format (a Qwen2.5-VL policy's prompt ids plus its
+        completion ids). images: one list of images per row (or None).
+    """
+    rows = input_ids.tolist() if hasattr(input_ids, "tolist") else list(input_ids)
+    masks = attention_mask.tolist() if hasattr(attention_mask, "tolist") else attention_mask
+    out = []
+    for r, ids in enumerate(rows):
+        if masks is not None:
+            ids = [t for t, m in zip(ids, masks[r]) if m]
+        out.append({"input_ids": ids, "images": list(images[r] or []) if images is not None else []})
+    return out

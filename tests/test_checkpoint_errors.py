@@ -143,6 +143,33 @@ def test_custom_value_head_file_name(model, tiny_path, tmp_path):
     )
 
 
+def shard_main_weights(path, head: dict[str, torch.Tensor] | None = None) -> None:
+    """Split model.safetensors into two files with an index, as the 7B is stored on the hub."""
+    state = load_file(str(path / "model.safetensors"))
+    state.update(head or {})
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}  # fmt: skip
+    for file, names in shards.items():
+        save_file({k: state[k] for k in names}, str(path / file), metadata={"format": "pt"})
+    weight_map = {k: file for file, names in shards.items() for k in names}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "model.safetensors").unlink()
+
+
+def test_sharded_checkpoint_gives_the_same_scores(model, tiny_path, tmp_path):
+    path = copy_checkpoint(tiny_path, tmp_path)
+    shard_main_weights(path)
+    assert load(path).score(samples()) == pytest.approx(model.score(samples()), abs=1e-6)
+
+
+def test_head_in_sharded_main_weights(model, tiny_path, tmp_path):
+    path = copy_checkpoint(tiny_path, tmp_path)
+    shard_main_weights(path, head=original_head(tiny_path))
+    (path / "value_head.safetensors").unlink()
+    assert load(path).score(samples()) == pytest.approx(model.score(samples()), abs=1e-6)
+
+
 # ---- folder and config --------------------------------------------------------------------------
 
 

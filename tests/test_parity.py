@@ -94,6 +94,12 @@ def rewardplug_forms(system, images, question, answer) -> dict[str, object]:
             "completion": [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
             "images": list(images),
         },
+        # A plain-text user turn: the column's images go before its text, as the card orders them.
+        "conversational_text_prompt_and_column": {
+            "prompt": head + [{"role": "user", "content": question}],
+            "completion": [{"role": "assistant", "content": answer}],
+            "images": list(images),
+        },
         "conversational_embedded_only": {
             "prompt": embedded,
             "completion": [{"role": "assistant", "content": answer}],
