@@ -190,10 +190,6 @@ class Replica:
         except InvalidSampleError as e:
             return e.scores, e.errors
 
-    def score_tokens(self, input_ids: Any, images: list | None = None, attention_mask: Any = None, **kw) -> list:
-        """Score conversations given as token ids (see ``rewardplug.samples.token_samples``)."""
-        return self.score(token_samples(input_ids, images, attention_mask), **kw)
-
     def stats(self) -> dict:
         return self.engine.stats()
 
@@ -402,6 +398,10 @@ class RewardPool:
         import asyncio
 
         return await asyncio.wrap_future(self.submit(samples, on_invalid=on_invalid))
+
+    def score_tokens(self, input_ids: Any, images: list | None = None, attention_mask: Any = None, **kw) -> list:
+        """Score conversations given as token ids (see ``rewardplug.samples.token_samples``)."""
+        return self.score(token_samples(input_ids, images, attention_mask), **kw)
 
     def stats(self) -> dict:
         """The pool's own counters and each replica's engine stats."""
