@@ -242,3 +242,26 @@ def _write_weights(path: Path, config: dict, seed: int) -> None:
         "v_head.summary.bias": 0.1 * torch.randn((1,), generator=generator),
     }
     save_file(head, str(path / "value_head.safetensors"), metadata={"format": "pt"})
+
+
+def make_tiny_text_policy(path: str | os.PathLike, *, seed: int = 2) -> Path:
+    """A tiny random text-only policy (Qwen2 causal LM) sharing the tiny checkpoint's tokenizer, for
+    testing RL loops whose policy is a plain LLM while the reward model sees no images."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _write_processor(path, 256 * 28 * 28)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    for name in ("preprocessor_config.json", "chat_template.json"):
+        (path / name).unlink(missing_ok=True)
+    config = Qwen2Config(
+        vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        bos_token_id=256, eos_token_id=258, pad_token_id=256, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return path

@@ -37,7 +37,8 @@ def test_demo_with_a_model_folder(tiny_path, model, capsys):
     assert {r[0] for r in rows} == {"red circle", "blue square", "green triangle"}
     assert "scored 12 samples (3 prompts x 4 completions)" in out
     images = dict(demo_images())
-    samples = [{"prompt": "What is in the picture?", "completion": text, "images": [images[name]]} for name, text, _ in rows]
+    question = "What is in the picture?"
+    samples = [{"prompt": question, "completion": text, "images": [images[name]]} for name, text, _ in rows]
     expected = model.score(samples)
     assert [r[2] for r in rows] == pytest.approx(expected, abs=1e-4)  # the table prints 4 decimals
     assert len({r[2] for r in rows}) > 1
@@ -81,7 +82,8 @@ def read_jsonl(path) -> list[dict]:
 
 
 def run_score(tiny_path, src, dst, *extra) -> int:
-    return main(["score", str(src), str(dst), "--model", str(tiny_path), "--device", "cpu", "--dtype", "float32", *extra])
+    options = ["--model", str(tiny_path), "--device", "cpu", "--dtype", "float32"]
+    return main(["score", str(src), str(dst), *options, *extra])
 
 
 def test_score_jsonl_with_bad_lines(tiny_path, model, tmp_path, capsys):
@@ -126,7 +128,8 @@ def test_score_jsonl_all_good_returns_0(tiny_path, model, tmp_path):
 
 
 def test_score_refuses_images_outside_the_allowed_roots(tiny_path, tmp_path):
-    (tmp_path / "data").mkdir(), (tmp_path / "private").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "private").mkdir()
     random_image(60, 60).save(tmp_path / "private" / "x.png")
     src, dst = tmp_path / "data" / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(src, [{"prompt": "Describe.", "completion": "Noise.", "images": [str(tmp_path / "private" / "x.png")]}])

@@ -78,15 +78,16 @@ IMG_D = random_image(90, 70, seed=14)
 
 
 def grpo_samples() -> list[dict]:
-    """Three image prompts with G = 4, 6, 8 completions of 1 to 200 tokens, interleaved as a trainer
-    would not (order must not matter)."""
+    """Three image prompts with G = 4, 6, 8 completions of 1 to 200 tokens each."""
     rng = random.Random(0)
     out = []
     for p, (prompt, image, g) in enumerate(
         [("What is in the picture?", IMG_A, 4), ("Describe the colours.", IMG_B, 6), ("Count the dots.", IMG_C, 8)]
     ):
         lengths = [1, 200] + [rng.randint(2, 199) for _ in range(g - 2)]
-        out += [{"prompt": prompt, "completion": _text(n, 10 * p + k), "images": [image]} for k, n in enumerate(lengths)]
+        out += [
+            {"prompt": prompt, "completion": _text(n, 10 * p + k), "images": [image]} for k, n in enumerate(lengths)
+        ]
     return out
 
 
@@ -95,7 +96,8 @@ def mixed_samples() -> list[dict]:
     user_img = [{"role": "user", "content": [{"type": "image", "image": IMG_D}, {"type": "text", "text": "Rate it."}]}]
     samples = [
         # two-image prompts (a group of 3)
-        *[{"prompt": "Which picture is wider?", "completion": _text(n, n), "images": [IMG_A, IMG_B]} for n in (3, 80, 30)],
+        *[{"prompt": "Which picture is wider?", "completion": _text(n, n), "images": [IMG_A, IMG_B]}
+          for n in (3, 80, 30)],
         # text-only prompts (a group of 3 and a single)
         *[{"prompt": "Write a haiku about autumn.", "completion": _text(n, n + 1)} for n in (12, 150, 1)],
         {"prompt": "Hi", "completion": "Hello there!"},
@@ -177,6 +179,7 @@ def test_grpo_groups_share_prefix_exactly(make_engine, grpo):
     assert stats["prefix_groups"] == 3
     assert stats["prefix_hits"] == len(samples) - 3
     assert stats["vision_misses"] == 3
+    assert stats["forward_passes"] >= 3  # prefixes, then suffixes in several chunks of similar length
     # and again, interleaved across prompts
     order = list(range(len(samples)))
     random.Random(2).shuffle(order)
@@ -503,6 +506,9 @@ def test_vision_cache_lru_in_bytes():
     assert cache.get("missing") is None
 
 
+# ---- bugs found while writing these tests (they fail until rewardplug is fixed) -------------------
+
+
 def test_vision_cache_bound_is_real_memory(make_engine, model):
     """The byte bound must hold for the memory the cache really keeps alive. The vision tower returns one
     tensor for a whole batch of images, split into per-image views: caching the views keeps the whole
@@ -551,8 +557,11 @@ def test_submit_racing_close_never_hangs(model):
     thread = threading.Thread(target=racer, name="racer")
     thread.start()
     assert inside.wait(10)
-    engine.close(timeout=10)
+    closer = threading.Thread(target=engine.close, kwargs={"timeout": 10})
+    closer.start()
+    closer.join(1.0)  # today close() returns at once; a fix may make it wait for the submit in flight
     release.set()
+    closer.join(10)
     thread.join(10)
     if "error" in outcome:
         return
@@ -563,3 +572,14 @@ def test_submit_racing_close_never_hangs(model):
         pass  # failing the request is fine too
     except TimeoutError:
         pytest.fail("a request submitted while the engine closed was never resolved")
+
+
+def test_submit_rejects_unknown_on_invalid(make_engine):
+    """RewardModel.score and RewardEngine(...) refuse an unknown on_invalid; submit/score must too, or a
+    typo ("ignore", "None") silently turns errors into None scores."""
+    engine = make_engine()
+    sample = {"prompt": "Hi", "completion": "Hello."}
+    with pytest.raises(ValueError):
+        engine.submit([sample], on_invalid="ignore")
+    with pytest.raises(ValueError):
+        engine.score([{"prompt": "Hi"}], on_invalid="None", timeout=30)

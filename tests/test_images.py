@@ -156,3 +156,25 @@ def test_rgba_png_bytes_are_composited_on_white(model):
     white.paste(rgba, mask=rgba.split()[3])
     s_bytes, s_white = model.score([one_image_sample(png_bytes(rgba)), one_image_sample(white)])
     assert s_bytes == pytest.approx(s_white, abs=1e-6)
+
+
+def test_decompression_bomb_is_refused_before_decoding(model):
+    from rewardplug import InvalidSampleError
+
+    bomb = Image.new("1", (8200, 8200))  # 67.2 M pixels in an 8 kB PNG
+    with pytest.raises(InvalidSampleError, match=r"sample 0: image 0: image of 8200x8200 pixels is over the limit"):
+        model.score([one_image_sample(png_bytes(bomb))])
+
+
+def test_line_wrapped_base64_data_uri_is_accepted(model):
+    """MIME-style base64 (a newline every 76 characters, as base64.encodebytes and many tools write it)
+    is read by qwen-vl-utils' fetch_image, so the model card's recipe scores such a sample; rewardplug
+    decodes with b64decode(validate=True), which refuses the newlines ("data URI holds invalid base64")."""
+    image = random_image(60, 60, seed=12)
+    data = png_bytes(image)
+    wrapped = "data:image/png;base64," + base64.encodebytes(data).decode()
+    assert "\n" in wrapped
+    assert fetch_image({"image": wrapped}).size == (56, 56)  # the original stack accepts it
+    scores = model.score([one_image_sample(wrapped), one_image_sample(image)], on_invalid="none")
+    assert scores[0] is not None, "line-wrapped base64 data URI refused"
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6)

@@ -19,13 +19,15 @@ def good_image_sample(seed: int = 1) -> dict:
 
 @contextmanager
 def count_forward_calls(model):
-    """Counts the backbone's forward passes with a real torch hook (no mocking)."""
+    """Counts forward passes of the language model and the vision tower with real torch hooks (no mocking)."""
     calls = []
-    handle = model.backbone.register_forward_pre_hook(lambda module, args: calls.append(1))
+    modules = (model.backbone.language_model, model.backbone.visual)
+    handles = [m.register_forward_pre_hook(lambda module, args: calls.append(type(module).__name__)) for m in modules]
     try:
         yield calls
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def assert_refused(model, sample, pattern: str) -> InvalidSampleError:
@@ -55,8 +57,8 @@ def test_neither_messages_nor_prompt(model):
 def test_conversation_not_ending_with_the_assistant(model):
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                 {"role": "user", "content": "And?"}]  # fmt: skip
-    assert_refused(model, {"messages": messages},
-                   r"the conversation must end with the assistant's answer; the last message has role 'user'")  # fmt: skip
+    pattern = r"the conversation must end with the assistant's answer; the last message has role 'user'"
+    assert_refused(model, {"messages": messages}, pattern)
 
 
 @pytest.mark.parametrize(("sample", "type_name"), [("Hi", "str"), (["Hi", "Hello"], "list"), (None, "NoneType")])
@@ -81,15 +83,17 @@ def test_data_uri_that_is_not_an_image_uri(model):
 
 def test_image_path_outside_allowed_roots(tiny_path, tmp_path):
     allowed, elsewhere = tmp_path / "allowed", tmp_path / "elsewhere"
-    allowed.mkdir(), elsewhere.mkdir()
     image = random_image(84, 56, seed=3)
-    image.save(allowed / "ok.png"), image.save(elsewhere / "secret.png")
+    for folder, name in ((allowed, "ok.png"), (elsewhere, "secret.png")):
+        folder.mkdir()
+        image.save(folder / name)
     rm = RewardModel.from_pretrained(tiny_path, dtype="float32", device="cpu", image_roots=[allowed])
     inside = {"prompt": "Describe.", "completion": "Noise.", "images": [str(allowed / "ok.png")]}
     escape = str(allowed / ".." / "elsewhere" / "secret.png")  # lexically inside, really outside
     (allowed / "link.png").symlink_to(elsewhere / "secret.png")  # a symlink inside pointing outside
-    for path in (str(elsewhere / "secret.png"), escape, f"file://{elsewhere / 'secret.png'}", str(allowed / "link.png")):
-        error = assert_refused(rm, {**inside, "images": [path]}, r"image 0: image path .* is outside the allowed image roots")
+    outside = [str(elsewhere / "secret.png"), escape, f"file://{elsewhere / 'secret.png'}", str(allowed / "link.png")]
+    for path in outside:
+        error = assert_refused(rm, {**inside, "images": [path]}, r"image 0: image path .* is outside the allowed")
         assert "image_roots" in str(error)
     assert rm.score([inside]) == pytest.approx(rm.score([{**inside, "images": [image]}]), abs=1e-6)
 
@@ -160,8 +164,10 @@ def test_video_item(model, item):
 
 
 def test_malformed_messages(model):
-    assert_refused(model, {"messages": [{"role": "user"}]}, r"'messages' message 0 must be a dict with 'role' and 'content'")
-    assert_refused(model, {"prompt": 42, "completion": "x"}, r"'prompt' must be a string or a list of messages, got int")
+    assert_refused(model, {"messages": [{"role": "user"}]},
+                   r"'messages' message 0 must be a dict with 'role' and 'content'")
+    assert_refused(model, {"prompt": 42, "completion": "x"},
+                   r"'prompt' must be a string or a list of messages, got int")
     assert_refused(model, {"prompt": "Hi", "completion": []}, r"'completion' is an empty list of messages")
 
 

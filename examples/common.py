@@ -1,0 +1,62 @@
+"""Pieces the examples share: a small image dataset and the reward function."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+
+def image_dataset(n: int = 8):
+    """Synthetic pictures with conversational prompts (what TRL's VLM path needs)."""
+    from datasets import Dataset
+    from PIL import Image, ImageDraw
+
+    colors = [("red", (220, 30, 30)), ("blue", (30, 60, 200)), ("green", (20, 150, 40)), ("yellow", (230, 200, 20))]
+    rows = {"prompt": [], "image": [], "data_source": []}
+    for i in range(n):
+        _, rgb = colors[i % len(colors)]
+        im = Image.new("RGB", (84, 56), (245, 245, 245))
+        ImageDraw.Draw(im).ellipse([20 + i, 8, 64, 48], fill=rgb)
+        rows["prompt"].append([{"role": "user", "content": "What color is the shape?"}])
+        rows["image"].append(im)
+        rows["data_source"].append("shapes" if i % 2 else "colors")
+    return Dataset.from_dict(rows)
+
+
+def text_dataset(n: int = 8):
+    from datasets import Dataset
+
+    topics = ["the sea", "a mountain", "a city", "the sky"]
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Write a line about {topics[i % 4]}."}]
+                                         for i in range(n)]})  # fmt: skip
+
+
+def on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def tiny_paths(work: Path, text_policy: bool = False) -> tuple[str, str]:
+    """A tiny random policy (vision-language, or text-only) and a tiny reward model."""
+    from rewardplug.testing import make_tiny_checkpoint, make_tiny_text_policy
+
+    policy = make_tiny_text_policy(work / "tiny-text-policy") if text_policy else make_tiny_checkpoint(work / "tiny-policy", seed=1)
+    return str(policy), str(make_tiny_checkpoint(work / "tiny-reward", seed=0))
+
+
+def build_reward(reward_path: str, use_pool: bool = False, async_reward: bool = False, **options):
+    """The reward function: on a Ray pool (its own GPUs, or the CPU here) or on an in-process engine."""
+    from rewardplug import RewardEngine, RewardModel, RewardPool
+    from rewardplug.integrations.trl import AsyncRewardFunction, RewardFunction
+
+    if use_pool:
+        scorer = RewardPool(reward_path, num_replicas=1, gpus_per_replica=0 if on_cpu() else 1, image_roots=None)
+    else:
+        scorer = RewardEngine(RewardModel.from_pretrained(reward_path, image_roots=None))
+    cls = AsyncRewardFunction if async_reward else RewardFunction
+    return cls(scorer, name="skywork_vl_reward", **options)
+
+
+def workdir(path: str | None, prefix: str) -> Path:
+    return Path(path or tempfile.mkdtemp(prefix=prefix))
