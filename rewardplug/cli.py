@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -88,6 +89,8 @@ def cmd_score(args) -> int:
     src = Path(args.input)
     roots = [str(src.resolve().parent), "."] + list(args.image_root or [])
     rm = _load(args, image_roots=roots, image_url_hosts=args.allow_url_host or ())
+    # Relative image paths in the file are relative to the file, wherever the command runs.
+    rm.encoder.policy = dataclasses.replace(rm.encoder.policy, base_dir=str(src.resolve().parent))
     samples, parse_errors = [], {}
     with src.open() as f:
         for n, line in enumerate(f, 1):

@@ -46,8 +46,8 @@ class Encoder:
 
     processor: Any
     policy: ImagePolicy
-    min_pixels: int
-    max_pixels: int
+    min_pixels: int | None = None  # None: qwen-vl-utils' own defaults, as the model card's code has them
+    max_pixels: int | None = None
     max_length: int | None = None
     patch_size: int = 14
 
@@ -56,7 +56,7 @@ class Encoder:
             return self.encode_tokens(sample["input_ids"], sample.get("images") or [])
         conv = to_conversation(sample, self.policy)
         text = self.processor.apply_chat_template(conv.messages, tokenize=False, add_generation_prompt=False)
-        images = [self._resize(im, i) for i, im in enumerate(conv.images)]
+        images = [self._resize(im, i, size) for i, (im, size) in enumerate(zip(conv.images, conv.sizes))]
         out = self.processor(text=[text], images=images or None, return_tensors="pt")
         input_ids = out["input_ids"][0]
         if self.max_length is not None and input_ids.shape[0] > self.max_length:
@@ -117,13 +117,15 @@ class Encoder:
             image_digests=[image_digest(im) for im in loaded],
         )
 
-    def _resize(self, image: Image.Image, index: int) -> Image.Image:
-        """qwen-vl-utils' own step: RGB (RGBA on white) and smart resize to multiples of 28."""
+    def _resize(self, image: Image.Image, index: int, size: dict | None = None) -> Image.Image:
+        """qwen-vl-utils' own step: RGB (RGBA on white) and smart resize to multiples of 28, with the
+        bounds the caller gave (from_pretrained, or the image item), else qwen-vl-utils' defaults. The
+        processor then applies the checkpoint's own bounds, as in the model card's code."""
+        item = {"image": image}
+        item.update({k: v for k, v in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if v})
+        item.update(size or {})
         try:
-            return fetch_image(
-                {"image": image, "min_pixels": self.min_pixels, "max_pixels": self.max_pixels},
-                image_patch_size=self.patch_size,
-            )
+            return fetch_image(item, image_patch_size=self.patch_size)
         except ValueError as e:  # e.g. aspect ratio over 200
             raise SampleError(f"image {index}: {e}") from None
 

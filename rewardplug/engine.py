@@ -43,11 +43,15 @@ class _Request:
     scores: list = field(default_factory=list)
     errors: dict = field(default_factory=dict)
     remaining: int = 0
+    done: set = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def resolve_one(self, index: int, value: "float | BaseException") -> bool:
-        """Record one sample's outcome; True once every sample has one."""
+        """Record one sample's outcome (the first one counts); True when the last sample gets one."""
         with self.lock:
+            if index in self.done:
+                return False
+            self.done.add(index)
             if isinstance(value, BaseException):
                 self.errors[index] = str(value)
             else:
@@ -96,6 +100,7 @@ class RewardEngine:
         self._ready: list[WorkItem] = []
         self._cond = threading.Condition()
         self._closed = False
+        self._lifecycle = threading.Lock()
         self._encoding_done = False
         self._encoder = threading.Thread(target=self._encode_loop, name="rewardplug-encoder", daemon=True)
         self._worker = threading.Thread(target=self._model_loop, name="rewardplug-model", daemon=True)
@@ -106,8 +111,8 @@ class RewardEngine:
 
     def submit(self, samples: Sequence[Any], *, on_invalid: str | None = None) -> Future:
         """Queue samples for scoring; returns at once a Future of their scores, in input order."""
-        if self._closed:
-            raise RuntimeError("RewardEngine is closed")
+        if on_invalid not in (None, "raise", "none"):
+            raise ValueError(f"on_invalid must be 'raise' or 'none', got {on_invalid!r}")
         if isinstance(samples, dict):
             raise TypeError("submit() takes a list of samples; wrap a single sample in a list")
         samples = list(samples)
@@ -116,10 +121,13 @@ class RewardEngine:
         request.scores = [None] * len(samples)
         request.remaining = len(samples)
         self._stats.add(requests=1, samples=len(samples))
-        if not samples:
-            request.future.set_result([])
-            return request.future
-        self._intake.put(request)
+        with self._lifecycle:  # no request may slip in behind close()'s stop marker
+            if self._closed:
+                raise RuntimeError("RewardEngine is closed")
+            if not samples:
+                request.future.set_result([])
+            else:
+                self._intake.put(request)
         return request.future
 
     def score(self, samples: Sequence[Any], *, on_invalid: str | None = None, timeout: float | None = None) -> list:
@@ -146,10 +154,11 @@ class RewardEngine:
 
     def close(self, timeout: float | None = None) -> None:
         """Finish queued work, then stop the threads. Later submits raise."""
-        if self._closed:
-            return
-        self._closed = True
-        self._intake.put(None)
+        with self._lifecycle:
+            if self._closed:
+                return
+            self._closed = True
+            self._intake.put(None)
         self._encoder.join(timeout)
         self._worker.join(timeout)
 

@@ -35,6 +35,7 @@ class ImagePolicy:
         default) fetches nothing, so a sample cannot make the scorer reach into your network.
     max_image_pixels: decoded width x height above which an image is refused (decompression bombs).
     max_bytes: largest encoded image accepted from a URL, a data URI or a file.
+    base_dir: folder that relative paths are read from (default: the current working directory).
     """
 
     local_roots: tuple[str, ...] | None = field(default_factory=lambda: (os.getcwd(),))
@@ -42,6 +43,7 @@ class ImagePolicy:
     max_image_pixels: int = 64 * 1024 * 1024
     max_bytes: int = 64 * 1024 * 1024
     url_timeout_s: float = 10.0
+    base_dir: str | None = None
 
     def __post_init__(self):
         if self.local_roots is not None:
@@ -119,13 +121,13 @@ def _data_uri_bytes(uri: str) -> bytes:
     if not sep or not head.startswith("data:image/") or not head.endswith(";base64"):
         raise SampleError("data URI must look like 'data:image/<type>;base64,<data>'")
     try:
-        return base64.b64decode(payload, validate=True)
+        return base64.b64decode("".join(payload.split()), validate=True)  # line-wrapped base64 is common
     except (binascii.Error, ValueError):
         raise SampleError("data URI holds invalid base64") from None
 
 
 def _read_local(path: str, policy: ImagePolicy) -> Image.Image:
-    resolved = Path(path).expanduser().resolve()
+    resolved = Path(policy.base_dir or ".", Path(path).expanduser()).resolve()
     if policy.local_roots is not None and not any(
         resolved.is_relative_to(root) for root in policy.local_roots
     ):

@@ -107,7 +107,9 @@ class RewardModel:
             architecture without reading weights); default: the first GPU if there is one, else CPU.
         device_map / max_memory: split the model over several GPUs with accelerate ("auto",
             "balanced", or an explicit map); excludes ``device``.
-        min_pixels / max_pixels: image size bounds (default: the checkpoint's preprocessor config).
+        min_pixels / max_pixels: image size bounds, applied where the model card's recipe applies them
+            (qwen-vl-utils' resize and the processor); default: qwen-vl-utils' defaults, then the
+            checkpoint's preprocessor config. An image item's own "min_pixels"/"max_pixels" win.
         max_length: samples with more tokens are refused (InvalidSampleError) instead of scored.
         value_head: the head's file in the folder; None reads it from the main weights
             (``v_head.*`` or ``score.*``), as does a missing file.
@@ -124,6 +126,8 @@ class RewardModel:
 
         if device is not None and device_map is not None:
             raise ValueError("pass either device or device_map, not both")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if image_backend not in IMAGE_BACKENDS:
             raise ValueError(f"image_backend must be one of {IMAGE_BACKENDS}, got {image_backend!r}")
         folder = resolve_checkpoint(name_or_path)
@@ -172,7 +176,6 @@ class RewardModel:
         if image_backend != "auto" or image_kwargs:
             backend = None if image_backend == "auto" else image_backend
             processor.image_processor = AutoImageProcessor.from_pretrained(folder, backend=backend, **image_kwargs)
-        size = processor.image_processor.size
         policy = ImagePolicy(
             local_roots=(os.getcwd(),) if image_roots == "cwd" else (None if image_roots is None else tuple(image_roots)),
             url_hosts=tuple(image_url_hosts),
@@ -180,8 +183,8 @@ class RewardModel:
         encoder = Encoder(
             processor=processor,
             policy=policy,
-            min_pixels=int(size.shortest_edge),
-            max_pixels=int(size.longest_edge),
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
             max_length=max_length,
             patch_size=int(processor.image_processor.patch_size),
         )

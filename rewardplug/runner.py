@@ -69,23 +69,31 @@ class ModelRunner:
             return self.run([Unit(items[:half], half > 1)]) + self.run([Unit(items[half:], len(items) - half > 1)])
 
     def _run(self, units: list[Unit]) -> list[Result]:
+        counts: dict[str, int] = {}
+        results = self._compute(units, counts)
+        self.stats.add(batches=1, **counts)  # only once the whole batch succeeded: retries count once
+        return results
+
+    def _compute(self, units: list[Unit], counts: dict[str, int]) -> list[Result]:
+        def add(**deltas):
+            for k, v in deltas.items():
+                counts[k] = counts.get(k, 0) + v
+
         singles = [u.items[0] for u in units if not u.shared]
         groups = [u for u in units if u.shared]
         reps = [g.items[0].encoded for g in groups]
-        embeds = self._image_embeds([i.encoded for i in singles] + reps)
+        embeds = self._image_embeds([i.encoded for i in singles] + reps, add)
         results: list[Result] = []
         if singles:
             batch = collate([i.encoded for i in singles], self.model.pad_token_id, "right")
             scores = self.model.forward(batch, _flat(embeds[: len(singles)]))
-            self.stats.add(forward_passes=1, real_tokens=sum(i.num_tokens for i in singles),
-                           padded_tokens=batch.padded_tokens)  # fmt: skip
+            add(forward_passes=1, real_tokens=sum(i.num_tokens for i in singles), padded_tokens=batch.padded_tokens)
             results += list(zip(singles, scores.tolist()))
         if groups:
-            results += self._run_groups(groups, embeds[len(singles) :])
-        self.stats.add(batches=1)
+            results += self._run_groups(groups, embeds[len(singles) :], add)
         return results
 
-    def _run_groups(self, groups: list[Unit], embeds: list[list[torch.Tensor]]) -> list[Result]:
+    def _run_groups(self, groups: list[Unit], embeds: list[list[torch.Tensor]], add) -> list[Result]:
         pad = self.model.pad_token_id
         lengths = [g.items[0].prefix_len for g in groups]
         prefixes = collate([_prefix(g.items[0].encoded, p) for g, p in zip(groups, lengths)], pad, "right")
@@ -103,11 +111,11 @@ class ModelRunner:
             passes += 1
             results += list(zip([i for i, _, _ in chunk], scores.tolist()))
         real = sum(lengths) + sum(i.num_tokens - p for i, _, p in rows)
-        self.stats.add(forward_passes=passes, real_tokens=real, padded_tokens=padded,
-                       prefix_groups=len(groups), prefix_hits=len(rows) - len(groups))  # fmt: skip
+        add(forward_passes=passes, real_tokens=real, padded_tokens=padded, prefix_groups=len(groups),
+            prefix_hits=len(rows) - len(groups))  # fmt: skip
         return results
 
-    def _image_embeds(self, samples: list[EncodedSample]) -> list[list[torch.Tensor]]:
+    def _image_embeds(self, samples: list[EncodedSample], add) -> list[list[torch.Tensor]]:
         """Vision features of each sample's images, running the tower only for images not seen yet."""
         found: dict[str, torch.Tensor] = {}
         todo: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -130,9 +138,9 @@ class ModelRunner:
             pixels = torch.cat([p for p, _ in todo.values()])
             grids = torch.stack([g for _, g in todo.values()])
             for digest, features in zip(todo, self.model.image_features(pixels, grids)):
-                found[digest] = features
+                found[digest] = features = features.clone()  # own storage: a view would pin the whole batch
                 self.vision_cache.put(digest, features)
-        self.stats.add(vision_hits=hits, vision_misses=len(todo))
+        add(vision_hits=hits, vision_misses=len(todo))
         return [[found[d] for d in s.image_digests] for s in samples]
 
 

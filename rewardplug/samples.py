@@ -25,6 +25,10 @@ from .errors import SampleError
 from .images import ImagePolicy, load_image
 
 
+# Per-image size options qwen-vl-utils reads from an image item.
+SIZE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
+
+
 @dataclass
 class Sample:
     """Typed form of a sample; ``to_dict()`` gives the plain dict form."""
@@ -46,6 +50,7 @@ class Conversation:
 
     messages: list[dict]
     images: list[Image.Image]
+    sizes: list[dict] = field(default_factory=list)  # per image: qwen-vl-utils size keys given in its item
 
 
 def to_conversation(sample: Any, policy: ImagePolicy) -> Conversation:
@@ -75,7 +80,7 @@ def to_conversation(sample: Any, policy: ImagePolicy) -> Conversation:
             f"{messages[-1]['role']!r}"
         )
     _place_column_images(messages, column)
-    images = []
+    images, sizes = [], []
     for item in _image_items(messages):
         try:
             image = load_image(item["image"], policy)
@@ -83,7 +88,8 @@ def to_conversation(sample: Any, policy: ImagePolicy) -> Conversation:
             raise SampleError(f"image {len(images)}: {e}") from None
         item["image"] = image
         images.append(image)
-    return Conversation(messages, images)
+        sizes.append({k: item[k] for k in SIZE_KEYS if k in item})
+    return Conversation(messages, images, sizes)
 
 
 def _image_column(sample: dict) -> list:

@@ -171,3 +171,13 @@ def test_large_image_parity_with_the_7b_pixel_bounds(tmp_path):
     expected = card_score(build_reference(path), card_messages(None, [image], "What is this?", "Noise."))
     got = rm.score([{"prompt": "What is this?", "completion": "Noise.", "images": [image]}])[0]
     assert got == pytest.approx(expected, abs=TOL)
+
+
+def test_large_image_parity_with_non_default_pixel_bounds(model, reference):
+    """A checkpoint whose processor bounds differ from qwen-vl-utils' defaults (the tiny one: max
+    200704 pixels): the card resizes twice (qwen-vl-utils' defaults, then the processor), and so does
+    rewardplug, so a 700x500 image still scores exactly as the card scores it."""
+    image = random_image(700, 500, seed=4)
+    expected = card_score(reference, card_messages(None, [image], "What is this?", "Noise."))
+    got = model.score([{"prompt": "What is this?", "completion": "Noise.", "images": [image]}])[0]
+    assert got == pytest.approx(expected, abs=TOL)
