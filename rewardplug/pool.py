@@ -288,7 +288,8 @@ class RewardPool:
         self._config = dict(
             model=str(model), num_replicas=num_replicas, gpus_per_replica=gpus_per_replica,
             cpus_per_replica=cpus_per_replica, max_inflight_per_replica=max_inflight_per_replica,
-            request_timeout_s=request_timeout_s, busy=busy, address=address,
+            request_timeout_s=request_timeout_s, busy=busy,
+            address=ray.get_runtime_context().gcs_address,  # where unpickled handles connect
         )  # fmt: skip
         bundle = {"CPU": cpus_per_replica, **({"GPU": gpus_per_replica} if gpus_per_replica else {})}
         self._pg = placement_group([bundle] * num_replicas, strategy="PACK" if placement == "pack" else "SPREAD",
@@ -633,7 +634,7 @@ def _reattach(name: str, config: dict) -> RewardPool:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=config["address"] or "auto", namespace=NAMESPACE)
+        ray.init(address=config["address"], namespace=NAMESPACE)
     pool = RewardPool.__new__(RewardPool)
     pool.name, pool._config, pool._pg = name, config, None
     pool._attach()

@@ -214,10 +214,7 @@ def ray_cluster():
 
 
 def _score_in_spawned_process(payload: bytes, samples, queue):
-    import ray
-
-    ray.init(address="auto", namespace="rewardplug", log_to_driver=False)
-    reward = pickle.loads(payload)
+    reward = pickle.loads(payload)  # connects to the pool's cluster
     queue.put(reward(prompts=[s["prompt"] for s in samples], completions=[s["completion"] for s in samples]))
 
 
@@ -228,8 +225,6 @@ def test_pool_backed_grpo_and_pickle_round_trip(ray_cluster, paths, reference):
     _check_logged_rewards(trainer, rec, reference)
 
     # As TRL's AsyncGRPOTrainer does: the function crosses into a spawned process without CUDA.
-    plain = common.build_reward.__wrapped__ if hasattr(common.build_reward, "__wrapped__") else None
-    assert plain is None
     function = RewardFunction(reward.scorer, name=NAME)
     samples = [{"prompt": "Hello?", "completion": "Hi there."}, {"prompt": "Sky?", "completion": "Blue."}]
     ctx = multiprocessing.get_context("spawn")
@@ -257,14 +252,21 @@ def test_examples_custom_loop_overlaps_and_scores_tokens(paths, reference):
     result = custom_loop.main(["--tiny", "--tokens", "--steps", "2", "--output-dir", str(paths["work"] / "loop")])
     results = result["results"]
     assert set(results) == {"sequential", "overlap"}
-    # The token route gives the same scores as the text route for what the policy generated.
+    # The token route (the policy's own prompt ids + completion ids) gives the text route's score.
+    # (Random policies emit bytes that do not decode to text, so use known answers here.)
     policy, rows = result["policy"], result["rows"]
-    text, tokens = policy.generate(rows[:1], seed=123)
+    tok = policy.processor.tokenizer
+    row = rows[0]
+    messages = [{"role": "user", "content": [{"type": "image", "image": row["image"]},
+                                             {"type": "text", "text": row["prompt"][0]["content"]}]}]  # fmt: skip
+    text = policy.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt_ids = policy.processor(text=[text], images=[row["image"]], return_tensors="pt")["input_ids"][0].tolist()
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    answers = ["It is red.", "A round shape\nin the middle.", "Blue!"]
     rm = RewardModel.from_pretrained(paths["work"] / "loop" / "tiny-reward", image_roots=None)
-    by_tokens = rm.score(tokens, on_invalid="none")
-    by_text = rm.score(text, on_invalid="none")
-    pairs = [(a, b) for a, b in zip(by_tokens, by_text) if a is not None]
-    assert pairs and all(abs(a - b) < 1e-4 for a, b in pairs)
+    by_tokens = rm.score_tokens([prompt_ids + tok.encode(a) + [im_end] for a in answers], images=[[row["image"]]] * 3)
+    by_text = rm.score([{"prompt": row["prompt"], "completion": a, "images": [row["image"]]} for a in answers])
+    assert by_tokens == pytest.approx(by_text, abs=1e-5)
     result["scorer"].close()
 
 
