@@ -119,6 +119,24 @@ def cmd_score(args) -> int:
     return 0 if bad == 0 else 2
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from .service import ServiceSettings, serve_forever
+
+    api_key = args.api_key or os.environ.get("REWARDPLUG_API_KEY")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        logger.warning("serving on %s without an API key: anyone who reaches this port can use it", args.host)
+    settings = ServiceSettings(
+        model=_model_path(args.model), api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20),
+        max_samples=args.max_samples, image_roots=args.image_root or [], image_url_hosts=args.allow_url_host or [],
+        model_options={"dtype": args.dtype, "max_length": args.max_length},
+    )  # fmt: skip
+    serve_forever(settings, host=args.host, port=args.port, replicas=args.replicas,
+                  gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica, address=args.address)  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rewardplug", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -144,7 +162,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-url-host", action="append", help="host whose http(s) image URLs may be fetched")
     s.add_argument("--chunk", type=int, default=256, help="samples read and scored per step")
     s.set_defaults(func=cmd_score)
+    v = sub.add_parser("serve", help="serve the model over HTTP on Ray Serve (loopback by default)")
+    model_args(v)
+    v.add_argument("--replicas", type=int, default=1)
+    v.add_argument("--gpus-per-replica", type=float, default=0 if not _has_cuda() else 1)
+    v.add_argument("--cpus-per-replica", type=float, default=1)
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", help="require this key (Authorization: Bearer or X-API-Key); or set REWARDPLUG_API_KEY")
+    v.add_argument("--image-root", action="append", help="folder local image paths may be read from (repeatable)")
+    v.add_argument("--allow-url-host", action="append", help="host whose image URLs may be fetched ('*' for any)")
+    v.add_argument("--max-body-mb", type=float, default=64)
+    v.add_argument("--max-samples", type=int, default=4096, help="samples per request")
+    v.add_argument("--address", help="join this Ray cluster instead of starting one")
+    v.set_defaults(func=cmd_serve)
     return p
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:
