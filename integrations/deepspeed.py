@@ -42,31 +42,47 @@ def zero3_config(ds_config: dict | str | None = None, hidden_size: int | None = 
     import json
 
     if ds_config is None:
-        try:
-            from accelerate.state import AcceleratorState
-
-            plugin = AcceleratorState().deepspeed_plugin if AcceleratorState._shared_state else None
-        except Exception:  # noqa: BLE001 - accelerate not initialized
-            plugin = None
-        if plugin is not None:
-            ds_config = plugin.deepspeed_config
+        ds_config = _trainer_config()
     if isinstance(ds_config, str):
         with open(ds_config) as f:
             ds_config = json.load(f)
-    config = copy.deepcopy(ds_config) if ds_config else {}
-    for key in ("optimizer", "scheduler"):
-        config.pop(key, None)
+    # Only what shapes the sharding and precision carries over; batch sizes and the optimizer are the
+    # trainer's business (inference runs its own batches).
+    source = ds_config or {}
+    config = {k: copy.deepcopy(source[k]) for k in ("zero_optimization", "bf16", "fp16") if k in source}
     zero = config.setdefault("zero_optimization", {})
     zero.pop("offload_optimizer", None)
     zero["stage"] = 3
     if hidden_size:
-        zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
-        zero.setdefault("stage3_param_persistence_threshold", 10 * hidden_size)
-    for key in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps"):
-        if config.get(key) == "auto":
-            config.pop(key)
-    config.setdefault("train_micro_batch_size_per_gpu", 1)
+        for key, value in (("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+                           ("stage3_param_persistence_threshold", 10 * hidden_size)):  # fmt: skip
+            if zero.get(key) in (None, "auto"):
+                zero[key] = value
+    zero = {k: v for k, v in zero.items() if v != "auto"}
+    config["zero_optimization"] = zero
+    for key in ("bf16", "fp16"):
+        if isinstance(config.get(key), dict) and config[key].get("enabled") == "auto":
+            config[key]["enabled"] = False
+    config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
     return config
+
+
+def _trainer_config() -> dict | None:
+    """The DeepSpeed config of the accelerate-launched trainer in this process, without creating
+    accelerate's state (that would pre-empt the trainer's own set-up)."""
+    import os
+
+    try:
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DeepSpeedPlugin
+    except ImportError:
+        return None
+    if AcceleratorState._shared_state:  # the trainer's Accelerator exists
+        plugin = AcceleratorState().deepspeed_plugin
+        return plugin.deepspeed_config if plugin is not None else None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return DeepSpeedPlugin().deepspeed_config  # read from the same launcher settings the trainer reads
+    return None
 
 
 @dataclass

@@ -39,3 +39,12 @@ def test_a_rank_that_does_not_call_gives_a_clear_error_not_a_hang(tiny_path, tmp
     ranks = launch(tiny_path, tmp_path, "misuse")
     error = ranks[0]["error"]
     assert error is not None and "not every rank called score()" in error and "Rank 1" in error
+
+
+def test_trl_reward_function_on_zero3_reuses_the_trainers_config(tiny_path, model, tmp_path):
+    """Each rank calls the TRL RewardFunction with its own rows, as GRPOTrainer does; the sharded model
+    took its ZeRO-3 settings from the trainer's accelerate DeepSpeed plugin."""
+    ranks = launch(tiny_path, tmp_path, "trl")
+    for r, result in enumerate(ranks):
+        assert result["scores"] == pytest.approx(model.score(samples_for(r)), abs=1e-5), f"rank {r}"
+        assert abs(result["local"] / result["total"] - 0.5) < 0.01  # persistence threshold 0 came from the plugin

@@ -30,6 +30,14 @@ def main():
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
     config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    if mode == "trl":
+        # A trainer's accelerate set-up with its DeepSpeed plugin: the reward model reuses its config.
+        from accelerate import Accelerator
+        from accelerate.utils import DeepSpeedPlugin
+
+        Accelerator(cpu=True, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config={**config, "train_batch_size": "auto",
+                                                                             "train_micro_batch_size_per_gpu": "auto"}))
+        config = None
     rm = ShardedRewardModel.from_pretrained(checkpoint, ds_config=config, batch_size=2, timeout_s=15,
                                             dtype="float32", image_roots=None)
     result = {"rank": rank, "local": rm.local_parameters(), "total": rm.total_parameters()}
@@ -38,6 +46,14 @@ def main():
     if mode == "score":
         result["scores"] = rm.score(samples)
         result["again"] = rm.score(samples[:1] if rank == 0 else [])  # an empty list still takes part
+    elif mode == "trl":
+        # What TRL's GRPOTrainer does on every rank: call the reward function with that rank's rows.
+        from rewardplug.integrations.trl import RewardFunction
+
+        reward = RewardFunction(rm)
+        images = [s.get("images") or [] for s in samples]
+        result["scores"] = reward(prompts=[s["prompt"] for s in samples], completions=[s["completion"] for s in samples],
+                                  completion_ids=[[1, 2]] * len(samples), images=images, trainer_state=None)
     elif mode == "misuse":
         if rank == 0:
             try:
