@@ -1,6 +1,6 @@
 """Turn an image source into a decoded PIL image, safely.
 
-Sources: a PIL image, raw bytes, a local path, a ``file://`` URI, a ``data:image/...;base64,`` string,
+Sources: a PIL image, a uint8 numpy array (H, W[, 3|4]), raw bytes, a local path, a ``file://`` URI, a ``data:image/...;base64,`` string,
 a Hugging Face datasets dict ``{"bytes": ..., "path": ...}``, and http(s) URLs only when the policy
 allows them. Local paths are read only inside the policy's roots. Every failure is a ``SampleError``
 whose message says which source and why, without echoing file contents.
@@ -71,6 +71,8 @@ def load_image(source: ImageSource, policy: ImagePolicy) -> Image.Image:
         raise SampleError(f"image dict has none of 'bytes', 'path', 'url' (keys: {sorted(source)})")
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _decode(bytes(source), policy, "image bytes")
+    if hasattr(source, "__array_interface__"):  # numpy arrays, as RL environments hand them out
+        return _from_array(source, policy)
     if isinstance(source, os.PathLike):
         return _read_local(os.fspath(source), policy)
     if not isinstance(source, str):
@@ -92,6 +94,19 @@ def image_digest(image: Image.Image) -> str:
     h.update(f"{image.mode}:{image.size}".encode())
     h.update(image.tobytes())
     return h.hexdigest()
+
+
+def _from_array(array, policy: ImagePolicy) -> Image.Image:
+    import numpy as np
+
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise SampleError(
+            f"image array must be uint8 of shape (H, W), (H, W, 3) or (H, W, 4), got {array.dtype} {array.shape}"
+        )
+    image = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
+    _check_pixels(image, policy)
+    return image
 
 
 def _check_pixels(image: Image.Image, policy: ImagePolicy) -> None:

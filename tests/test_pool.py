@@ -202,7 +202,10 @@ class TestOneGPUPerReplica:
         blob = pickle.dumps(pool)
         ctx = multiprocessing.get_context("spawn")
         out = ctx.Queue()
-        child = ctx.Process(target=_score_in_child, args=(blob, samples, out))
+        # Other Ray clusters may run on this machine (``address="auto"`` then picks any of them): point
+        # the child at ours, as a user with several clusters would.
+        address = ray.get_runtime_context().gcs_address
+        child = ctx.Process(target=_score_in_child, args=(blob, samples, out, address))
         child.start()
         try:
             status, payload = out.get(timeout=180)
@@ -212,6 +215,12 @@ class TestOneGPUPerReplica:
                 child.kill()
         assert status == "ok", payload
         assert_scores(payload, mine, "spawned process")
+
+    def test_pickled_handle_names_its_cluster(self, pool):
+        """A handle unpickled in a process without Ray (a spawned reward process) must find *this* cluster;
+        ``ray.init(address="auto")`` connects to an arbitrary one when several run on the machine."""
+        address = ray.get_runtime_context().gcs_address
+        assert address.encode() in pickle.dumps(pool), f"the pickled handle does not carry the address {address}"
 
     def test_pickled_pool_in_ray_task(self, pool):
         samples = mixed_samples(seed=30)
@@ -259,23 +268,21 @@ class TestOneGPUPerReplica:
         samples = grpo_groups(10, 20, seed=70, side=56)
         futures = [pool.submit(samples) for _ in range(20)]
         pool.shutdown()
-        unresolved = 0
-        for f in futures:
-            try:
-                f.result(timeout=60)
-            except concurrent.futures.TimeoutError:
-                unresolved += 1
-            except RewardPlugError:
-                pass
-        assert unresolved == 0, f"{unresolved} of {len(futures)} futures never resolved after shutdown()"
+        done, pending = concurrent.futures.wait(futures, timeout=60)
+        assert not pending, f"{len(pending)} of {len(futures)} futures never resolved after shutdown()"
+        for f in done:
+            assert f.exception() is None or isinstance(f.exception(), RewardPlugError), f.exception()
         with pytest.raises(RuntimeError):
             pool.submit(samples)
 
 
-def _score_in_child(blob, samples, out):
+def _score_in_child(blob, samples, out, address):
     """Spawned process: unpickle the pool handle (it connects to the running cluster) and score."""
     try:
+        os.environ["RAY_ADDRESS"] = address
         pool = pickle.loads(blob)
+        if ray.get_runtime_context().gcs_address != address:
+            raise RuntimeError(f"connected to {ray.get_runtime_context().gcs_address}, not {address}")
         out.put(("ok", pool.submit(samples).result(timeout=120)))
     except BaseException as e:  # noqa: BLE001 - reported to the test
         out.put(("error", f"{type(e).__name__}: {e}"))

@@ -267,6 +267,21 @@ def test_get_reward_openrlhf_protocol_matches_v1_score(server, api, model):
     assert close(r2.json()["rewards"], [data["rewards"][3]] * 2)
 
 
+def test_get_reward_ignores_openrlhf_padding(server, api, model):
+    """OpenRLHF decodes its left-padded sequences with skip_special_tokens=False, so a query may start
+    with pad tokens and end with pad/eos tokens; its own reward servers strip both ends (strip_sequence in
+    openrlhf/cli/serve_rm.py). The reward must not depend on the padding."""
+    im = random_image(96, 64, seed=13)
+    q = openrlhf_query(model, "What is in the picture?", "Colored noise.", 1)
+    pad, eos = "<|endoftext|>", "<|im_end|>"
+    queries = [q, pad * 3 + q, q.rstrip("\n") + pad * 2, pad * 2 + q.rstrip("\n") + eos + pad]
+    r = api.post("/get_reward", json={"query": queries, "images": [[data_uri(im)]] * len(queries)})
+    assert r.status_code == 200, r.text
+    rewards = r.json()["rewards"]
+    want = model.score([{"prompt": "What is in the picture?", "completion": "Colored noise.", "images": [im]}])
+    assert close(rewards, want * len(queries)), (rewards, want)
+
+
 # ---- 2. authentication, health, metrics -----------------------------------------------------------------
 
 
@@ -633,6 +648,19 @@ def test_concurrent_async_clients(server, model):
 
     got = asyncio.run(main())
     assert all(close(a, b) for a, b in zip(got, want)), (got, want)
+
+
+def test_async_client_across_event_loops(server, model):
+    """One RewardClient used from two event loops in turn (``asyncio.run`` per training step, or a
+    trainer that makes a new loop): the second call must work too."""
+    samples = grpo_group(seed=77, g=2)
+    want = model.score(samples)
+    client = server.client(retries=0)
+    try:
+        assert close(asyncio.run(client.ascore(samples)), want)
+        assert close(asyncio.run(client.ascore(samples)), want)
+    finally:
+        client.close()
 
 
 # ---- 6. RewardClient retries -------------------------------------------------------------------------------
