@@ -60,3 +60,22 @@ def build_reward(reward_path: str, use_pool: bool = False, async_reward: bool = 
 
 def workdir(path: str | None, prefix: str) -> Path:
     return Path(path or tempfile.mkdtemp(prefix=prefix))
+
+
+def add_model_args(parser) -> None:
+    parser.add_argument("--tiny", action="store_true", help="tiny random policy and reward model, on the CPU")
+    parser.add_argument("--policy", help="policy model id or folder")
+    parser.add_argument("--reward", help="reward model id or folder")
+    parser.add_argument("--output-dir")
+
+
+def model_paths(parser, args, prefix: str, text_policy: bool = False) -> tuple[Path, str, str]:
+    """(work folder, policy, reward model): the tiny ones with --tiny, unless given."""
+    work = workdir(args.output_dir, prefix)
+    policy, reward = args.policy, args.reward
+    if args.tiny:
+        tiny_policy, tiny_reward = tiny_paths(work, text_policy=text_policy)
+        policy, reward = policy or tiny_policy, reward or tiny_reward
+    if not policy or not reward:
+        parser.error("pass --tiny, or --policy and --reward")
+    return work, policy, reward

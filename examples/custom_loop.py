@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from common import image_dataset, tiny_paths, workdir
+from common import add_model_args, image_dataset, model_paths
 
 
 class Policy:
@@ -83,27 +83,18 @@ def run_loop(policy: Policy, scorer, rows: list[dict], steps: int, batch: int, o
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--policy")
-    p.add_argument("--reward")
+    add_model_args(p)
     p.add_argument("--pool", action="store_true", help="score on a Ray pool instead of an in-process engine")
     p.add_argument("--tokens", action="store_true", help="score token ids (no decode and re-tokenize)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--batch", type=int, default=2, help="prompts per step")
     p.add_argument("--group", type=int, default=4, help="completions per prompt")
     p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--output-dir")
     args = p.parse_args(argv)
 
     from rewardplug import RewardEngine, RewardModel, RewardPool
 
-    work = workdir(args.output_dir, "custom-loop-")
-    policy_path, reward_path = args.policy, args.reward
-    if args.tiny:
-        tiny_policy, tiny_reward = tiny_paths(work)
-        policy_path, reward_path = policy_path or tiny_policy, reward_path or tiny_reward
-    if not policy_path or not reward_path:
-        p.error("pass --tiny, or --policy and --reward")
+    work, policy_path, reward_path = model_paths(p, args, "custom-loop-")
 
     policy = Policy(policy_path, args.group, args.max_new_tokens)
     rows = list(image_dataset())

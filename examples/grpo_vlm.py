@@ -13,30 +13,21 @@ from __future__ import annotations
 
 import argparse
 
-from common import build_reward, image_dataset, on_cpu, text_dataset, tiny_paths, workdir
+from common import add_model_args, build_reward, image_dataset, model_paths, on_cpu, text_dataset
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="tiny random policy and reward model, on the CPU")
+    add_model_args(p)
     p.add_argument("--text-only", action="store_true", help="a text-only policy and prompts (with --tiny)")
-    p.add_argument("--policy", help="policy model id or folder")
-    p.add_argument("--reward", help="reward model id or folder")
     p.add_argument("--pool", action="store_true", help="score on a Ray pool instead of in process")
     p.add_argument("--async-reward", action="store_true", help="use the async reward function")
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--output-dir")
     args = p.parse_args(argv)
 
     from trl import GRPOConfig, GRPOTrainer
 
-    work = workdir(args.output_dir, "grpo-vlm-")
-    policy, reward_path = args.policy, args.reward
-    if args.tiny:
-        tiny_policy, tiny_reward = tiny_paths(work, text_policy=args.text_only)
-        policy, reward_path = policy or tiny_policy, reward_path or tiny_reward
-    if not policy or not reward_path:
-        p.error("pass --tiny, or --policy and --reward")
+    work, policy, reward_path = model_paths(p, args, "grpo-vlm-", text_policy=args.text_only)
 
     reward = build_reward(reward_path, args.pool, args.async_reward)
     config = GRPOConfig(

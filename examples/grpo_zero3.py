@@ -19,35 +19,22 @@ import argparse
 import json
 import os
 
-from common import image_dataset, on_cpu, tiny_paths, workdir
+from common import add_model_args, image_dataset, model_paths, on_cpu
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--policy")
-    p.add_argument("--reward")
+    add_model_args(p)
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--output-dir")
     args = p.parse_args(argv)
 
     import torch.distributed as dist
-    from accelerate import PartialState
     from trl import GRPOConfig, GRPOTrainer
 
     from rewardplug.integrations.deepspeed import ShardedRewardModel
     from rewardplug.integrations.trl import RewardFunction
 
-    work = workdir(args.output_dir, "grpo-zero3-")
-    policy, reward_path = args.policy, args.reward
-    state = PartialState()
-    if args.tiny:
-        with state.main_process_first():
-            tiny_policy, tiny_reward = tiny_paths(work)
-        policy, reward_path = policy or tiny_policy, reward_path or tiny_reward
-    if not policy or not reward_path:
-        p.error("pass --tiny, or --policy and --reward")
-
+    work, policy, reward_path = model_paths(p, args, "grpo-zero3-")  # each rank writes its own tiny copies
     config = GRPOConfig(
         output_dir=str(work / "out"), per_device_train_batch_size=4, num_generations=4,
         max_completion_length=8, max_steps=args.steps, learning_rate=1e-4, logging_steps=1,

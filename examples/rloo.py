@@ -8,28 +8,19 @@ from __future__ import annotations
 
 import argparse
 
-from common import build_reward, image_dataset, on_cpu, tiny_paths, workdir
+from common import add_model_args, build_reward, image_dataset, model_paths, on_cpu
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="tiny random policy and reward model, on the CPU")
-    p.add_argument("--policy")
-    p.add_argument("--reward")
+    add_model_args(p)
     p.add_argument("--pool", action="store_true")
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--output-dir")
     args = p.parse_args(argv)
 
     from trl import RLOOConfig, RLOOTrainer
 
-    work = workdir(args.output_dir, "rloo-")
-    policy, reward_path = args.policy, args.reward
-    if args.tiny:
-        tiny_policy, tiny_reward = tiny_paths(work)
-        policy, reward_path = policy or tiny_policy, reward_path or tiny_reward
-    if not policy or not reward_path:
-        p.error("pass --tiny, or --policy and --reward")
+    work, policy, reward_path = model_paths(p, args, "rloo-")
 
     reward = build_reward(reward_path, args.pool)
     config = RLOOConfig(
