@@ -40,9 +40,13 @@ def to_data_uri(image: Any) -> str:
 
     if isinstance(image, bytes | bytearray):
         return "data:image/png;base64," + base64.b64encode(bytes(image)).decode()
+    if hasattr(image, "__array_interface__"):  # numpy arrays (uint8 HxW[x3|4])
+        import numpy as np
+
+        image = Image.fromarray(np.asarray(image))
     if isinstance(image, Image.Image):
         buf = io.BytesIO()
-        image.save(buf, format="PNG")
+        image.save(buf, format="PNG", compress_level=1)  # lossless; fast beats small on loopback and LANs
         return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     return image  # already a string (data URI, path or URL the server allows)
 
@@ -78,6 +82,7 @@ class RewardClient:
         )  # fmt: skip
         self._client = httpx.Client(timeout=timeout, headers=self.headers)
         self._aclient: httpx.AsyncClient | None = None
+        self._aloop = None  # the event loop _aclient's connections belong to
 
     def score(self, samples: list, *, on_invalid: str = "raise") -> list:
         """Scores in input order; with on_invalid="raise" a bad sample raises InvalidSampleError."""
@@ -88,8 +93,11 @@ class RewardClient:
         return self._result(data, on_invalid)
 
     async def ascore(self, samples: list, *, on_invalid: str = "raise") -> list:
-        if self._aclient is None:
-            self._aclient = httpx.AsyncClient(timeout=self.timeout, headers=self.headers)
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if self._aclient is None or self._aloop is not loop:  # connections cannot move between loops
+            self._aclient, self._aloop = httpx.AsyncClient(timeout=self.timeout, headers=self.headers), loop
         body = {"samples": to_json_samples(samples)}
         async for attempt in AsyncRetrying(**self.retry):
             with attempt:
@@ -103,7 +111,8 @@ class RewardClient:
     def _answer(response: httpx.Response) -> dict:
         if response.status_code >= 400:
             try:
-                detail = response.json().get("detail", response.text)
+                body = response.json()
+                detail = body.get("detail", response.text) if isinstance(body, dict) else body
             except ValueError:
                 detail = response.text
             raise ServiceError(response.status_code, detail)
@@ -117,7 +126,13 @@ class RewardClient:
         return data["scores"]
 
     def close(self) -> None:
+        """Close the sync connections (use ``await aclose()`` for those of ``ascore``)."""
         self._client.close()
+
+    async def aclose(self) -> None:
+        if self._aclient is not None:
+            await self._aclient.aclose()
+            self._aclient = None
 
     def __enter__(self) -> "RewardClient":
         return self

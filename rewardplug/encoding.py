@@ -84,6 +84,8 @@ class Encoder:
         ids = [int(t) for t in (input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids)]
         im_end, eot = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
         newline = tok.encode("\n", add_special_tokens=False)
+        while ids and ids[0] in (im_end, eot):  # left padding, as OpenRLHF's decoded sequences carry it
+            ids = ids[1:]
         if ids[-len(newline) - 1 :] == [im_end, *newline]:
             ids = ids[: -len(newline)]
         while ids and ids[-1] in (im_end, eot):

@@ -451,6 +451,9 @@ class RewardPool:
             pass
         for part in list(self._parts):
             self._fail_part(part, ReplicaError("the pool was shut down"))
+        self._parts.clear()  # drop object refs now, not after Ray itself has shut down
+        self._dispatcher.join(timeout=5)
+        self._watchdog.join(timeout=5)
 
     def __enter__(self) -> "RewardPool":
         return self

@@ -107,7 +107,7 @@ class RewardService:
                 raise HTTPException(413, f"body over {limit} bytes")
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise HTTPException(400, f"body is not valid JSON ({e.__class__.__name__})") from None
         if not isinstance(data, dict):
             raise HTTPException(422, "body must be a JSON object")

@@ -26,7 +26,7 @@ def config_7b(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def param_names(config_7b):
+def param_counts(config_7b):
     """Every parameter name of the full 7B backbone (meta device)."""
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -52,7 +52,7 @@ def _owner(name: str, device_map: dict) -> str | None:
 
 
 @pytest.mark.parametrize("num_gpus, gib", [(2, 24), (4, 16)], ids=["2x24GiB", "4x16GiB"])
-def test_7b_bf16_balanced_over_gpus(config_7b, param_names, num_gpus, gib):
+def test_7b_bf16_balanced_over_gpus(config_7b, param_counts, num_gpus, gib):
     plan = plan_device_map(config_7b, num_gpus, gib * GiB, dtype=torch.bfloat16, headroom=HEADROOM)
     figures = _figures(plan)
     print(f"\n7B bf16 over {num_gpus} GPUs of {gib} GiB: {figures}")
@@ -65,13 +65,13 @@ def test_7b_bf16_balanced_over_gpus(config_7b, param_names, num_gpus, gib):
     assert set(plan.bytes_per_device) == set(range(num_gpus)), figures
 
     # Every parameter of the model is placed by exactly one key.
-    unplaced = [n for n in param_names if _owner(n, plan.device_map) is None]
+    unplaced = [n for n in param_counts if _owner(n, plan.device_map) is None]
     assert not unplaced, f"{len(unplaced)} parameters in no device-map entry, e.g. {unplaced[:5]}"
 
     # Total: the whole bf16 model (about 15.4 GiB).
     total = sum(plan.bytes_per_device.values())
     assert abs(total / GiB - EXPECTED_TOTAL_GIB) < 0.1, figures
-    params = sum(param_names.values())
+    params = sum(param_counts.values())
     assert abs(total - 2 * params) < 2**20, f"{figures}; 2 bytes x {params} parameters = {2 * params / GiB:.3f} GiB"
 
     # Each GPU within its share of memory, and the split balanced.

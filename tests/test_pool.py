@@ -87,7 +87,8 @@ def mixed_samples(seed: int = 0) -> list[dict]:
         {"role": "system", "content": "You are a strict visual judge."},
         {"role": "user", "content": [{"type": "image", "image": img_a}, {"type": "text", "text": "Rate it."}]},
         {"role": "assistant", "content": answer}]} for answer in ("Seven out of ten.", "Two.")]  # fmt: skip
-    samples += [{"prompt": "Which is wider?", "completion": "The first.", "images": [_png(img_a), {"bytes": _png(img_b)}]}]
+    two_images = [_png(img_a), {"bytes": _png(img_b)}]  # PNG bytes, as raw bytes and as HF datasets give them
+    samples += [{"prompt": "Which is wider?", "completion": "The first.", "images": two_images}]
     samples += [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}],
                  "completion": [{"role": "assistant", "content": _text(n, n + 3)}], "images": [img_b]}
                 for n in (20, 90)]  # fmt: skip
@@ -115,9 +116,14 @@ def delta(after: list[dict], before: list[dict], key: str) -> list[int]:
 
 
 def wait_idle(pool) -> None:
-    """Block until every replica has finished what it was given (a replica's engine runs in order)."""
+    """Block until every replica has finished what it was given, timed-out work included (cancelling a
+    request does not stop its replica's engine). A replica's engine takes work in windows and scores a
+    window shortest first: a probe longer than anything sent before comes back after all of it."""
+    probe = [{"prompt": "idle?", "completion": _text(4000, 0)}]
+    refs = [actor.score.remote(probe) for actor in pool._actors]
+    ray.get(refs, timeout=WAIT)
     for actor in pool._actors:
-        ray.get(actor.score.remote([{"prompt": "idle?", "completion": "yes"}]), timeout=WAIT)
+        assert ray.get(actor.stats.remote(), timeout=30)["queue_depth"] == 0
 
 
 def make_pool(path, **kwargs) -> RewardPool:
@@ -202,8 +208,8 @@ class TestOneGPUPerReplica:
         blob = pickle.dumps(pool)
         ctx = multiprocessing.get_context("spawn")
         out = ctx.Queue()
-        # Other Ray clusters may run on this machine (``address="auto"`` then picks any of them): point
-        # the child at ours, as a user with several clusters would.
+        # Other Ray clusters may run on this machine (``address="auto"`` would pick any of them): the
+        # handle itself must lead the child to ours.
         address = ray.get_runtime_context().gcs_address
         child = ctx.Process(target=_score_in_child, args=(blob, samples, out, address))
         child.start()
@@ -268,7 +274,7 @@ class TestOneGPUPerReplica:
         samples = grpo_groups(10, 20, seed=70, side=56)
         futures = [pool.submit(samples) for _ in range(20)]
         pool.shutdown()
-        done, pending = concurrent.futures.wait(futures, timeout=60)
+        done, pending = concurrent.futures.wait(futures, timeout=30)
         assert not pending, f"{len(pending)} of {len(futures)} futures never resolved after shutdown()"
         for f in done:
             assert f.exception() is None or isinstance(f.exception(), RewardPlugError), f.exception()
@@ -279,8 +285,8 @@ class TestOneGPUPerReplica:
 def _score_in_child(blob, samples, out, address):
     """Spawned process: unpickle the pool handle (it connects to the running cluster) and score."""
     try:
-        os.environ["RAY_ADDRESS"] = address
-        pool = pickle.loads(blob)
+        os.environ.pop("RAY_ADDRESS", None)
+        pool = pickle.loads(blob)  # no ray.init here: the handle connects (RewardPool._reattach)
         if ray.get_runtime_context().gcs_address != address:
             raise RuntimeError(f"connected to {ray.get_runtime_context().gcs_address}, not {address}")
         out.put(("ok", pool.submit(samples).result(timeout=120)))

@@ -1,0 +1,136 @@
+"""RewardPool side by side: 2 replicas against 1, the pool against the in-process engine, submit latency.
+
+    python benchmarks/bench_pool.py            # about 3-4 minutes on 2 cores
+    python benchmarks/bench_pool.py --quick    # 8 prompts, 2 rounds
+
+Workload: GRPO, 16 prompts x G=8 completions of 16-256 tokens, one 224x224 image per prompt, on the
+benchmark model (benchmarks/common.py: the 7B's proportions sized for a CPU), fp32.
+
+(a) RewardEngine in this process, torch threads 1;
+(b) RewardPool, 1 replica (gpus_per_replica=0, cpus_per_replica=1: the replica runs torch on 1 thread);
+(c) RewardPool, 2 replicas of 1 thread each.
+
+Every round scores a new workload (new images, new completions: no cache hit carries over from one
+round to the next), the same one for (a), (b) and (c), which run one after the other in each round;
+the table shows the best round of each. The target on this 2-core machine: (c) at least 1.7x (b), which
+needs both cores free: each round prints the load average (other processes on the machine count).
+Submit latency: 50 calls of ``submit`` with 1,000 samples (20 prompts x 50 completions, images) on (c).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import grpo_workload, make_bench_checkpoint, param_split  # noqa: E402
+
+from rewardplug import RewardEngine, RewardModel, RewardPool  # noqa: E402
+
+OPTS = dict(dtype="float32", image_roots=None)
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def run(args) -> None:
+    import ray
+
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="rp-bench-pool-"))
+    path = make_bench_checkpoint(tmp / "bench")
+    rm = RewardModel.from_pretrained(path, device="cpu", **OPTS)
+    split = param_split(rm)
+    print(f"model: vision {split['vision'] / 1e6:.2f}M, LM layers {split['lm_layers'] / 1e6:.2f}M, "
+          f"vocab 151936, fp32 on CPU; this process: {torch.get_num_threads()} torch thread")  # fmt: skip
+
+    t0 = time.perf_counter()
+    # 3 CPUs declared: (b) and (c) stay up side by side; each replica asks for 1 CPU and runs 1 thread
+    ray.init(num_cpus=3, namespace="rewardplug", log_to_driver=False, logging_level=logging.WARNING)
+    one = RewardPool(path, num_replicas=1, gpus_per_replica=0, cpus_per_replica=1, **OPTS)
+    two = RewardPool(path, num_replicas=2, gpus_per_replica=0, cpus_per_replica=1,
+                     max_inflight_per_replica=30_000, **OPTS)  # fmt: skip
+    print(f"ray.init and 3 replicas ready in {time.perf_counter() - t0:.1f}s")
+
+    def engine_run(samples):
+        with RewardEngine(rm) as engine:  # fresh caches, like a fresh replica
+            return engine.score(samples)
+
+    warm = grpo_workload(2, args.group, side=args.side, seed=999)
+    engine_run(warm), one.score(warm), two.score(warm)  # first-call costs out of the way
+
+    times = {"a": [], "b": [], "c": []}
+    diff = 0.0
+    for r in range(args.rounds):
+        samples = grpo_workload(args.prompts, args.group, side=args.side, seed=r)
+        got_a, t_a = timed(lambda: engine_run(samples))
+        got_b, t_b = timed(lambda: one.score(samples))
+        got_c, t_c = timed(lambda: two.score(samples))
+        diff = max([diff] + [abs(x - y) for x, y in zip(got_a, got_b)] + [abs(x - y) for x, y in zip(got_a, got_c)])
+        for k, t in zip("abc", (t_a, t_b, t_c)):
+            times[k].append(t)
+        print(f"round {r}: (a) {t_a:.2f}s  (b) {t_b:.2f}s  (c) {t_c:.2f}s   (c)/(b) {t_b / t_c:.2f}x   "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")  # fmt: skip
+
+    n = args.prompts * args.group
+    best = {k: min(v) for k, v in times.items()}
+    rate = {k: n / t for k, t in best.items()}
+    stats = two.stats()
+    per_replica = [r["samples"] for r in stats["replicas"]]
+    print(f"\nworkload: {args.prompts} prompts x G={args.group}, {args.side}x{args.side} image per prompt, "
+          f"completions 16-256 tokens; {n} samples per round, best of {args.rounds} rounds")  # fmt: skip
+    print(f"{'':44}{'samples/s':>10}{'best s':>9}")
+    print(f"{'(a) RewardEngine in process, 1 thread':44}{rate['a']:>10.2f}{best['a']:>9.2f}")
+    print(f"{'(b) RewardPool, 1 replica x 1 thread':44}{rate['b']:>10.2f}{best['b']:>9.2f}")
+    print(f"{'(c) RewardPool, 2 replicas x 1 thread':44}{rate['c']:>10.2f}{best['c']:>9.2f}")
+    speedup = rate["c"] / rate["b"]
+    print(f"(c)/(b) = {speedup:.2f}x (target >= 1.7x: {'met' if speedup >= 1.7 else 'NOT met'}); "
+          f"(c)/(a) = {rate['c'] / rate['a']:.2f}x")  # fmt: skip
+    print(f"pool overhead, (b) against (a): {best['b'] / best['a'] - 1:+.1%} "
+          f"(median of rounds {np.median(times['b']) / np.median(times['a']) - 1:+.1%})")  # fmt: skip
+    print(f"max |score diff| pool vs engine: {diff:.1e}; samples per replica in (c): {per_replica}")
+
+    # Submit latency: submit only queues (routing, ray.put and actor calls run on the pool's thread).
+    big = grpo_workload(20, 50, side=args.side, seed=12345)
+    assert len(big) == 1000
+    pending = [two.submit(big) for _ in range(3)]
+    lat = []
+    for _ in range(args.submits):
+        t0 = time.perf_counter()
+        pending.append(two.submit(big))
+        lat.append(time.perf_counter() - t0)
+    p50, p99 = (float(np.percentile(lat, q)) * 1e3 for q in (50, 99))
+    print(f"submit latency, 1,000 samples with images, {args.submits} calls on (c): "
+          f"p50 {p50:.3f} ms, p99 {p99:.3f} ms, max {max(lat) * 1e3:.3f} ms")  # fmt: skip
+    one.shutdown()
+    two.shutdown()  # the queued requests are dropped
+    # shutdown() does not wait for the pool's dispatcher thread, which still works through the queue
+    # (ray.put): let it finish before ray.shutdown(), or its next Ray call would start a new cluster.
+    two._dispatcher.join(timeout=120)
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--side", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--submits", type=int, default=50)
+    p.add_argument("--quick", action="store_true", help="8 prompts, 2 rounds")
+    args = p.parse_args()
+    if args.quick:
+        args.prompts, args.rounds = 8, 2
+    print("command: python benchmarks/bench_pool.py " + " ".join(sys.argv[1:]))
+    run(args)
