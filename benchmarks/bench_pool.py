@@ -95,7 +95,9 @@ def run(args) -> None:
     print(f"{'(b) RewardPool, 1 replica x 1 thread':44}{rate['b']:>10.2f}{best['b']:>9.2f}")
     print(f"{'(c) RewardPool, 2 replicas x 1 thread':44}{rate['c']:>10.2f}{best['c']:>9.2f}")
     speedup = rate["c"] / rate["b"]
-    print(f"(c)/(b) = {speedup:.2f}x (target >= 1.7x: {'met' if speedup >= 1.7 else 'NOT met'}); "
+    per_round = [b / c for b, c in zip(times["b"], times["c"])]  # measured back to back: less exposed to noise
+    print(f"(c)/(b) = {speedup:.2f}x best against best, {np.median(per_round):.2f}x median of the rounds' ratios "
+          f"(target >= 1.7x: {'met' if min(speedup, np.median(per_round)) >= 1.7 else 'NOT met'}); "
           f"(c)/(a) = {rate['c'] / rate['a']:.2f}x")  # fmt: skip
     print(f"pool overhead, (b) against (a): {best['b'] / best['a'] - 1:+.1%} "
           f"(median of rounds {np.median(times['b']) / np.median(times['a']) - 1:+.1%})")  # fmt: skip

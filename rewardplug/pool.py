@@ -18,6 +18,7 @@ returns in well under a millisecond.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import re
@@ -57,7 +58,18 @@ class ReplicaError(RewardPlugError):
 
 @dataclass(frozen=True)
 class _ImageRef:
-    ref: Any  # ray.ObjectRef of a PIL image, bytes or a long string
+    ref: Any = field(repr=False, compare=False)  # ray.ObjectRef of a PIL image, bytes or a long string
+    key: str = ""  # content digest: the same image gives the same routing key in every request
+
+
+def _digest(value) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    if isinstance(value, Image.Image):
+        h.update(f"{value.mode}{value.size}".encode())
+        h.update(value.tobytes())
+    else:
+        h.update(value.encode() if isinstance(value, str) else bytes(value))
+    return h.hexdigest()
 
 
 def _externalize(samples: list, put) -> list:
@@ -68,7 +80,7 @@ def _externalize(samples: list, put) -> list:
         if isinstance(value, Image.Image | bytes | bytearray) or (isinstance(value, str) and len(value) > 4096):
             key = id(value) if not isinstance(value, str) else value
             if key not in refs:
-                refs[key] = _ImageRef(put(value))
+                refs[key] = _ImageRef(put(value), _digest(value))
             return refs[key]
         if isinstance(value, dict) and "bytes" in value and value["bytes"] is not None:
             return swap(value["bytes"])
@@ -311,6 +323,8 @@ class RewardPool:
             for i in range(num_replicas)
         ]
         self._attach(actors)
+        with _HANDLES_LOCK:
+            _HANDLES[self.name] = self
         errors = self._wait_ready(ready_timeout_s)
         if errors:
             self.shutdown()
@@ -373,13 +387,15 @@ class RewardPool:
         capacity = self._config["max_inflight_per_replica"] * self.num_replicas
         with self._cond:
             def has_room():
-                return self._inflight == 0 or self._inflight + n <= capacity
+                return self._closed or self._inflight == 0 or self._inflight + n <= capacity
 
             if not has_room():
                 if self._config["busy"] == "raise":
                     raise PoolBusyError(f"{self._inflight} samples in flight, the pool allows {capacity}")
                 if not self._cond.wait_for(has_room, timeout):
                     raise PoolBusyError(f"no room in the pool after {timeout}s ({self._inflight} samples in flight)")
+                if self._closed:
+                    raise RuntimeError("RewardPool is shut down")
             self._inflight += n
             self._counts["requests"] += 1
             self._counts["samples"] += n
@@ -451,9 +467,16 @@ class RewardPool:
             pass
         for part in list(self._parts):
             self._fail_part(part, ReplicaError("the pool was shut down"))
+        self._dispatcher.join(timeout=60)
+        while True:  # retries queued after the dispatcher stopped
+            try:
+                self._drop(self._queue.get_nowait())
+            except queue.Empty:
+                break
         self._parts.clear()  # drop object refs now, not after Ray itself has shut down
-        self._dispatcher.join(timeout=5)
         self._watchdog.join(timeout=5)
+        with self._cond:
+            self._cond.notify_all()  # wake submits waiting for room: they see the pool is shut down
 
     def __enter__(self) -> "RewardPool":
         return self
@@ -467,6 +490,9 @@ class RewardPool:
         import ray
 
         while (item := self._queue.get()) is not None:
+            if self._closed:
+                self._drop(item)
+                continue
             try:
                 if isinstance(item, _Part):  # a retry
                     self._send(item)
@@ -477,6 +503,13 @@ class RewardPool:
                 logger.exception("dispatch failed")
                 request = item.request if isinstance(item, _Part) else item
                 self._fail_request(request, e)
+
+    def _drop(self, item) -> None:
+        error = ReplicaError("the pool was shut down")
+        if isinstance(item, _Part):
+            self._fail_part(item, error)
+        elif item is not None:
+            self._fail_request(item, error)
 
     def _split(self, request: _Request, put) -> list[_Part]:
         """Group by prompt, assign each group a replica, one part per replica."""
@@ -522,10 +555,12 @@ class RewardPool:
     def _on_done(self, part: _Part, ref, future) -> None:
         import ray
 
-        if part.done or part.ref is not ref:  # already timed out, or a retry superseded this call
+        if part.ref is not ref:  # a retry superseded this call
             return
-        with self._cond:
+        with self._cond:  # the replica is done with this work, whatever became of the request
             self._outstanding[part.replica] = max(0, self._outstanding[part.replica] - part.tokens)
+        if part.done:  # already timed out
+            return
         try:
             scores, errors = future.result()
         except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
@@ -537,6 +572,9 @@ class RewardPool:
         self._complete_part(part, scores, errors)
 
     def _replica_failed(self, part: _Part, error: BaseException) -> None:
+        if self._closed:
+            self._fail_part(part, ReplicaError("the pool was shut down"))
+            return
         replica = part.replica
         with self._cond:
             if self._alive[replica]:
@@ -632,8 +670,21 @@ class RewardPool:
             request.future.set_result(request.scores)
 
 
+_HANDLES: dict[str, RewardPool] = {}  # live handles of this process, by pool name
+_HANDLES_LOCK = threading.Lock()
+
+
 def _reattach(name: str, config: dict) -> RewardPool:
-    """Unpickle a pool handle: in another process, connect to the cluster and find the replicas."""
+    """Unpickle a pool handle: the live one of this process, or a new one that connects to the
+    cluster and finds the replicas (one per process: each has its dispatcher threads)."""
+    with _HANDLES_LOCK:
+        pool = _HANDLES.get(name)
+        if pool is None or pool._closed:
+            pool = _HANDLES[name] = _attach_new(name, config)
+        return pool
+
+
+def _attach_new(name: str, config: dict) -> RewardPool:
     import ray
 
     if not ray.is_initialized():
