@@ -466,7 +466,7 @@ class RewardPool:
         except Exception:  # noqa: BLE001
             pass
         for part in list(self._parts):
-            self._fail_part(part, ReplicaError("the pool was shut down"))
+            self._settle(part, error=ReplicaError("the pool was shut down"))
         self._dispatcher.join(timeout=60)
         while True:  # retries queued after the dispatcher stopped
             try:
@@ -507,7 +507,7 @@ class RewardPool:
     def _drop(self, item) -> None:
         error = ReplicaError("the pool was shut down")
         if isinstance(item, _Part):
-            self._fail_part(item, error)
+            self._settle(item, error=error)
         elif item is not None:
             self._fail_request(item, error)
 
@@ -567,13 +567,13 @@ class RewardPool:
             self._replica_failed(part, e)
             return
         except Exception as e:  # noqa: BLE001 - a failure inside the replica: report it for these samples
-            self._fail_part(part, RewardPlugError(f"replica {part.replica} failed: {_cause(e)}"))
+            self._settle(part, error=RewardPlugError(f"replica {part.replica} failed: {_cause(e)}"))
             return
-        self._complete_part(part, scores, errors)
+        self._settle(part, scores=scores, errors=errors)
 
     def _replica_failed(self, part: _Part, error: BaseException) -> None:
         if self._closed:
-            self._fail_part(part, ReplicaError("the pool was shut down"))
+            self._settle(part, error=ReplicaError("the pool was shut down"))
             return
         replica = part.replica
         with self._cond:
@@ -584,7 +584,7 @@ class RewardPool:
                 threading.Thread(target=self._probe, args=(replica,), daemon=True).start()
             self._counts["retries"] += 1
         if part.attempts > self.num_replicas + 2:
-            self._fail_part(part, ReplicaError(f"gave up after {part.attempts} attempts: {_cause(error)}"))
+            self._settle(part, error=ReplicaError(f"gave up after {part.attempts} attempts: {_cause(error)}"))
             return
         part.replica = -1
         self._queue.put(part)
@@ -618,34 +618,26 @@ class RewardPool:
                     except Exception:  # noqa: BLE001
                         pass
                     limit = self._config["request_timeout_s"]
-                    self._fail_part(part, PoolTimeoutError(f"no answer from replica {part.replica} within {limit}s"))
+                    self._settle(part, error=PoolTimeoutError(f"no answer from replica {part.replica} within {limit}s"))
 
     # ---- resolution -----------------------------------------------------------------------------
 
-    def _complete_part(self, part: _Part, scores: list, errors: dict) -> None:
+    def _settle(self, part: _Part, *, scores: list | None = None, errors: dict | None = None,
+                error: BaseException | None = None) -> None:  # fmt: skip
+        """Record a part's outcome (its scores, or the error that ends its request), once."""
         request = part.request
         with request.lock:
             if part.done:
                 return
             part.done = True
             self._parts.discard(part)
-            for k, i in enumerate(part.indices):
-                request.scores[i] = scores[k]
-                if k in errors:
-                    request.errors[i] = errors[k]
-            request.remaining -= len(part.indices)
-            finished = request.remaining == 0
-        if finished:
-            self._finish_request(request)
-
-    def _fail_part(self, part: _Part, error: BaseException) -> None:
-        request = part.request
-        with request.lock:
-            if part.done:
-                return
-            part.done = True
-            self._parts.discard(part)
-            request.failed = request.failed or error
+            if error is not None:
+                request.failed = request.failed or error
+            else:
+                for k, i in enumerate(part.indices):
+                    request.scores[i] = scores[k]
+                    if k in errors:
+                        request.errors[i] = errors[k]
             request.remaining -= len(part.indices)
             finished = request.remaining == 0
         if finished:
