@@ -8,12 +8,16 @@ depend on its batch.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 from PIL import Image
 from qwen_vl_utils import fetch_image
+from transformers import BatchFeature
 
 from .errors import SampleError
 from .images import ImagePolicy, image_digest, load_image
@@ -51,13 +55,20 @@ class Encoder:
     max_length: int | None = None
     patch_size: int = 14
 
+    def __post_init__(self):
+        # The G completions of a GRPO group share their images: preprocess each distinct image once.
+        self._pixel_cache = PixelCache(self.processor.image_processor)
+        self.processor.image_processor = self._pixel_cache
+
     def encode(self, sample: Any) -> EncodedSample:
         if isinstance(sample, dict) and "input_ids" in sample:
             return self.encode_tokens(sample["input_ids"], sample.get("images") or [])
         conv = to_conversation(sample, self.policy)
         text = self.processor.apply_chat_template(conv.messages, tokenize=False, add_generation_prompt=False)
         images = [self._resize(im, i, size) for i, (im, size) in enumerate(zip(conv.images, conv.sizes))]
-        out = self.processor(text=[text], images=images or None, return_tensors="pt")
+        digests = [image_digest(im) for im in images]
+        with self._pixel_cache.digests(digests):
+            out = self.processor(text=[text], images=images or None, return_tensors="pt")
         input_ids = out["input_ids"][0]
         if self.max_length is not None and input_ids.shape[0] > self.max_length:
             raise SampleError(f"sample has {input_ids.shape[0]} tokens, over max_length={self.max_length}")
@@ -68,7 +79,7 @@ class Encoder:
             mm_token_type_ids=mm,
             pixel_values=out.get("pixel_values"),
             image_grid_thw=out.get("image_grid_thw"),
-            image_digests=[image_digest(im) for im in images],
+            image_digests=digests,
         )
 
     def encode_tokens(self, input_ids: Sequence[int] | torch.Tensor, images: Sequence[Any]) -> EncodedSample:
@@ -101,8 +112,10 @@ class Encoder:
                 raise SampleError(f"image {i}: {e}") from None
         image_id = tok.convert_tokens_to_ids("<|image_pad|>")
         pixel_values = grid = None
+        digests = [image_digest(im) for im in loaded]
         if loaded:
-            out = self.processor.image_processor(images=loaded, return_tensors="pt")
+            with self._pixel_cache.digests(digests):
+                out = self.processor.image_processor(images=loaded, return_tensors="pt")
             pixel_values, grid = out["pixel_values"], out["image_grid_thw"]
             merge = self.processor.image_processor.merge_size ** 2
             ids = _expand_image_runs(ids, image_id, [int(g.prod()) // merge for g in grid])
@@ -116,7 +129,7 @@ class Encoder:
             mm_token_type_ids=(input_ids == image_id).long(),
             pixel_values=pixel_values,
             image_grid_thw=grid,
-            image_digests=[image_digest(im) for im in loaded],
+            image_digests=digests,
         )
 
     def _resize(self, image: Image.Image, index: int, size: dict | None = None) -> Image.Image:
@@ -130,6 +143,61 @@ class Encoder:
             return fetch_image(item, image_patch_size=self.patch_size)
         except ValueError as e:  # e.g. aspect ratio over 200
             raise SampleError(f"image {index}: {e}") from None
+
+
+class PixelCache:
+    """Stands in for the processor's image processor and remembers its output per image content.
+
+    The processor calls it as usual (so its token expansion is untouched); the encoder announces the
+    content digests of the images it is about to pass, so nothing is hashed twice. Entries are exact
+    copies of what the image processor returned for that image alone (images are processed one by one
+    there too), so scores do not change. Bounded; safe to share between threads.
+    """
+
+    def __init__(self, image_processor: Any, max_entries: int = 256):
+        self.inner = image_processor
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self.hits = self.misses = 0
+
+    def __getattr__(self, name: str):  # merge_size, patch_size, size, ...: the real processor's
+        return getattr(self.inner, name)
+
+    @contextmanager
+    def digests(self, digests: list[str]):
+        self._local.digests = digests
+        try:
+            yield
+        finally:
+            self._local.digests = None
+
+    def __call__(self, images=None, **kwargs):
+        digests = getattr(self._local, "digests", None)
+        images = images if isinstance(images, list) else [images]
+        if digests is None or len(digests) != len(images) or kwargs.get("return_tensors") != "pt":
+            return self.inner(images, **kwargs)
+        options = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
+        pixels, grids = [], []
+        for image, digest in zip(images, digests):
+            key = (digest, options)
+            with self._lock:
+                hit = self._entries.get(key)
+                if hit is not None:
+                    self._entries.move_to_end(key)
+                    self.hits += 1
+            if hit is None:
+                out = self.inner([image], **kwargs)
+                hit = (out["pixel_values"], out["image_grid_thw"])
+                with self._lock:
+                    self.misses += 1
+                    self._entries[key] = hit
+                    while len(self._entries) > self.max_entries:
+                        self._entries.popitem(last=False)
+            pixels.append(hit[0])
+            grids.append(hit[1])
+        return BatchFeature({"pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat(grids)})
 
 
 def _expand_image_runs(ids: list[int], image_id: int, sizes: list[int]) -> list[int]:
