@@ -79,3 +79,20 @@ def model_paths(parser, args, prefix: str, text_policy: bool = False) -> tuple[P
     if not policy or not reward:
         parser.error("pass --tiny, or --policy and --reward")
     return work, policy, reward
+
+
+def train(kind: str, policy: str, reward, dataset, work: Path, steps: int) -> dict:
+    """A short TRL run ("GRPO" or "RLOO") with rewardplug as the reward; prints the reward per step."""
+    import trl
+
+    config = getattr(trl, f"{kind}Config")(
+        output_dir=str(work / "out"), per_device_train_batch_size=4, num_generations=4,
+        max_completion_length=12, max_steps=steps, learning_rate=1e-4, logging_steps=1,
+        report_to="none", use_cpu=on_cpu(), bf16=not on_cpu(), save_strategy="no", seed=0,
+    )  # fmt: skip
+    trainer = getattr(trl, f"{kind}Trainer")(model=policy, reward_funcs=[reward], args=config, train_dataset=dataset)
+    trainer.train()
+    history = [h for h in trainer.state.log_history if "reward" in h]
+    for h in history:
+        print(f"step {h['step']}: reward {h['reward']:.4f}")
+    return {"trainer": trainer, "reward": reward, "history": history}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import add_model_args, build_reward, image_dataset, model_paths, on_cpu, text_dataset
+from common import add_model_args, build_reward, image_dataset, model_paths, text_dataset, train
 
 
 def main(argv=None) -> dict:
@@ -25,23 +25,10 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=2)
     args = p.parse_args(argv)
 
-    from trl import GRPOConfig, GRPOTrainer
-
     work, policy, reward_path = model_paths(p, args, "grpo-vlm-", text_policy=args.text_only)
 
     reward = build_reward(reward_path, args.pool, args.async_reward)
-    config = GRPOConfig(
-        output_dir=str(work / "out"), per_device_train_batch_size=4, num_generations=4,
-        max_completion_length=12, max_steps=args.steps, learning_rate=1e-4, logging_steps=1,
-        report_to="none", use_cpu=on_cpu(), bf16=not on_cpu(), save_strategy="no", seed=0,
-    )  # fmt: skip
-    dataset = text_dataset() if args.text_only else image_dataset()
-    trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=config, train_dataset=dataset)
-    trainer.train()
-    history = [h for h in trainer.state.log_history if "reward" in h]
-    for h in history:
-        print(f"step {h['step']}: reward {h['reward']:.4f}")
-    return {"trainer": trainer, "reward": reward, "history": history}
+    return train("GRPO", policy, reward, text_dataset() if args.text_only else image_dataset(), work, args.steps)
 
 
 if __name__ == "__main__":
