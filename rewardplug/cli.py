@@ -72,14 +72,19 @@ def cmd_demo(args) -> int:
             text = c.format(name) if "{}" in c else c
             samples.append({"prompt": "What is in the picture?", "completion": text, "images": [image]})
             rows.append((name, text))
+    from .engine import RewardEngine
+
     t0 = time.perf_counter()
-    scores = rm.score(samples, batch_size=args.batch_size)
+    with RewardEngine(rm, max_batch_size=args.batch_size) as engine:  # shares pictures and prompts in a group
+        scores = engine.score(samples)
+        stats = engine.stats()
     dt = time.perf_counter() - t0
     print(f"\n{'image':<16} {'completion':<46} {'score':>9}")
     for (name, text), s in zip(rows, scores):
         print(f"{name:<16} {text:<46} {s:>9.4f}")
     print(f"\nscored {len(samples)} samples ({len(rows) // max(args.group_size, 1)} prompts x "
-          f"{args.group_size} completions) in {dt:.2f}s")  # fmt: skip
+          f"{args.group_size} completions) in {dt:.2f}s: the vision tower ran {stats['vision_misses']} times, "
+          f"{stats['prefix_hits']} completions reused their prompt's encoding")  # fmt: skip
     return 0
 
 
