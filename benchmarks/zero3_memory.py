@@ -9,7 +9,6 @@ parameters). Activations and the key/value cache come on top, as for a full repl
 
 import tempfile
 
-import torch
 
 from rewardplug import RewardModel
 from rewardplug.testing import QWEN2_5_VL_7B_CONFIG, make_tiny_checkpoint

@@ -13,7 +13,6 @@ import torch
 
 from rewardplug import InvalidSampleError, RewardEngine, RewardModel
 from rewardplug.integrations.trl import AsyncRewardFunction, RewardFunction
-from rewardplug.testing import make_tiny_checkpoint
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
