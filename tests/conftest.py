@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import random
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -29,3 +32,19 @@ def random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> I
 @pytest.fixture
 def images():
     return [random_image(100, 150, seed=1), random_image(200, 60, seed=2), random_image(64, 64, seed=3)]
+
+
+def text_of_length(n: int, seed: int) -> str:
+    """n characters of words (the tiny tokenizer is byte level: about n tokens)."""
+    rng = random.Random(seed)
+    words = ["red", "circle", "noise", "pixel", "blue", "the", "a", "picture", "shows", "maybe", "green"]
+    out = ""
+    while len(out) < n:
+        out += rng.choice(words) + " "
+    return out[:n]
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

@@ -9,13 +9,12 @@ same numbers within 1e-4.
 from __future__ import annotations
 
 import asyncio
-import io
 import random
 import threading
 
 import pytest
 import torch
-from conftest import random_image
+from conftest import png_bytes, random_image, text_of_length
 
 from rewardplug import InvalidSampleError, RewardEngine
 from rewardplug.vision_cache import VisionCache
@@ -30,20 +29,6 @@ STATS_KEYS = [
 # ---- helpers -----------------------------------------------------------------------------------
 
 
-def _text(n: int, seed: int) -> str:
-    """n characters of words (the tiny tokenizer is byte level: about n tokens)."""
-    rng = random.Random(seed)
-    words = ["red", "circle", "noise", "pixel", "blue", "the", "a", "picture", "shows", "maybe", "green"]
-    out = ""
-    while len(out) < n:
-        out += rng.choice(words) + " "
-    return out[:n]
-
-
-def _png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def independent(model, samples) -> list[float]:
@@ -86,7 +71,7 @@ def grpo_samples() -> list[dict]:
     ):
         lengths = [1, 200] + [rng.randint(2, 199) for _ in range(g - 2)]
         out += [
-            {"prompt": prompt, "completion": _text(n, 10 * p + k), "images": [image]} for k, n in enumerate(lengths)
+            {"prompt": prompt, "completion": text_of_length(n, 10 * p + k), "images": [image]} for k, n in enumerate(lengths)
         ]
     return out
 
@@ -96,19 +81,19 @@ def mixed_samples() -> list[dict]:
     user_img = [{"role": "user", "content": [{"type": "image", "image": IMG_D}, {"type": "text", "text": "Rate it."}]}]
     samples = [
         # two-image prompts (a group of 3)
-        *[{"prompt": "Which picture is wider?", "completion": _text(n, n), "images": [IMG_A, IMG_B]}
+        *[{"prompt": "Which picture is wider?", "completion": text_of_length(n, n), "images": [IMG_A, IMG_B]}
           for n in (3, 80, 30)],
         # text-only prompts (a group of 3 and a single)
-        *[{"prompt": "Write a haiku about autumn.", "completion": _text(n, n + 1)} for n in (12, 150, 1)],
+        *[{"prompt": "Write a haiku about autumn.", "completion": text_of_length(n, n + 1)} for n in (12, 150, 1)],
         {"prompt": "Hi", "completion": "Hello there!"},
         # a system prompt (group of 2), conversational prompt and completion
         *[{"prompt": system + [{"role": "user", "content": "Describe the image."}],
-           "completion": [{"role": "assistant", "content": _text(n, n + 2)}], "images": [IMG_C]} for n in (20, 90)],
+           "completion": [{"role": "assistant", "content": text_of_length(n, n + 2)}], "images": [IMG_C]} for n in (20, 90)],
         # whole conversations (messages), one multi-turn
         {"messages": user_img + [{"role": "assistant", "content": "Seven out of ten."}]},
         {"messages": user_img + [{"role": "assistant", "content": "Two."}]},
         {"messages": user_img + [{"role": "assistant", "content": "Why?"}, {"role": "user", "content": "Explain."},
-                                 {"role": "assistant", "content": _text(60, 5)}]},
+                                 {"role": "assistant", "content": text_of_length(60, 5)}]},
         # answers holding an image: no prefix sharing possible
         *[{"prompt": "Draw a square.", "completion": [{"role": "assistant", "content": [
             {"type": "image", "image": im}, {"type": "text", "text": "Here it is."}]}]} for im in (IMG_C, IMG_D)],
@@ -136,7 +121,7 @@ def test_defaults_just_work(model):
     samples = [
         {"prompt": "What is it?", "completion": "A picture.", "images": [IMG_C]},
         {"prompt": "Hi", "completion": "Hello!"},
-        {"prompt": "What is it?", "completion": _text(70, 3), "images": [IMG_C]},
+        {"prompt": "What is it?", "completion": text_of_length(70, 3), "images": [IMG_C]},
         {"prompt": "Which is wider?", "completion": "The left.", "images": [IMG_A, IMG_B]},
     ]
     expected = independent(model, samples)
@@ -197,7 +182,7 @@ def test_vision_cache_across_prompts_and_calls(make_engine, model):
         {"prompt": "Describe it.", "completion": "Dots everywhere.", "images": [IMG_B]},
         {"prompt": "Describe it.", "completion": "Small.", "images": [IMG_C]},
         # the same pixels as IMG_A, given as PNG bytes: the same content, so a cache hit
-        {"prompt": "Anything odd?", "completion": "No.", "images": [_png(IMG_A)]},
+        {"prompt": "Anything odd?", "completion": "No.", "images": [png_bytes(IMG_A)]},
     ]
     expected = independent(model, first + second)
     engine = make_engine()
@@ -270,7 +255,7 @@ def test_concurrent_submits_from_threads(make_engine, model):
         ("Compare the two pictures.", [IMG_C, IMG_D]),
     ]
     pool = [
-        {"prompt": q, "completion": _text(n, 7 * p + n), "images": ims}
+        {"prompt": q, "completion": text_of_length(n, 7 * p + n), "images": ims}
         for p, (q, ims) in enumerate(prompts)
         for n in (1, 9, 40, 110)
     ]
@@ -341,8 +326,8 @@ def test_every_forward_pass_stays_in_budget(make_engine, model, grpo, mixed, max
 
 def test_padding_efficiency_is_one_for_equal_lengths(make_engine, model):
     # distinct prompts of equal length (singles) and one group with equal-length completions
-    singles = [{"prompt": f"Question {k}?", "completion": _text(30, k)} for k in range(4)]
-    group = [{"prompt": "What is it?", "completion": _text(25, 10 + k), "images": [IMG_C]} for k in range(4)]
+    singles = [{"prompt": f"Question {k}?", "completion": text_of_length(30, k)} for k in range(4)]
+    group = [{"prompt": "What is it?", "completion": text_of_length(25, 10 + k), "images": [IMG_C]} for k in range(4)]
     samples = singles + group
     lengths = {model.encode(s).num_tokens for s in singles}
     assert len(lengths) == 1
@@ -353,7 +338,7 @@ def test_padding_efficiency_is_one_for_equal_lengths(make_engine, model):
     assert stats["real_tokens"] == stats["padded_tokens"] > 0
 
     uneven = make_engine(share_prefix=False)
-    uneven.score([{"prompt": "Hi", "completion": "x"}, {"prompt": "Hi", "completion": _text(100, 1)}])
+    uneven.score([{"prompt": "Hi", "completion": "x"}, {"prompt": "Hi", "completion": text_of_length(100, 1)}])
     assert 0 < uneven.stats()["padding_efficiency"] < 0.8
 
 
@@ -403,7 +388,7 @@ def test_invalid_samples(make_engine, model):
 
 def test_out_of_memory_splits_and_isolates(make_engine, model, grpo):
     lm = model.backbone.language_model
-    samples = grpo[0] + [{"prompt": f"Question {k}?", "completion": _text(5 + 7 * k, k)} for k in range(5)]
+    samples = grpo[0] + [{"prompt": f"Question {k}?", "completion": text_of_length(5 + 7 * k, k)} for k in range(5)]
     expected = grpo[1] + independent(model, samples[len(grpo[0]) :])
 
     def over_two_rows(module, args, kwargs):
@@ -420,7 +405,7 @@ def test_out_of_memory_splits_and_isolates(make_engine, model, grpo):
         handle.remove()
 
     # One sample's length always runs out of memory, even alone.
-    texts = [{"prompt": f"Tell me about {w}.", "completion": _text(n, n)}
+    texts = [{"prompt": f"Tell me about {w}.", "completion": text_of_length(n, n)}
              for w, n in [("cats", 10), ("dogs", 40), ("owls", 300), ("fish", 70), ("bees", 25)]]  # fmt: skip
     expected = independent(model, texts)
     doomed = 2

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import io
 import logging
 import multiprocessing
 import os
@@ -24,7 +23,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import random_image
+from conftest import png_bytes, random_image, text_of_length
 
 ray = pytest.importorskip("ray")
 
@@ -49,19 +48,6 @@ def cluster():
     ray.shutdown()
 
 
-def _text(n: int, seed: int) -> str:
-    rng = random.Random(seed)
-    words = ["red", "circle", "noise", "pixel", "blue", "the", "a", "picture", "shows", "maybe", "green"]
-    out = ""
-    while len(out) < n:
-        out += rng.choice(words) + " "
-    return out[:n]
-
-
-def _png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def grpo_groups(prompts: int, group: int, *, seed: int, side: int = 112, lo: int = 5, hi: int = 120) -> list[dict]:
@@ -72,7 +58,7 @@ def grpo_groups(prompts: int, group: int, *, seed: int, side: int = 112, lo: int
     for p in range(prompts):
         image = random_image(side, side - 8 * (p % 3), seed=seed * 1000 + p)
         question = f"Question {seed}-{p}: what is in the picture?"
-        out += [{"prompt": question, "completion": f"{k}: " + _text(rng.randint(lo, hi), seed * 7919 + 31 * p + k),
+        out += [{"prompt": question, "completion": f"{k}: " + text_of_length(rng.randint(lo, hi), seed * 7919 + 31 * p + k),
                  "images": [image]} for k in range(group)]  # fmt: skip
     return out
 
@@ -81,16 +67,16 @@ def mixed_samples(seed: int = 0) -> list[dict]:
     """GRPO groups with images, text-only samples, whole conversations, bytes images, conversational form."""
     img_a, img_b = random_image(100, 150, seed=seed + 1), random_image(150, 100, seed=seed + 2)
     samples = grpo_groups(3, 4, seed=seed + 3)
-    samples += [{"prompt": "Write a haiku about autumn.", "completion": _text(n, n)} for n in (12, 150, 1)]
+    samples += [{"prompt": "Write a haiku about autumn.", "completion": text_of_length(n, n)} for n in (12, 150, 1)]
     samples += [{"prompt": "Hi", "completion": "Hello there!"}]
     samples += [{"messages": [
         {"role": "system", "content": "You are a strict visual judge."},
         {"role": "user", "content": [{"type": "image", "image": img_a}, {"type": "text", "text": "Rate it."}]},
         {"role": "assistant", "content": answer}]} for answer in ("Seven out of ten.", "Two.")]  # fmt: skip
-    two_images = [_png(img_a), {"bytes": _png(img_b)}]  # PNG bytes, as raw bytes and as HF datasets give them
+    two_images = [png_bytes(img_a), {"bytes": png_bytes(img_b)}]  # PNG bytes, as raw bytes and as HF datasets give them
     samples += [{"prompt": "Which is wider?", "completion": "The first.", "images": two_images}]
     samples += [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}],
-                 "completion": [{"role": "assistant", "content": _text(n, n + 3)}], "images": [img_b]}
+                 "completion": [{"role": "assistant", "content": text_of_length(n, n + 3)}], "images": [img_b]}
                 for n in (20, 90)]  # fmt: skip
     random.Random(seed).shuffle(samples)
     return samples
@@ -119,7 +105,7 @@ def wait_idle(pool) -> None:
     """Block until every replica has finished what it was given, timed-out work included (cancelling a
     request does not stop its replica's engine). A replica's engine takes work in windows and scores a
     window shortest first: a probe longer than anything sent before comes back after all of it."""
-    probe = [{"prompt": "idle?", "completion": _text(4000, 0)}]
+    probe = [{"prompt": "idle?", "completion": text_of_length(4000, 0)}]
     refs = [actor.score.remote(probe) for actor in pool._actors]
     ray.get(refs, timeout=WAIT)
     for actor in pool._actors:
@@ -423,7 +409,7 @@ class TestHalfGPUPerReplica:
 
 def heavy_samples(n: int, seed: int, chars: int = 3000) -> list[dict]:
     """Long text-only answers (about 0.3 s each for the tiny model on one core), one prompt group."""
-    return [{"prompt": f"Essay {seed}", "completion": f"{k} " + _text(chars, seed * 100 + k)} for k in range(n)]
+    return [{"prompt": f"Essay {seed}", "completion": f"{k} " + text_of_length(chars, seed * 100 + k)} for k in range(n)]
 
 
 class TestCPUWait:
