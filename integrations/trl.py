@@ -162,12 +162,11 @@ class RewardFunction:
             scores = self.scorer.score(samples, on_invalid="raise")
             errors: dict = {}
         except InvalidSampleError as e:
-            if self.on_error == "raise" or e.scores is None:
-                if self.on_error == "raise":
-                    raise
-                scores, errors = self.scorer.score(samples, on_invalid="none"), e.errors
-            else:
-                scores, errors = e.scores, e.errors
+            if self.on_error == "raise":
+                raise
+            # A RewardModel raises before any compute (no e.scores): score the rest now.
+            scores = e.scores if e.scores is not None else self.scorer.score(samples, on_invalid="none")
+            errors = e.errors
         return self._finish(scores, errors, completion_ids, kwargs, time.perf_counter() - start)
 
     def _finish(self, scores: list, errors: dict, completion_ids, kwargs: dict, seconds: float) -> list:

@@ -63,6 +63,17 @@ def plan_device_map(checkpoint: str | os.PathLike, num_gpus: int, gpu_memory_byt
     return DevicePlan(None, device_map, dict(sorted(placed.items())))
 
 
+def load_on_assigned_gpus(checkpoint: str | os.PathLike, gpu_ids: list, **options):
+    """A RewardModel on the GPUs Ray assigned (one, several split by a balanced map, or none: CPU)."""
+    from .model import RewardModel, _resolve_dtype
+
+    dtype = options.get("dtype", "auto")
+    plan_dtype = torch.bfloat16 if dtype in (None, "auto") else _resolve_dtype(dtype, None)
+    plan = replica_device_plan(checkpoint, gpu_ids, plan_dtype)
+    options = {k: v for k, v in options.items() if k not in ("device", "device_map")}
+    return RewardModel.from_pretrained(checkpoint, device=plan.device, device_map=plan.device_map, **options)
+
+
 def replica_device_plan(checkpoint: str | os.PathLike | Path, gpu_ids: list, dtype: torch.dtype) -> DevicePlan:
     """What a pool replica uses, given the GPUs Ray assigned to it."""
     if not gpu_ids:

@@ -180,18 +180,14 @@ class Replica:
         import torch
 
         from .engine import RewardEngine
-        from .model import RewardModel, _resolve_dtype
-        from .placement import replica_device_plan
+        from .placement import load_on_assigned_gpus
 
         logging.basicConfig(level=logging.INFO)
         self.index = index
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         if threads > 0:
             torch.set_num_threads(threads)
-        dtype = model_options.get("dtype", "auto")
-        plan = replica_device_plan(model, self.gpu_ids, _resolve_dtype(dtype, None) if dtype != "auto" else torch.bfloat16)
-        options = {k: v for k, v in model_options.items() if k not in ("device", "device_map")}
-        self.model = RewardModel.from_pretrained(model, device=plan.device, device_map=plan.device_map, **options)
+        self.model = load_on_assigned_gpus(model, self.gpu_ids, **model_options)
         self.engine = RewardEngine(self.model, on_invalid="none", **engine_options)
 
     async def score(self, samples: list) -> tuple[list, dict]:

@@ -63,20 +63,12 @@ class RewardService:
         import ray
 
         from .engine import RewardEngine
-        from .model import RewardModel, _resolve_dtype
-        from .placement import replica_device_plan
+        from .placement import load_on_assigned_gpus
 
-        self.settings = ServiceSettings(**settings)
-        s = self.settings
-        dtype = s.model_options.get("dtype", "auto")
-        gpu_ids = [str(g) for g in ray.get_gpu_ids()]
-        import torch
-
-        plan = replica_device_plan(s.model, gpu_ids, _resolve_dtype(dtype, None) if dtype != "auto" else torch.bfloat16)
-        options = {k: v for k, v in s.model_options.items() if k not in ("device", "device_map")}
-        self.model = RewardModel.from_pretrained(
-            s.model, device=plan.device, device_map=plan.device_map, image_roots=list(s.image_roots),
-            image_url_hosts=list(s.image_url_hosts), **options,
+        self.settings = s = ServiceSettings(**settings)
+        self.model = load_on_assigned_gpus(
+            s.model, [str(g) for g in ray.get_gpu_ids()], image_roots=list(s.image_roots),
+            image_url_hosts=list(s.image_url_hosts), **s.model_options,
         )  # fmt: skip
         self.engine = RewardEngine(self.model, on_invalid="none", **s.engine_options)
         self.requests = {"score": 0, "get_reward": 0, "rejected": 0}
