@@ -30,10 +30,10 @@ from common import (  # noqa: E402
 )  # fmt: skip
 
 from rewardplug import RewardEngine, RewardModel  # noqa: E402
-from rewardplug.runner import ModelRunner  # noqa: E402
-from rewardplug.scheduler import make_item, make_units, plan_batches  # noqa: E402
-from rewardplug.stats import Stats  # noqa: E402
-from rewardplug.vision_cache import VisionCache  # noqa: E402
+from rewardplug.engine.runner import ModelRunner  # noqa: E402
+from rewardplug.engine.scheduler import make_item, make_units, plan_batches  # noqa: E402
+from rewardplug.engine.stats import Stats  # noqa: E402
+from rewardplug.engine.caches import VisionCache  # noqa: E402
 
 
 def card_way(path: Path):

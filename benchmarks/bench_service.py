@@ -10,7 +10,7 @@ of 16-64 tokens (a GRPO group of 4), on the CPU-sized model with the 7B's propor
 previous one is answered; C = 1, 8, 32. Every concurrency level uses fresh images, so the vision
 cache never hits across levels or requests.
 
-(a) HTTP: ``rewardplug.service`` on Ray Serve on loopback (one replica, 1 CPU, api key set), each
+(a) HTTP: ``rewardplug.serving.http`` on Ray Serve on loopback (one replica, 1 CPU, api key set), each
     client a ``RewardClient`` given PIL images (it sends them as PNG data URIs, as a trainer would);
 (b) pool: ``RewardPool(gpus_per_replica=0, num_replicas=1, cpus_per_replica=1)`` in this process,
     each client calling ``pool.score`` with the same PIL images (they go through the object store).
@@ -104,8 +104,8 @@ class HTTPBackend:
     def __init__(self, path: Path):
         from ray import serve
 
-        from rewardplug.client import RewardClient
-        from rewardplug.service import ServiceSettings, deployment
+        from rewardplug.serving.client import RewardClient
+        from rewardplug.serving.http import ServiceSettings, deployment
 
         port, key = free_port(), "bench-key"
         t0 = time.perf_counter()
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
 
     import ray
 
-    from rewardplug.client import to_json_samples
+    from rewardplug.serving.client import to_json_samples
 
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench-service-"))

@@ -60,7 +60,7 @@ QUESTION_KEYS = ("question", "prompt", "problem", "query")
 
 def _client(url: str | None, api_key: str | None):
     """One RewardClient per (url, key) and process: verl calls the function many times."""
-    from rewardplug.client import RewardClient
+    from rewardplug.serving.client import RewardClient
 
     url = url or os.environ.get("REWARDPLUG_URL", "http://127.0.0.1:8000")
     api_key = api_key if api_key is not None else os.environ.get("REWARDPLUG_API_KEY")

@@ -108,7 +108,7 @@ class RewardFunction:
         if normalize not in (None, "running"):
             raise ValueError(f"normalize must be None or 'running', got {normalize!r}")
         if isinstance(scorer, str | os.PathLike):
-            from ..pool import RewardPool
+            from ..serving.pool import RewardPool
 
             scorer = RewardPool(scorer, **pool_options)
         elif pool_options:
@@ -126,7 +126,7 @@ class RewardFunction:
         self._last_stats: dict = {}
 
     def __getstate__(self):
-        from ..pool import RewardPool
+        from ..serving.pool import RewardPool
 
         if not isinstance(self.scorer, RewardPool):
             raise TypeError(

@@ -5,7 +5,7 @@ from .errors import CheckpointError, InvalidSampleError, RewardPlugError, Sample
 from .images import ImagePolicy
 from .engine import RewardEngine
 from .model import RewardModel
-from .pool import PoolBusyError, PoolTimeoutError, ReplicaError, RewardPool
+from .serving.pool import PoolBusyError, PoolTimeoutError, ReplicaError, RewardPool
 from .samples import Sample
 
 __version__ = "0.1.0"

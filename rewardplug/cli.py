@@ -127,7 +127,7 @@ def cmd_score(args) -> int:
 def cmd_serve(args) -> int:
     import os
 
-    from .service import ServiceSettings, serve_forever
+    from .serving.http import ServiceSettings, serve_forever
 
     api_key = args.api_key or os.environ.get("REWARDPLUG_API_KEY")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:

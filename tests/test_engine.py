@@ -17,7 +17,7 @@ import torch
 from conftest import png_bytes, random_image, text_of_length
 
 from rewardplug import InvalidSampleError, RewardEngine
-from rewardplug.vision_cache import VisionCache
+from rewardplug.engine.caches import VisionCache
 
 TOL = 1e-4
 STATS_KEYS = [

@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from rewardplug.placement import NO_SPLIT, plan_device_map
+from rewardplug.serving.placement import NO_SPLIT, plan_device_map
 from rewardplug.testing import QWEN2_5_VL_7B_CONFIG, make_tiny_checkpoint
 
 GiB = 2**30

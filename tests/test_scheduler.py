@@ -1,4 +1,4 @@
-"""Token-budget planning (rewardplug.scheduler) on WorkItems built from really encoded samples.
+"""Token-budget planning (rewardplug.engine.scheduler) on WorkItems built from really encoded samples.
 
 What a user relies on: every forward pass the engine plans stays within ``max_batch_tokens`` padded
 tokens (rows x longest row) and ``max_batch_size`` rows unless one row alone is longer; every sample is
@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 from conftest import random_image
 
-from rewardplug.scheduler import BatchPlan, Unit, make_item, make_units, plan_batches
+from rewardplug.engine.scheduler import BatchPlan, Unit, make_item, make_units, plan_batches
 
 BUDGETS = [(64, 2), (128, 3), (300, 4), (1000, 8), (16384, 64)]
 

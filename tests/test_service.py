@@ -1,4 +1,4 @@
-"""The HTTP reward service (rewardplug.service on Ray Serve) and RewardClient, over real HTTP.
+"""The HTTP reward service (rewardplug.serving.http on Ray Serve) and RewardClient, over real HTTP.
 
 One Serve application for the whole module, on its own local Ray cluster (``address="local"``, so a
 cluster another process runs on this machine is never joined) and a free loopback port, with an API key
@@ -41,8 +41,8 @@ pytest.importorskip("tenacity")
 
 import rewardplug  # noqa: E402
 from rewardplug import InvalidSampleError  # noqa: E402
-from rewardplug.client import RewardClient, ServiceError  # noqa: E402
-from rewardplug.service import ServiceSettings, deployment  # noqa: E402
+from rewardplug.serving.client import RewardClient, ServiceError  # noqa: E402
+from rewardplug.serving.http import ServiceSettings, deployment  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -23,13 +23,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .errors import InvalidSampleError
-from .model import RewardModel
+from ..errors import InvalidSampleError
+from ..model import RewardModel
 from .runner import ModelRunner
-from .samples import token_samples
+from ..samples import token_samples
 from .scheduler import WorkItem, make_item, make_units, plan_batches
 from .stats import Stats
-from .vision_cache import VisionCache
+from .caches import VisionCache
 
 logger = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ def plan_device_map(checkpoint: str | os.PathLike, num_gpus: int, gpu_memory_byt
     from accelerate.utils import compute_module_sizes, get_balanced_memory, infer_auto_device_map
     from transformers import AutoConfig
 
-    from .checkpoint import resolve_checkpoint
-    from .model import _backbone_class
+    from ..checkpoint import resolve_checkpoint
+    from ..model import _backbone_class
 
     folder = resolve_checkpoint(checkpoint)
     config = AutoConfig.from_pretrained(folder)
@@ -65,7 +65,7 @@ def plan_device_map(checkpoint: str | os.PathLike, num_gpus: int, gpu_memory_byt
 
 def load_on_assigned_gpus(checkpoint: str | os.PathLike, gpu_ids: list, **options):
     """A RewardModel on the GPUs Ray assigned (one, several split by a balanced map, or none: CPU)."""
-    from .model import RewardModel, _resolve_dtype
+    from ..model import RewardModel, _resolve_dtype
 
     dtype = options.get("dtype", "auto")
     plan_dtype = torch.bfloat16 if dtype in (None, "auto") else _resolve_dtype(dtype, None)

@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .encoding import EncodedSample
+from ..encoding import EncodedSample
 
 
 @dataclass

@@ -13,11 +13,11 @@ import logging
 
 import torch
 
-from .encoding import EncodedSample, collate
-from .model import RewardModel
+from ..encoding import EncodedSample, collate
+from ..model import RewardModel
 from .scheduler import Unit, WorkItem
 from .stats import Stats
-from .vision_cache import VisionCache
+from .caches import VisionCache
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 from tenacity import AsyncRetrying, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from .errors import InvalidSampleError, RewardPlugError
+from ..errors import InvalidSampleError, RewardPlugError
 
 
 class ServiceError(RewardPlugError):

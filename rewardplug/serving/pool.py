@@ -33,8 +33,8 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from .errors import InvalidSampleError, RewardPlugError
-from .samples import token_samples
+from ..errors import InvalidSampleError, RewardPlugError
+from ..samples import token_samples
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class Replica:
         import ray
         import torch
 
-        from .engine import RewardEngine
+        from ..engine import RewardEngine
         from .placement import load_on_assigned_gpus
 
         logging.basicConfig(level=logging.INFO)
@@ -684,8 +684,8 @@ def _attach_new(name: str, config: dict) -> RewardPool:
 
 
 def _split_options(options: dict) -> tuple[dict, dict]:
-    from .engine import RewardEngine
-    from .model import RewardModel
+    from ..engine import RewardEngine
+    from ..model import RewardModel
 
     model_keys = set(inspect.signature(RewardModel.from_pretrained).parameters) - {"name_or_path", "cls"}
     engine_keys = set(inspect.signature(RewardEngine.__init__).parameters) - {"self", "model", "on_invalid"}

@@ -62,7 +62,7 @@ class RewardService:
     def __init__(self, settings: dict):
         import ray
 
-        from .engine import RewardEngine
+        from ..engine import RewardEngine
         from .placement import load_on_assigned_gpus
 
         self.settings = s = ServiceSettings(**settings)
@@ -148,7 +148,7 @@ class RewardService:
         return {"rewards": scores, "scores": scores, "extra_logs": {"reward_model_score": scores}}
 
     async def _score(self, samples: list) -> tuple[list, dict]:
-        from .errors import InvalidSampleError
+        from ..errors import InvalidSampleError
 
         try:
             return await self.engine.ascore(samples, on_invalid="raise"), {}

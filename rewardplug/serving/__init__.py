@@ -1,0 +1,3 @@
+"""Serving: the replica (a RewardModel and its RewardEngine) as a Ray Serve deployment, with two doors
+to it: the Python pool handle (``RewardPool``) and the HTTP app. Built on the engine; never imported by it.
+"""
