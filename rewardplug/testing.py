@@ -265,3 +265,115 @@ def make_tiny_text_policy(path: str | os.PathLike, *, seed: int = 2) -> Path:
     torch.manual_seed(seed)
     Qwen2ForCausalLM(config).save_pretrained(path)
     return path
+
+
+# ---- preference data for offline evaluation and pair building -------------------------------------
+
+VLREWARDBENCH_SOURCES = ["WildVision", "VLFeedback", "POVID", "RLAIF-V", "RLHF-V", "MMMU-Pro", "MathVerse"]
+
+
+def _noise_png(rng, width: int, height: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = (rng.random((height, width, 3)) * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _words(rng, n: int) -> str:
+    vocab = ["red", "circle", "noise", "pixel", "blue", "the", "a", "picture", "shows", "maybe", "green", "square"]
+    return " ".join(vocab[int(i)] for i in rng.integers(0, len(vocab), n))
+
+
+def make_preference_set(
+    path: str | os.PathLike,
+    *,
+    n_pairs: int = 8,
+    layout: str = "vlrewardbench",
+    fmt: str = "jsonl",
+    images: str = "path",
+    ties: int = 1,
+    seed: int = 0,
+) -> Path:
+    """Write a small preference data set with generated images and return its path.
+
+    layout: "vlrewardbench" (id, query, image, response [2 answers], human_ranking, models,
+        query_source cycling through VL-RewardBench's sources) or "pairs" (prompt, images, chosen,
+        rejected, category).
+    fmt: "jsonl" (file), "parquet" (file) or "dataset" (a datasets.save_to_disk folder).
+    images: "path" (PNG files next to the data, stored relative), "bytes" (PNG bytes; in JSONL a
+        ``data:image/png;base64,`` URI; in parquet a ``{"bytes", "path"}`` dict) or "pil" (dataset only:
+        an Image feature, read back as PIL images).
+    ties: the first ``ties`` pairs get the same answer twice (equal scores: a tie, counted wrong).
+    Answers are random words: which of a pair scores higher is whatever the model says; compute it with
+    ``RewardModel.score``. Deterministic for a seed.
+    """
+    import base64
+
+    import numpy as np
+
+    if layout not in ("vlrewardbench", "pairs") or fmt not in ("jsonl", "parquet", "dataset"):
+        raise ValueError(f"unknown layout {layout!r} or fmt {fmt!r}")
+    if images not in ("path", "bytes", "pil") or (images == "pil" and fmt != "dataset"):
+        raise ValueError(f"images={images!r} does not fit fmt={fmt!r}")
+    path = Path(path)
+    root = path if fmt == "dataset" else path.parent
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    questions = ["What is in the picture?", "Describe the image.", "Which colors dominate?", "Count the shapes."]
+    rows = []
+    for i in range(n_pairs):
+        png = _noise_png(rng, int(rng.integers(40, 120)), int(rng.integers(40, 120)))
+        if images == "path":
+            (root / "images").mkdir(exist_ok=True)
+            (root / "images" / f"img{i}.png").write_bytes(png)
+            image: Any = f"images/img{i}.png"
+        elif images == "bytes" and fmt == "jsonl":
+            image = "data:image/png;base64," + base64.b64encode(png).decode()
+        elif images == "bytes" and fmt == "parquet":
+            image = {"bytes": png, "path": None}
+        else:
+            image = png
+        if images == "pil":
+            import io
+
+            from PIL import Image
+
+            image = Image.open(io.BytesIO(png))
+        good = _words(rng, int(rng.integers(3, 30)))
+        bad = good if i < ties else _words(rng, int(rng.integers(3, 30)))
+        question = questions[i % len(questions)]
+        source = VLREWARDBENCH_SOURCES[i % len(VLREWARDBENCH_SOURCES)]
+        if layout == "vlrewardbench":
+            first_is_best = bool(rng.integers(0, 2))
+            rows.append({
+                "id": f"{source}_{i}", "query": question, "image": image,
+                "response": [good, bad] if first_is_best else [bad, good],
+                "human_ranking": [0, 1] if first_is_best else [1, 0],
+                "models": ["model-a", "model-b"], "query_source": source,
+            })  # fmt: skip
+        else:
+            rows.append({"prompt": question, "images": [image], "chosen": good, "rejected": bad,
+                         "category": ["alpha", "beta", "gamma"][i % 3]})  # fmt: skip
+    if fmt == "jsonl":
+        with path.open("w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        import datasets
+
+        ds = datasets.Dataset.from_list(rows)
+        if images == "pil":  # an Image feature: datasets stores the PNG bytes and gives PIL images back
+            column, feature = ("image", datasets.Image()) if layout == "vlrewardbench" else ("images", [datasets.Image()])
+            ds = ds.cast_column(column, feature)
+        ds.save_to_disk(str(path))
+    return path
