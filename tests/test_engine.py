@@ -145,7 +145,7 @@ def test_defaults_just_work(model):
         pending = [engine.submit([s]) for s in samples]
     assert all(f.done() for f in pending)
     assert_scores([f.result()[0] for f in pending], expected, "queued before close")
-    assert not engine._worker.is_alive() and not engine._encoder.is_alive()
+    assert not engine._worker.is_alive() and not any(t.is_alive() for t in engine._encoders)
     with pytest.raises(RuntimeError):
         engine.submit(samples)
     with pytest.raises(RuntimeError):

@@ -8,12 +8,15 @@ sample was bad) or the failure. Later outcomes are ignored, so retries and late 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent.futures import Future
 from typing import Callable, Sequence
 
 from ..errors import InvalidSampleError
+
+logger = logging.getLogger(__name__)
 
 ON_INVALID = ("raise", "none")
 
@@ -93,4 +96,7 @@ class PendingRequest:
         else:
             self.future.set_result(self.scores)
         if self._on_done is not None:
-            self._on_done(self)
+            try:
+                self._on_done(self)
+            except Exception:  # noqa: BLE001 - bookkeeping must never undo a resolved request
+                logger.exception("on_done callback of a pending request failed")

@@ -3,8 +3,10 @@
 - The vision tower runs once per distinct image (content digest); outputs are kept in a VisionCache.
 - Units whose samples share a prompt prefix run it once (key/value cache) and score each completion
   on top of it, with each sample's own M-RoPE positions.
-- Out of memory (or any failure) splits the batch and retries, down to single samples, so one bad
-  sample fails alone.
+- Out of memory, and only out of memory, splits the batch and retries, down to single samples: a
+  sample still out of memory alone gets its own reason (it is too large). Any other failure (a device
+  error such as "CUDA error: an illegal memory access", a bug) is a system failure: ``run`` raises
+  ``ScoringError`` with the original as its cause, and the caller fails every request in the batch.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import torch
 
 from ..encoding import EncodedSample, collate
+from ..errors import ScoringError
 from ..model import RewardModel
 from .scheduler import Unit, WorkItem
 from .stats import Stats
@@ -21,7 +24,11 @@ from .caches import VisionCache
 
 logger = logging.getLogger(__name__)
 
-Result = tuple[WorkItem, "float | BaseException"]
+Result = tuple[WorkItem, "float | SampleTooLarge"]
+
+
+class SampleTooLarge(Exception):
+    """One sample ran out of memory even when scored alone: that sample's own problem, not the system's."""
 
 
 def is_oom(error: BaseException) -> bool:
@@ -45,23 +52,25 @@ class ModelRunner:
         self.stats = stats
 
     def run(self, units: list[Unit]) -> list[Result]:
-        """Score every item of ``units``; a failure is returned in place of its item's score."""
+        """Score every item of ``units``. A sample too large to fit in memory alone gets a
+        ``SampleTooLarge`` in place of its score; any other failure raises ``ScoringError``."""
         try:
             return self._run(units)
-        except Exception as error:  # noqa: BLE001 - isolated below, then reported per sample
+        except Exception as error:  # noqa: BLE001 - sorted below: OOM splits, anything else is raised
+            if not is_oom(error):
+                n = sum(u.rows for u in units)
+                raise ScoringError(
+                    f"scoring a batch of {n} samples failed ({type(error).__name__}: {error})"
+                ) from error
             items = [i for u in units for i in u.items]
-            if torch.cuda.is_available() and is_oom(error):
+            if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if len(items) == 1:
                 s = items[0].encoded
-                if is_oom(error):
-                    reason = f"out of memory even when scored alone ({s.num_tokens} tokens, {s.num_patches} image patches)"
-                else:
-                    logger.warning("scoring one sample failed", exc_info=error)
-                    reason = f"scoring failed ({type(error).__name__}: {error})"
-                return [(items[0], RuntimeError(reason))]
+                reason = f"out of memory even when scored alone ({s.num_tokens} tokens, {s.num_patches} image patches)"
+                return [(items[0], SampleTooLarge(reason))]
             self.stats.add(oom_splits=1)
-            logger.info("batch of %d samples failed (%s); splitting", len(items), type(error).__name__)
+            logger.info("batch of %d samples ran out of memory; splitting", len(items))
             if len(units) > 1:
                 half = len(units) // 2
                 return self.run(units[:half]) + self.run(units[half:])
@@ -72,6 +81,7 @@ class ModelRunner:
         counts: dict[str, int] = {}
         results = self._compute(units, counts)
         self.stats.add(batches=1, **counts)  # only once the whole batch succeeded: retries count once
+        self.stats.observe("batch_padded_tokens", counts.get("padded_tokens", 0))
         return results
 
     def _compute(self, units: list[Unit], counts: dict[str, int]) -> list[Result]:

@@ -3,6 +3,11 @@
 A ``Unit`` is what the runner computes in one go: one sample, or several samples that share a prompt
 prefix (same tokens up to the final assistant turn, same images), whose prefix is encoded once. Units
 are sorted by length and packed greedily so that padded tokens stay under ``max_batch_tokens``.
+
+Prefix sharing has a memory cost of its own: each suffix row attends to a copy of its prefix's
+key/value cache (expanded per row), plus its own suffix. The planner counts those tokens,
+``suffix rows x (longest prefix + longest suffix)``, and keeps them under ``max_kv_tokens``, so the
+expanded key/value of a batch is bounded in bytes before it runs (never found by running out of memory).
 """
 
 from __future__ import annotations
@@ -79,6 +84,16 @@ class BatchPlan:
         s, smax, g, pmax, n, nmax = self._dims_with(unit)
         return s * smax + g * pmax + n * nmax, s + n
 
+    def kv_tokens_with(self, unit: Unit) -> int:
+        """Key/value tokens the suffix passes hold at most if ``unit`` were added: every suffix row
+        attends to the padded prefix (expanded per row) and to its own padded suffix."""
+        _, _, _, pmax, n, nmax = self._dims_with(unit)
+        return n * (pmax + nmax)
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.suffixes * (self.prefix_max + self.suffix_max)
+
     def add(self, unit: Unit) -> None:
         self.singles, self.single_max, self.groups, self.prefix_max, self.suffixes, self.suffix_max = (
             self._dims_with(unit)
@@ -112,17 +127,23 @@ def make_units(items: list[WorkItem], share_prefix: bool) -> list[Unit]:
     return units
 
 
-def plan_batches(units: list[Unit], max_batch_tokens: int, max_batch_size: int) -> list[BatchPlan]:
-    """Pack units, in order, into batches under the token and row budgets.
+def plan_batches(
+    units: list[Unit], max_batch_tokens: int, max_batch_size: int, max_kv_tokens: int | None = None
+) -> list[BatchPlan]:
+    """Pack units, in order, into batches under the token, row and key/value budgets.
 
-    A unit that is over the budget on its own runs alone; a shared group over the budget is split into
-    sub-groups that fit (each encodes the prefix again).
+    max_kv_tokens: bound on ``BatchPlan.kv_tokens`` (expanded prefix key/value plus suffixes);
+    default ``max_batch_tokens``. A unit that is over a budget on its own runs alone; a shared group
+    over a budget is split into sub-groups that fit (each encodes the prefix again); a sub-group of one
+    row is scored as a plain sample (no expansion).
     """
+    max_kv_tokens = max_batch_tokens if max_kv_tokens is None else max_kv_tokens
     plans: list[BatchPlan] = []
     current = BatchPlan()
-    for unit in _split_oversized(units, max_batch_tokens, max_batch_size):
+    for unit in _split_oversized(units, max_batch_tokens, max_batch_size, max_kv_tokens):
         padded, rows = current.padded_with(unit)
-        if current.units and (padded > max_batch_tokens or rows > max_batch_size):
+        over = padded > max_batch_tokens or rows > max_batch_size or current.kv_tokens_with(unit) > max_kv_tokens
+        if current.units and over:
             plans.append(current)
             current = BatchPlan()
         current.add(unit)
@@ -131,18 +152,19 @@ def plan_batches(units: list[Unit], max_batch_tokens: int, max_batch_size: int) 
     return plans
 
 
-def _split_oversized(units: list[Unit], max_batch_tokens: int, max_batch_size: int) -> list[Unit]:
+def _split_oversized(units: list[Unit], max_batch_tokens: int, max_batch_size: int, max_kv_tokens: int) -> list[Unit]:
+    def over(unit: Unit) -> bool:
+        padded, rows = BatchPlan().padded_with(unit)
+        return padded > max_batch_tokens or rows > max_batch_size or BatchPlan().kv_tokens_with(unit) > max_kv_tokens
+
     out = []
     for unit in units:
-        padded, rows = BatchPlan().padded_with(unit)
-        if not unit.shared or (padded <= max_batch_tokens and rows <= max_batch_size):
+        if not unit.shared or not over(unit):
             out.append(unit)
             continue
         chunk: list[WorkItem] = []
         for item in sorted(unit.items, key=lambda i: i.num_tokens):
-            trial = Unit(chunk + [item], True)
-            padded, rows = BatchPlan().padded_with(trial)
-            if chunk and (padded > max_batch_tokens or rows > max_batch_size):
+            if chunk and over(Unit(chunk + [item], True)):
                 out.append(Unit(chunk, len(chunk) > 1))
                 chunk = []
             chunk.append(item)
