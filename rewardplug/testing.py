@@ -377,3 +377,39 @@ def make_preference_set(
             ds = ds.cast_column(column, feature)
         ds.save_to_disk(str(path))
     return path
+
+
+def make_completion_set(
+    path: str | os.PathLike,
+    *,
+    n_prompts: int = 4,
+    per_prompt: int = 4,
+    scores: bool = False,
+    duplicate: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Write a JSONL file of ``per_prompt`` completions for each of ``n_prompts`` prompts (each with a
+    generated PNG next to the file, referenced by relative path), and return its path.
+
+    scores: add a ``score`` column of made-up numbers (for selection logic; not the model's).
+    duplicate: the first prompt's last completion repeats its first one (equal scores: never a pair).
+    """
+    import numpy as np
+
+    path = Path(path)
+    (path.parent / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    with path.open("w") as f:
+        for p in range(n_prompts):
+            (path.parent / "images" / f"prompt{p}.png").write_bytes(_noise_png(rng, 64, 48 + 8 * p))
+            answers = [_words(rng, int(rng.integers(3, 25))) for _ in range(per_prompt)]
+            values = [float(v) for v in rng.normal(size=per_prompt)]
+            if duplicate and p == 0 and per_prompt > 1:
+                answers[-1], values[-1] = answers[0], values[0]
+            for answer, value in zip(answers, values):
+                row = {"prompt": f"Question {p}: what is shown?", "completion": answer,
+                       "images": [f"images/prompt{p}.png"]}  # fmt: skip
+                if scores:
+                    row["score"] = value
+                f.write(json.dumps(row) + "\n")
+    return path
