@@ -2,8 +2,15 @@
 
 Sources: a PIL image, a uint8 numpy array (H, W[, 3|4]), raw bytes, a local path, a ``file://`` URI, a ``data:image/...;base64,`` string,
 a Hugging Face datasets dict ``{"bytes": ..., "path": ...}``, and http(s) URLs only when the policy
-allows them. Local paths are read only inside the policy's roots. Every failure is a ``SampleError``
-whose message says which source and why, without echoing file contents.
+allows them.
+
+Local paths: the in-process Python API trusts its caller, as the model card's own code (qwen-vl-utils)
+does: by default any path the process can read is read. Give ``local_roots`` (``image_roots=[...]`` in
+``RewardModel.from_pretrained``) to restrict reads to some folders. The HTTP service, whose samples
+come from the network, reads only inside its configured roots (default: none but the ones it is given).
+
+Every failure is a ``SampleError`` whose message says which source and why, without echoing file
+contents.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import binascii
 import hashlib
 import io
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -29,8 +36,9 @@ ImageSource = Any  # PIL.Image.Image | bytes | str | os.PathLike | dict
 class ImagePolicy:
     """Where images may come from.
 
-    local_roots: folders whose files may be read; None means any readable path (opt-in).
-        The default is the current working directory at the time the policy is made.
+    local_roots: folders whose files may be read; None (the default: the in-process API trusts its
+        caller) reads any path the process can read. Services that take samples from the network
+        (the HTTP service) pass their roots.
     url_hosts: host names whose http(s) URLs may be fetched; ("*",) allows any host. Empty (the
         default) fetches nothing, so a sample cannot make the scorer reach into your network.
     max_image_pixels: decoded width x height above which an image is refused (decompression bombs).
@@ -38,7 +46,7 @@ class ImagePolicy:
     base_dir: folder that relative paths are read from (default: the current working directory).
     """
 
-    local_roots: tuple[str, ...] | None = field(default_factory=lambda: (os.getcwd(),))
+    local_roots: tuple[str, ...] | None = None
     url_hosts: tuple[str, ...] = ()
     max_image_pixels: int = 64 * 1024 * 1024
     max_bytes: int = 64 * 1024 * 1024
@@ -149,7 +157,8 @@ def _read_local(path: str, policy: ImagePolicy) -> Image.Image:
         # Name the path the user gave, not the resolved one, and not the server's roots.
         raise SampleError(
             f"image path {path!r} is outside the allowed image roots; "
-            "allow its folder with image_roots=[...] (CLI: --image-root), or image_roots=None for any path"
+            "allow its folder with image_roots=[...] (CLI and HTTP service: --image-root), or, in-process, "
+            "image_roots=None for any readable path"
         )
     try:
         size = resolved.stat().st_size

@@ -120,32 +120,62 @@ def _completion_messages(completion: Any) -> list[dict]:
     return messages
 
 
+ROLES = ("system", "user", "assistant")
+ITEM_TYPES = ("text", "image", "image_url")
+
+
 def _copy_messages(messages: Any, what: str) -> list[dict]:
-    """Copy the caller's messages (never mutate them) and check their shape."""
+    """Copy the caller's messages (never mutate them) and check their shape: known roles, content a
+    string or a list of text and image items. Anything the chat template would silently drop (an audio
+    item, an unknown role) is refused, naming the message and the item."""
     if not isinstance(messages, (list, tuple)):
         raise SampleError(f"'{what}' must be a string or a list of messages, got {type(messages).__name__}")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise SampleError(f"'{what}' message {i} must be a dict with 'role' and 'content'")
+        if not isinstance(m["role"], str) or m["role"] not in ROLES:
+            raise SampleError(
+                f"'{what}' message {i} has role {_short(m['role'])}; roles are 'system', 'user' and 'assistant'"
+            )
         content = m["content"]
         if isinstance(content, (list, tuple)):
-            items = []
-            for j, item in enumerate(content):
-                if isinstance(item, str):
-                    item = {"type": "text", "text": item}
-                if not isinstance(item, dict):
-                    raise SampleError(f"'{what}' message {i} item {j} must be a dict, got {type(item).__name__}")
-                if item.get("type") == "video" or "video" in item:
-                    raise SampleError(f"'{what}' message {i} holds a video; only images are supported")
-                items.append(dict(item))
-            content = items
+            content = [_check_item(item, f"'{what}' message {i} item {j}") for j, item in enumerate(content)]
         elif content is None:
             content = ""
         elif not isinstance(content, str):
-            raise SampleError(f"'{what}' message {i} content must be a string or a list of items")
+            raise SampleError(
+                f"'{what}' message {i} content must be a string or a list of items, got {type(content).__name__}"
+            )
         out.append({**m, "content": content})
     return out
+
+
+def _check_item(item: Any, where: str) -> dict:
+    """One content item, copied: a text item with a string, or an image item (source checked later)."""
+    if isinstance(item, str):
+        return {"type": "text", "text": item}
+    if not isinstance(item, dict):
+        raise SampleError(f"{where} must be a dict, got {type(item).__name__}")
+    kind = item.get("type")
+    if kind == "video" or "video" in item:
+        raise SampleError(f"{where} holds a video; only images are supported")
+    if kind is None:  # qwen-vl-utils style: the key says what it is
+        kind = "image" if _is_image_item(item) else "text" if "text" in item else None
+        if kind is None:
+            raise SampleError(f"{where} has no 'type' and no 'text' or 'image' (keys: {_short(sorted(map(str, item)))})")
+    if not isinstance(kind, str) or kind not in ITEM_TYPES:
+        raise SampleError(f"{where} has type {_short(kind)}; only 'text', 'image' and 'image_url' items are supported")
+    if kind == "text" and not isinstance(item.get("text"), str):
+        got = "nothing" if item.get("text") is None else type(item["text"]).__name__
+        raise SampleError(f"{where} is a text item whose 'text' must be a string, got {got}")
+    return dict(item)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr of a value from a sample, cut short (error messages never echo big payloads)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_image_item(item: dict) -> bool:

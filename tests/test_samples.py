@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import pytest
 from conftest import random_image
 
-from rewardplug import InvalidSampleError, RewardModel
+from rewardplug import ImagePolicy, InvalidSampleError, RewardModel
 
 GOOD_TEXT = {"prompt": "Hi", "completion": "Hello."}
 
@@ -98,15 +98,18 @@ def test_image_path_outside_allowed_roots(tiny_path, tmp_path):
     assert rm.score([inside]) == pytest.approx(rm.score([{**inside, "images": [image]}]), abs=1e-6)
 
 
-def test_default_image_roots_are_the_working_directory(tiny_path, tmp_path, monkeypatch):
+def test_in_process_default_reads_any_readable_path(tiny_path, tmp_path, monkeypatch):
+    """The in-process API trusts its caller (as the model card's qwen-vl-utils code does): an absolute
+    path outside the working directory is read unless the caller gives image_roots."""
     (tmp_path / "cwd").mkdir()
     random_image(84, 56, seed=3).save(tmp_path / "outside.png")
-    random_image(84, 56, seed=3).save(tmp_path / "cwd" / "inside.png")
     monkeypatch.chdir(tmp_path / "cwd")
+    assert ImagePolicy().local_roots is None
     rm = RewardModel.from_pretrained(tiny_path, dtype="float32", device="cpu")
-    assert rm.score([{"prompt": "Describe.", "completion": "Noise.", "images": ["inside.png"]}])[0] is not None
-    assert_refused(rm, {"prompt": "Describe.", "completion": "Noise.", "images": [str(tmp_path / "outside.png")]},
-                   r"image 0: image path .* is outside the allowed image roots")  # fmt: skip
+    sample = {"prompt": "Describe.", "completion": "Noise.", "images": [str(tmp_path / "outside.png")]}
+    assert rm.score([sample]) == pytest.approx(rm.score([{**sample, "images": [random_image(84, 56, seed=3)]}]), abs=1e-6)
+    restricted = RewardModel.from_pretrained(tiny_path, dtype="float32", device="cpu", image_roots=[tmp_path / "cwd"])
+    assert_refused(restricted, sample, r"image 0: image path .* is outside the allowed image roots")
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9/cat.png", "https://example.com/cat.png"])
@@ -160,7 +163,7 @@ def test_placeholder_without_any_image(model):
 def test_video_item(model, item):
     prompt = [{"role": "user", "content": [item, {"type": "text", "text": "What happens?"}]}]
     assert_refused(model, {"prompt": prompt, "completion": "Nothing."},
-                   r"'prompt' message 0 holds a video; only images are supported")  # fmt: skip
+                   r"'prompt' message 0 item 0 holds a video; only images are supported")  # fmt: skip
 
 
 def test_malformed_messages(model):
@@ -169,6 +172,52 @@ def test_malformed_messages(model):
     assert_refused(model, {"prompt": 42, "completion": "x"},
                    r"'prompt' must be a string or a list of messages, got int")
     assert_refused(model, {"prompt": "Hi", "completion": []}, r"'completion' is an empty list of messages")
+
+
+IMG_ITEM = {"type": "image", "image": None}
+
+
+@pytest.mark.parametrize(
+    "content,pattern",
+    [
+        ([{"type": "text", "text": "Hi"}, {"type": "audio", "audio": "a.wav"}],
+         r"'prompt' message 0 item 1 has type 'audio'; only 'text', 'image' and 'image_url' items are supported"),
+        ([{"type": "input_audio", "input_audio": {"data": "..."}}], r"'prompt' message 0 item 0 has type 'input_audio'"),
+        ([{"type": 3}], r"'prompt' message 0 item 0 has type 3"),
+        ([{"audio": "a.wav"}], r"'prompt' message 0 item 0 has no 'type' and no 'text' or 'image' \(keys: \['audio'\]\)"),
+        ([{"type": "text", "text": 42}], r"'prompt' message 0 item 0 is a text item whose 'text' must be a string, got int"),
+        ([{"type": "text"}], r"'prompt' message 0 item 0 is a text item whose 'text' must be a string, got nothing"),
+        ([{"type": "text", "text": ["a", "b"]}], r"'prompt' message 0 item 0 is a text item whose 'text' must be a string, got list"),
+        (["fine", 7], r"'prompt' message 0 item 1 must be a dict, got int"),
+        (42, r"'prompt' message 0 content must be a string or a list of items, got int"),
+        ({"type": "text", "text": "Hi"}, r"'prompt' message 0 content must be a string or a list of items, got dict"),
+    ],
+)  # fmt: skip
+def test_content_the_template_would_drop_is_refused(model, content, pattern):
+    """Anything the chat template would silently drop (and so score the rest as if it were not there)
+    is a bad sample naming the message and the item."""
+    prompt = [{"role": "user", "content": content}]
+    assert_refused(model, {"prompt": prompt, "completion": "Noise."}, pattern)
+
+
+@pytest.mark.parametrize("role", ["tool", "System", "function", "", None, 3])
+def test_unknown_role_is_refused(model, role):
+    messages = [{"role": "user", "content": "Hi"}, {"role": role, "content": "data"},
+                {"role": "assistant", "content": "Hello"}]  # fmt: skip
+    assert_refused(model, {"messages": messages},
+                   r"'messages' message 1 has role .*; roles are 'system', 'user' and 'assistant'")  # fmt: skip
+
+
+def test_items_of_known_types_still_score(model):
+    """The checks refuse only what cannot be scored: keyless image/text items and strings in content
+    lists score exactly like their typed forms."""
+    image = random_image(56, 56, seed=5)
+    typed = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "Dots."}]}]  # fmt: skip
+    keyless = [{"role": "user", "content": [{"image": image}, "What?"]},
+               {"role": "assistant", "content": [{"text": "Dots."}]}]  # fmt: skip
+    a, b = model.score([{"messages": typed}, {"messages": keyless}])
+    assert a == pytest.approx(b, abs=1e-6)
 
 
 # ---- on_invalid ---------------------------------------------------------------------------------
