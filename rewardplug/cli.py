@@ -1,16 +1,34 @@
-"""Command line: ``rewardplug demo`` and ``rewardplug score IN.jsonl OUT.jsonl``."""
+"""rewardplug's command line: score samples with a reward model, try it, serve it.
+
+Exit codes (every command):
+  0  done; for ``score``: every sample scored
+  1  input/output or configuration error: a file or folder that is missing or not writable, a model
+     that cannot be loaded (nothing was scored)
+  2  usage error: unknown command or flag, a bad value (argparse)
+  3  ``score``: some samples could not be scored (each row's "error" says why; the others are scored)
+  4  system failure while scoring (device error, out of memory on one sample, a bug): the run stopped
+     with the cause; rows written so far are kept
+  130 interrupted (Ctrl-C)
+
+This module imports no torch, transformers or Ray at import time, so ``rewardplug --help`` is fast:
+each command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
+import os
 import sys
 import time
+from collections import deque
 from pathlib import Path
+from typing import IO, Iterator
 
 logger = logging.getLogger("rewardplug")
+
+EXIT_OK, EXIT_IO, EXIT_USAGE, EXIT_INVALID, EXIT_FAILURE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 TINY = "tiny"
 BANNER = (
@@ -20,6 +38,26 @@ BANNER = (
     "    rewardplug demo --model Skywork/Skywork-VL-Reward-7B\n"
     + "=" * 78
 )
+
+SCORE_FORMATS = """\
+input: JSON Lines, one sample per line (blank lines skipped), "-" for stdin. A sample is
+  {"prompt": ..., "completion": ..., "images": [...]}   (TRL style; prompt/completion strings or messages)
+  {"messages": [...]}                                  (a whole conversation ending with the answer)
+  {"input_ids": [...], "images": [...]}                (token ids in the reward model's chat format)
+  An "id" field, if present, is copied to the output row. Images: local paths (relative to the input
+  file's folder; readable only under the file's folder, the current folder and --image-root),
+  data:image/...;base64 URIs, and http(s) URLs only for hosts given with --allow-url-host.
+output: JSON Lines, "-" for stdout; one row per input sample, in input order:
+  {"id": ..., "index": 0, "score": 1.23, "error": null}   (score null and error set for a bad sample)
+A summary table (count, mean/min/max, errors by reason) goes to stderr at the end."""
+
+
+class CommandError(Exception):
+    """A problem the user can fix (a path, a flag value); printed without a traceback."""
+
+    def __init__(self, message: str, code: int = EXIT_IO):
+        super().__init__(message)
+        self.code = code
 
 
 def _model_path(model: str) -> str:
@@ -31,11 +69,15 @@ def _model_path(model: str) -> str:
 
 
 def _load(args, **extra):
+    from .errors import CheckpointError
     from .model import RewardModel
 
-    return RewardModel.from_pretrained(
-        _model_path(args.model), dtype=args.dtype, device=args.device, max_length=args.max_length, **extra
-    )
+    try:
+        return RewardModel.from_pretrained(
+            _model_path(args.model), dtype=args.dtype, device=args.device, max_length=args.max_length, **extra
+        )
+    except (CheckpointError, OSError) as e:
+        raise CommandError(f"--model {args.model}: {e}") from e
 
 
 def demo_images():
@@ -85,115 +127,236 @@ def cmd_demo(args) -> int:
     print(f"\nscored {len(samples)} samples ({len(rows) // max(args.group_size, 1)} prompts x "
           f"{args.group_size} completions) in {dt:.2f}s: the vision tower ran {stats['vision_misses']} times, "
           f"{stats['prefix_hits']} completions reused their prompt's encoding")  # fmt: skip
-    return 0
+    return EXIT_OK
+
+
+# ---- score ------------------------------------------------------------------------------------------
+
+
+def check_score_paths(input_path: str, output_path: str) -> None:
+    """Fail before any model is loaded if the input cannot be read or the output cannot be written."""
+    if input_path != "-":
+        src = Path(input_path)
+        if not src.is_file():
+            raise CommandError(f"INPUT {input_path!r} is not a file")
+        if not os.access(src, os.R_OK):
+            raise CommandError(f"INPUT {input_path!r} is not readable")
+    if output_path == "-":
+        return
+    dst = Path(output_path)
+    folder = dst.parent if str(dst.parent) else Path(".")
+    if dst.is_dir():
+        raise CommandError(f"OUTPUT {output_path!r} is a folder; give a file name, e.g. {str(dst / 'scores.jsonl')!r}")
+    if folder.exists() and not folder.is_dir():
+        raise CommandError(f"OUTPUT {output_path!r}: {str(folder)!r} is a file, not a folder")
+    if not folder.is_dir():
+        raise CommandError(f"OUTPUT {output_path!r}: folder {str(folder)!r} does not exist (create it first)")
+    if not os.access(folder, os.W_OK | os.X_OK) or (dst.exists() and not os.access(dst, os.W_OK)):
+        raise CommandError(f"OUTPUT {output_path!r} is not writable")
+    if input_path != "-" and dst.exists() and dst.resolve() == Path(input_path).resolve():
+        raise CommandError(f"OUTPUT {output_path!r} is the INPUT file; scoring would overwrite it")
+
+
+def read_chunks(lines: IO[str], size: int) -> Iterator[list[tuple[int, object, str | None]]]:
+    """(line number, sample or None, parse error or None) for each non-blank line, ``size`` at a time."""
+    chunk = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            chunk.append((n, json.loads(line), None))
+        except json.JSONDecodeError as e:
+            chunk.append((n, None, f"line {n} is not valid JSON ({e.msg})"))
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def cmd_score(args) -> int:
+    check_score_paths(args.input, args.output)  # before the model: a typo must not cost a load
+    if args.chunk < 1 or args.inflight < 1:
+        raise CommandError("--chunk and --inflight must be at least 1", EXIT_USAGE)
     from tqdm.auto import tqdm
 
-    src = Path(args.input)
-    roots = [str(src.resolve().parent), "."] + list(args.image_root or [])
+    from .engine import RewardEngine
+    from .errors import InvalidSampleError
+    from .tables import score_summary
+
+    base = Path(args.input).resolve().parent if args.input != "-" else Path.cwd()
+    roots = [str(base), "."] + list(args.image_root or [])
     rm = _load(args, image_roots=roots, image_url_hosts=args.allow_url_host or ())
     # Relative image paths in the file are relative to the file, wherever the command runs.
-    rm.encoder.policy = dataclasses.replace(rm.encoder.policy, base_dir=str(src.resolve().parent))
-    samples, parse_errors = [], {}
-    with src.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                samples.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                parse_errors[len(samples)] = f"line {n} is not valid JSON ({e.msg})"
-                samples.append(None)
-    bad = 0
-    with open(args.output, "w") as out, tqdm(total=len(samples), desc="scoring", unit="sample") as bar:
-        for start in range(0, len(samples), args.chunk):
-            chunk = samples[start : start + args.chunk]
-            encoded, errors = rm.encode_many(chunk)
-            scores = rm.score_encoded(encoded, batch_size=args.batch_size)
-            for i, (sample, value) in enumerate(zip(chunk, scores)):
-                error = parse_errors.get(start + i) or errors.get(i)
-                row = {"index": start + i, "score": value, "error": error}
-                if isinstance(sample, dict) and "id" in sample:
-                    row = {"id": sample["id"], **row}
-                bad += row["error"] is not None
-                out.write(json.dumps(row) + "\n")
-            bar.update(len(chunk))
-    print(f"wrote {len(samples)} scores to {args.output} ({bad} samples could not be scored)", file=sys.stderr)
-    return 0 if bad == 0 else 2
+    import dataclasses
+
+    rm.encoder.policy = dataclasses.replace(rm.encoder.policy, base_dir=str(base))
+
+    scores: list[float | None] = []  # one float per row: the summary's only per-sample state
+    errors: dict[int, str] = {}
+    src = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
+    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
+    pending: deque = deque()  # (rows, future) in input order; at most --inflight chunks held
+
+    def write(rows, future) -> None:
+        valid = [sample for _, sample, error in rows if error is None]
+        try:
+            got, bad = (future.result() if future else []), {}
+        except InvalidSampleError as e:
+            got, bad = (e.scores or [None] * len(valid)), e.errors
+        k = 0
+        for _, sample, parse_error in rows:
+            index = len(scores)
+            score, error = None, parse_error
+            if parse_error is None:
+                score, error = got[k], bad.get(k)
+                if score is None and error is None:  # the engine gave no score and no reason: say so
+                    error = "not scored (no score came back for this sample)"
+                k += 1
+            row = {"index": index, "score": score, "error": error}
+            if isinstance(sample, dict) and "id" in sample:
+                row = {"id": sample["id"], **row}
+            out.write(json.dumps(row) + "\n")
+            scores.append(score)
+            if error is not None:
+                errors[index] = error
+        out.flush()
+        bar.update(len(rows))
+
+    engine = RewardEngine(rm, max_batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens)
+    try:
+        with tqdm(desc="scoring", unit="sample", disable=args.quiet, file=sys.stderr) as bar:
+            for rows in read_chunks(src, args.chunk):
+                samples = [sample for _, sample, error in rows if error is None]
+                pending.append((rows, engine.submit(samples) if samples else None))
+                while len(pending) > args.inflight:
+                    write(*pending.popleft())
+            while pending:
+                write(*pending.popleft())
+    except Exception as e:  # a system failure: stop with its cause, never a silent None
+        for _, future in pending:
+            if future is not None:
+                future.cancel()
+        where = "stdout" if args.output == "-" else repr(args.output)
+        print(f"rewardplug score: scoring failed after {len(scores)} rows ({type(e).__name__}: {e}); "
+              f"the rows written to {where} so far are kept", file=sys.stderr)  # fmt: skip
+        logger.debug("scoring failed", exc_info=True)
+        return EXIT_FAILURE
+    finally:
+        engine.close()
+        stats = engine.stats()
+        if src is not sys.stdin:
+            src.close()
+        if out is not sys.stdout:
+            out.close()
+    print(score_summary(scores, errors, stats), file=sys.stderr)
+    where = "stdout" if args.output == "-" else args.output
+    print(f"wrote {len(scores)} scores to {where} ({len(errors)} samples could not be scored)", file=sys.stderr)
+    return EXIT_OK if not errors else EXIT_INVALID
+
+
+# ---- serve (until rewardplug.serving.cli provides it) ------------------------------------------------
 
 
 def cmd_serve(args) -> int:
-    import os
-
     from .serving.http import ServiceSettings, serve_forever
 
     api_key = args.api_key or os.environ.get("REWARDPLUG_API_KEY")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         logger.warning("serving on %s without an API key: anyone who reaches this port can use it", args.host)
+    gpus = args.gpus_per_replica
+    if gpus is None:
+        import torch
+
+        gpus = 1 if torch.cuda.is_available() else 0
     settings = ServiceSettings(
         model=_model_path(args.model), api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20),
         max_samples=args.max_samples, image_roots=args.image_root or [], image_url_hosts=args.allow_url_host or [],
         model_options={"dtype": args.dtype, "max_length": args.max_length},
     )  # fmt: skip
     serve_forever(settings, host=args.host, port=args.port, replicas=args.replicas,
-                  gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica, address=args.address)  # fmt: skip
-    return 0
+                  gpus_per_replica=gpus, cpus_per_replica=args.cpus_per_replica, address=args.address)  # fmt: skip
+    return EXIT_OK
+
+
+# ---- parser -------------------------------------------------------------------------------------------
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default and keeps the descriptions' line breaks."""
+
+
+def model_args(sp: argparse.ArgumentParser) -> None:
+    """The flags every model-loading command takes (``RewardModel.from_pretrained``'s options)."""
+    sp.add_argument("--model", default=TINY,
+                    help="hub id or checkpoint folder; 'tiny' is the embedded random-weight test checkpoint")  # fmt: skip
+    sp.add_argument("--dtype", default="auto", help="auto (the checkpoint's: bf16 for the 7B), bfloat16, float16, float32")
+    sp.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: the first GPU if any, else cpu)")
+    sp.add_argument("--batch-size", type=int, default=8, help="most samples per forward pass")
+    sp.add_argument("--max-length", type=int, default=None, help="refuse samples longer than this many tokens")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rewardplug", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="rewardplug", description=__doc__, formatter_class=_Formatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def model_args(sp):
-        sp.add_argument("--model", default=TINY, help="hub id or checkpoint folder (default: the embedded tiny checkpoint)")
-        sp.add_argument("--dtype", default="auto", help="auto, bfloat16, float32, ...")
-        sp.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: a GPU if any)")
-        sp.add_argument("--batch-size", type=int, default=8)
-        sp.add_argument("--max-length", type=int, default=None, help="refuse samples longer than this many tokens")
-
-    d = sub.add_parser("demo", help="score GRPO-like groups of completions over generated images")
+    d = sub.add_parser("demo", help="score GRPO-like groups of completions over generated images",
+                       description="Score 3 generated pictures x G completions through the engine and print a table.",
+                       formatter_class=_Formatter)  # fmt: skip
     model_args(d)
-    d.add_argument("--group-size", type=int, default=4, choices=range(1, 5), metavar="G")
+    d.add_argument("--group-size", type=int, default=4, choices=range(1, 5), metavar="G", help="completions per picture (1-4)")
     d.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("score", help="score a JSONL file of samples into a JSONL file of scores")
+    s = sub.add_parser("score", help="score a JSONL file of samples into a JSONL file of scores",
+                       description="Score a JSON Lines file, streaming it through a RewardEngine (pictures and "
+                       "prompts shared within a chunk; memory bounded by --chunk x --inflight samples).\n\n"
+                       + SCORE_FORMATS + "\n\nexit codes: 0 all scored, 1 input/output or model error, 2 usage "
+                       "error, 3 some samples not scored, 4 system failure while scoring, 130 interrupted",
+                       formatter_class=_Formatter)  # fmt: skip
+    s.add_argument("input", metavar="INPUT", help="JSONL file of samples, or - for stdin")
+    s.add_argument("output", metavar="OUTPUT", help="JSONL file to write (its folder must exist), or - for stdout")
     model_args(s)
-    s.add_argument("input")
-    s.add_argument("output")
-    s.add_argument("--image-root", action="append", help="folder local image paths may be read from (repeatable)")
-    s.add_argument("--allow-url-host", action="append", help="host whose http(s) image URLs may be fetched")
-    s.add_argument("--chunk", type=int, default=256, help="samples read and scored per step")
+    s.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per forward pass (engine budget)")
+    s.add_argument("--image-root", action="append", metavar="DIR",
+                   help="another folder local image paths may be read from (repeatable)")  # fmt: skip
+    s.add_argument("--allow-url-host", action="append", metavar="HOST",
+                   help="host whose http(s) image URLs may be fetched (repeatable; '*' for any)")  # fmt: skip
+    s.add_argument("--chunk", type=int, default=256, help="samples read and submitted to the engine at a time")
+    s.add_argument("--inflight", type=int, default=2, help="chunks submitted ahead of the one being written")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_score)
-    v = sub.add_parser("serve", help="serve the model over HTTP on Ray Serve (loopback by default)")
+
+    v = sub.add_parser("serve", help="serve the model over HTTP on Ray Serve (loopback by default)",
+                       formatter_class=_Formatter)  # fmt: skip
     model_args(v)
-    v.add_argument("--replicas", type=int, default=1)
-    v.add_argument("--gpus-per-replica", type=float, default=0 if not _has_cuda() else 1)
-    v.add_argument("--cpus-per-replica", type=float, default=1)
-    v.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--replicas", type=int, default=1, help="model copies")
+    v.add_argument("--gpus-per-replica", type=float, default=None, help="GPUs per replica (default: 1 if this machine has a GPU, else 0)")
+    v.add_argument("--cpus-per-replica", type=float, default=1, help="CPUs reserved per replica")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only by default)")
+    v.add_argument("--port", type=int, default=8000, help="port to bind")
     v.add_argument("--api-key", help="require this key (Authorization: Bearer or X-API-Key); or set REWARDPLUG_API_KEY")
-    v.add_argument("--image-root", action="append", help="folder local image paths may be read from (repeatable)")
-    v.add_argument("--allow-url-host", action="append", help="host whose image URLs may be fetched ('*' for any)")
-    v.add_argument("--max-body-mb", type=float, default=64)
+    v.add_argument("--image-root", action="append", metavar="DIR", help="folder local image paths may be read from (repeatable)")
+    v.add_argument("--allow-url-host", action="append", metavar="HOST", help="host whose image URLs may be fetched ('*' for any)")
+    v.add_argument("--max-body-mb", type=float, default=64, help="largest request body")
     v.add_argument("--max-samples", type=int, default=4096, help="samples per request")
-    v.add_argument("--address", help="join this Ray cluster instead of starting one")
+    v.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting one")
     v.set_defaults(func=cmd_serve)
     return p
 
 
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``rewardplug`` command; returns the exit code (see the module docstring)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CommandError as e:
+        print(f"rewardplug {args.command}: error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print(f"rewardplug {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

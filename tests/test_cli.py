@@ -99,7 +99,7 @@ def test_score_jsonl_with_bad_lines(tiny_path, model, tmp_path, capsys):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(src, lines)
 
-    assert run_score(tiny_path, src, dst) == 2
+    assert run_score(tiny_path, src, dst) == 3
     rows = read_jsonl(dst)
     assert len(rows) == 6, "one row per sample line; the blank line is skipped"
     assert [r["index"] for r in rows] == list(range(6))
@@ -133,7 +133,7 @@ def test_score_refuses_images_outside_the_allowed_roots(tiny_path, tmp_path):
     random_image(60, 60).save(tmp_path / "private" / "x.png")
     src, dst = tmp_path / "data" / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(src, [{"prompt": "Describe.", "completion": "Noise.", "images": [str(tmp_path / "private" / "x.png")]}])
-    assert run_score(tiny_path, src, dst) == 2
+    assert run_score(tiny_path, src, dst) == 3
     assert "outside the allowed image roots" in read_jsonl(dst)[0]["error"]
     assert run_score(tiny_path, src, dst, "--image-root", str(tmp_path / "private")) == 0
     assert read_jsonl(dst)[0]["error"] is None
@@ -157,3 +157,193 @@ def test_score_relative_image_paths_resolve_against_the_input_file(tiny_path, mo
     assert code == 0 and row["error"] is None, row
     expected = model.score([{"prompt": "Describe.", "completion": "Noise.", "images": [image]}])[0]
     assert row["score"] == pytest.approx(expected, abs=1e-5)
+
+
+# ---- score: paths checked first, exit codes, summary, streaming -------------------------------------
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Any attempt to load a model fails the test: the command must stop before loading."""
+    from rewardplug.model import RewardModel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded although the command should have stopped first")
+
+    monkeypatch.setattr(RewardModel, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [
+        ("missing-folder/out.jsonl", r"OUTPUT '.*missing-folder/out.jsonl': folder '.*missing-folder' does not exist"),
+        ("", r"OUTPUT '.*' is a folder; give a file name"),
+        ("in.jsonl", r"OUTPUT '.*in.jsonl' is the INPUT file"),
+    ],
+)
+def test_score_checks_the_output_path_before_loading_the_model(tmp_path, capsys, no_model_load, output, message):
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, [{"prompt": "Hi", "completion": "Hello."}])
+    assert main(["score", str(src), str(tmp_path / output), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"rewardplug score: error: " + message, err), err
+    assert "Traceback" not in err
+
+
+def test_score_refuses_an_unwritable_output_folder_before_loading(tmp_path, capsys, no_model_load):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root can write to a read-only folder")
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, [{"prompt": "Hi", "completion": "Hello."}])
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert main(["score", str(src), str(locked / "out.jsonl")]) == 1
+    finally:
+        locked.chmod(0o700)
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_score_missing_input_is_an_io_error_before_loading(tmp_path, capsys, no_model_load):
+    assert main(["score", str(tmp_path / "nope.jsonl"), str(tmp_path / "out.jsonl")]) == 1
+    assert "INPUT" in capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()
+
+
+def test_score_unknown_model_is_an_io_error_without_traceback(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, [{"prompt": "Hi", "completion": "Hello."}])
+    assert main(["score", str(src), str(tmp_path / "out.jsonl"), "--model", str(tmp_path / "no-such-checkpoint")]) == 1
+    err = capsys.readouterr().err
+    assert "rewardplug score: error: --model " in err and "Traceback" not in err
+
+
+def test_score_usage_error_exits_2(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["score", "only-one-path.jsonl"])
+    assert stop.value.code == 2
+
+
+def test_score_summary_table_counts_scores_and_errors_by_reason(tiny_path, model, tmp_path, capsys):
+    samples = [{"prompt": "Hi", "completion": c} for c in ("Hello.", "Go away.", "Hi there, how can I help?")]
+    lines = [samples[0], "{not json", samples[1], {"prompt": "no answer"}, "[1, 2", samples[2]]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, lines)
+    assert run_score(tiny_path, src, dst, "-q") == 3
+    err = capsys.readouterr().err
+    expected = model.score(samples)
+    table = dict(re.findall(r"^(samples|scored|not scored|mean score|min score|max score)\s+(\S+)$", err, re.M))
+    assert table["samples"] == "6" and table["scored"] == "3" and table["not scored"] == "3"
+    assert float(table["mean score"]) == pytest.approx(sum(expected) / 3, rel=1e-3)
+    assert float(table["min score"]) == pytest.approx(min(expected), rel=1e-3)
+    assert float(table["max score"]) == pytest.approx(max(expected), rel=1e-3)
+    assert re.search(r"^line N is not valid JSON\s+2$", err, re.M), err
+    assert re.search(r"^sample has no 'completion'\s+1$", err, re.M), err
+
+
+def test_score_goes_through_the_engine_and_shares_a_groups_image_and_prompt(tiny_path, model, tmp_path, capsys):
+    image = random_image(112, 84, seed=5)
+    image.save(tmp_path / "pic.png")
+    group = [{"prompt": "What is it?", "completion": c, "images": ["pic.png"]} for c in ("Noise.", "A cat.", "Static.", "Dots.")]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, group)
+    assert run_score(tiny_path, src, dst, "-q") == 0
+    err = capsys.readouterr().err
+    assert re.search(r"^vision tower runs\s+1$", err, re.M), err
+    assert re.search(r"^completions on a shared prompt\s+[1-9]", err, re.M), err
+    expected = model.score([{**s, "images": [image]} for s in group])
+    assert [r["score"] for r in read_jsonl(dst)] == pytest.approx(expected, abs=1e-4)
+
+
+class CountingLines:
+    """stdin stand-in that counts the lines the command has read so far."""
+
+    def __init__(self, lines):
+        self.lines, self.read = lines, 0
+
+    def __iter__(self):
+        for line in self.lines:
+            self.read += 1
+            yield line
+
+
+class RecordingOut(io.StringIO):
+    """stdout stand-in that records, for each row written, how many input lines had been read."""
+
+    def __init__(self, source: CountingLines):
+        super().__init__()
+        self.source, self.read_at_row = source, []
+
+    def write(self, text):
+        self.read_at_row += [self.source.read] * text.count("\n")
+        return super().write(text)
+
+
+def test_score_streams_stdin_to_stdout_with_bounded_lookahead(tiny_path, model, monkeypatch, capsys):
+    samples = [{"id": i, "prompt": "Count.", "completion": "x" * (1 + i % 7)} for i in range(40)]
+    source = CountingLines([json.dumps(s) + "\n" for s in samples])
+    out = RecordingOut(source)
+    monkeypatch.setattr("sys.stdin", source)
+    monkeypatch.setattr("sys.stdout", out)
+    code = main(["score", "-", "-", "--model", str(tiny_path), "--device", "cpu", "--dtype", "float32",
+                 "--chunk", "4", "--inflight", "2", "-q"])  # fmt: skip
+    assert code == 0
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["id"] for r in rows] == list(range(40))
+    assert [r["score"] for r in rows] == pytest.approx(model.score(samples), abs=1e-4)
+    # Row k is written before line k + chunk x (inflight + 1) is read: the file is never read whole.
+    lookahead = [read - k for k, read in enumerate(out.read_at_row)]
+    assert max(lookahead) <= 4 * 3, lookahead
+    assert out.read_at_row[0] < 40
+
+
+def test_score_system_failure_exits_4_and_names_the_cause(tiny_path, tmp_path, monkeypatch, capsys):
+    """A forward pass that fails (as a lost device would) is not a bad sample: exit 4, with the cause."""
+    from rewardplug.model import RewardModel
+
+    load = RewardModel.from_pretrained.__func__
+
+    def load_then_break(cls, *args, **kwargs):
+        rm = load(cls, *args, **kwargs)
+
+        def broken(*a, **k):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        rm.backbone.language_model.norm.forward = broken
+        return rm
+
+    monkeypatch.setattr(RewardModel, "from_pretrained", classmethod(load_then_break))
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [{"prompt": "Hi", "completion": "Hello."}, {"prompt": "Hi", "completion": "Bye."}])
+    assert run_score(tiny_path, src, dst, "-q") == 4
+    err = capsys.readouterr().err
+    assert "scoring failed" in err and "illegal memory access" in err, err
+
+
+def test_help_shows_defaults_formats_and_exit_codes(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["score", "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "(default: 16384)" in out and "(default: 256)" in out
+    assert '{"prompt": ..., "completion": ..., "images": [...]}' in out
+    assert "exit codes: 0 all scored, 1 input/output or model error" in out
+
+
+def test_building_the_parser_imports_no_heavy_library():
+    """--help must stay fast: the CLI adds no torch/transformers/Ray import of its own."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, rewardplug\n"
+        "before = set(sys.modules)\n"
+        "import rewardplug.cli as cli\n"
+        "cli.build_parser().format_help()\n"
+        "new = {m.split('.')[0] for m in set(sys.modules) - before}\n"
+        "heavy = new & {'torch', 'transformers', 'ray', 'accelerate', 'trl', 'deepspeed'}\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
