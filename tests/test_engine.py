@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -568,3 +569,201 @@ def test_submit_rejects_unknown_on_invalid(make_engine):
         engine.submit([sample], on_invalid="ignore")
     with pytest.raises(ValueError):
         engine.score([{"prompt": "Hi"}], on_invalid="None", timeout=30)
+
+
+# ---- 8. intake bound, head-of-line, key/value budget ------------------------------------------------
+
+TEXTS = [{"prompt": f"Question {k}?", "completion": text_of_length(10 + 3 * k, k)} for k in range(12)]
+
+
+class HeldModel:
+    """Holds every language model pass until released (a hook on the real model), so requests stay
+    queued while a test looks at the intake."""
+
+    def __init__(self, model):
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.handle = model.backbone.language_model.register_forward_pre_hook(self._hold)
+
+    def _hold(self, module, args):
+        self.entered.set()
+        self.release.wait(60)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.handle.remove()
+
+
+def test_intake_is_bounded_in_samples_busy_raise(make_engine, model):
+    from rewardplug.errors import BusyError
+
+    expected = independent(model, TEXTS[:6])
+    engine = make_engine(max_queued_samples=4, busy="raise")
+    with HeldModel(model) as held:
+        first = engine.submit(TEXTS[:3])
+        assert held.entered.wait(30)
+        with pytest.raises(BusyError, match="holds 3 queued samples"):
+            engine.submit(TEXTS[3:5])
+        with pytest.raises(BusyError):
+            asyncio.run(engine.ascore(TEXTS[3:5]))
+        second = engine.submit(TEXTS[3:4])  # 3 + 1 fits exactly
+        assert engine.stats()["queued_samples"] == 4
+    assert_scores(first.result(timeout=60) + second.result(timeout=60), expected[:4])
+    assert engine.stats()["queued_samples"] == 0
+    assert_scores(engine.score(TEXTS[:5]), expected[:5], "room again")
+
+
+def test_submit_waits_for_room_up_to_its_timeout(make_engine, model):
+    from rewardplug.errors import BusyError
+
+    expected = independent(model, TEXTS[:4])
+    engine = make_engine(max_queued_samples=3)
+    with HeldModel(model) as held:
+        first = engine.submit(TEXTS[:3])
+        assert held.entered.wait(30)
+        start = time.monotonic()
+        with pytest.raises(BusyError, match="no room within 0.3 s"):
+            engine.submit(TEXTS[3:4], timeout=0.3)
+        assert 0.25 <= time.monotonic() - start < 5
+        waiting = {}
+        thread = threading.Thread(target=lambda: waiting.update(f=engine.submit(TEXTS[3:4])))
+        thread.start()
+        thread.join(0.3)
+        assert thread.is_alive()  # waits while the engine is full
+    thread.join(60)
+    assert_scores(first.result(timeout=60) + waiting["f"].result(timeout=60), expected)
+
+
+def test_request_larger_than_the_bound_runs_when_the_engine_is_empty(make_engine, model):
+    from rewardplug.errors import BusyError
+
+    engine = make_engine(max_queued_samples=2, busy="raise")
+    expected = independent(model, TEXTS[:5])
+    assert_scores(engine.score(TEXTS[:5]), expected, "alone")
+    with HeldModel(model) as held:
+        small = engine.submit(TEXTS[:1])
+        assert held.entered.wait(30)
+        with pytest.raises(BusyError):
+            engine.submit(TEXTS[:5])
+    assert_scores(small.result(timeout=60), expected[:1])
+
+
+def test_ascore_waits_for_room_without_blocking_the_event_loop(make_engine, model):
+    expected = independent(model, TEXTS[:3])
+    engine = make_engine(max_queued_samples=2)
+
+    async def main(held):
+        first = asyncio.wrap_future(engine.submit(TEXTS[:2]))
+        ticks = 0
+        waiter = asyncio.ensure_future(engine.ascore(TEXTS[2:3]))
+        for _ in range(30):  # 0.3 s of a loop that must keep running
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert not waiter.done()  # still waiting for room, the loop still ticking
+        held.release.set()
+        return await first, await waiter, ticks
+
+    with HeldModel(model) as held:
+        got_first, got_second, ticks = asyncio.run(asyncio.wait_for(main(held), 60))
+    assert ticks == 30
+    assert_scores(got_first + got_second, expected)
+
+
+def test_small_request_does_not_wait_behind_a_large_one_being_encoded(make_engine, model, monkeypatch):
+    real = model.encode_many
+
+    def slow_for_large(samples):
+        if len(samples) >= 8:
+            time.sleep(1.5)  # a large request's host work (images, template)
+        return real(samples)
+
+    monkeypatch.setattr(model, "encode_many", slow_for_large)
+    engine = make_engine(encode_workers=2)
+    large = engine.submit(TEXTS[:8])
+    small = engine.submit(TEXTS[8:9])
+    small.result(timeout=60)
+    assert not large.done()
+    assert_scores(large.result(timeout=60), independent(model, TEXTS[:8]))
+
+
+@pytest.mark.parametrize("max_kv_tokens", [300, 700])
+def test_expanded_prefix_key_value_stays_in_the_planners_budget(make_engine, model, grpo, max_kv_tokens):
+    """Each suffix pass holds rows x (padded prefix + padded suffix) key/value tokens: measured on the
+    real forward_suffixes calls, it never exceeds max_kv_tokens, and the scores do not change."""
+    seen = []
+    real = model.forward_suffixes
+
+    def measured(cache, rows, prefix_mask, suffixes):
+        seen.append(len(rows) * (prefix_mask.shape[1] + suffixes.input_ids.shape[1]))
+        return real(cache, rows, prefix_mask, suffixes)
+
+    model.forward_suffixes = measured
+    try:
+        engine = make_engine(max_kv_tokens=max_kv_tokens)
+        assert_scores(engine.score(grpo[0]), grpo[1], "kv budget")
+    finally:
+        del model.forward_suffixes
+    assert seen and max(seen) <= max_kv_tokens, seen
+    assert engine.stats()["prefix_hits"] > 0  # still sharing
+    assert engine.stats()["kv_budget_bytes"] == max_kv_tokens * engine.kv_bytes_per_token
+
+
+# ---- 9. metrics and per-step deltas --------------------------------------------------------------------
+
+
+def test_prometheus_counters_and_histograms_per_engine(make_engine, model):
+    from prometheus_client import REGISTRY
+
+    def value(metric, **labels):
+        return REGISTRY.get_sample_value(metric, {"engine": "metrics-test", **labels}) or 0.0
+
+    before = {m: value(m) for m in ("rewardplug_samples_total", "rewardplug_tokens_total",
+                                    "rewardplug_invalid_samples_total", "rewardplug_request_latency_seconds_count",
+                                    "rewardplug_batch_padded_tokens_count")}  # fmt: skip
+    engine = make_engine(name="metrics-test")
+    engine.score(TEXTS[:4])
+    engine.score([{"prompt": "Hi"}], on_invalid="none")
+    stats = engine.stats()
+    assert value("rewardplug_samples_total") - before["rewardplug_samples_total"] == 5
+    assert value("rewardplug_tokens_total") - before["rewardplug_tokens_total"] == stats["real_tokens"]
+    assert value("rewardplug_invalid_samples_total") - before["rewardplug_invalid_samples_total"] == 1
+    assert value("rewardplug_request_latency_seconds_count") - before["rewardplug_request_latency_seconds_count"] == 2
+    assert value("rewardplug_batch_padded_tokens_count") - before["rewardplug_batch_padded_tokens_count"] == stats["batches"]
+
+
+def test_metrics_sink_is_pluggable(make_engine, model):
+    class Recorder:
+        def __init__(self):
+            self.counts, self.observed = {}, {}
+
+        def count(self, name, value):
+            self.counts[name] = self.counts.get(name, 0) + value
+
+        def observe(self, name, value):
+            self.observed.setdefault(name, []).append(value)
+
+    sink = Recorder()
+    engine = make_engine(metrics=sink)
+    engine.score(TEXTS[:3])
+    assert sink.counts["samples"] == 3 and sink.counts["requests"] == 1
+    assert sink.counts["real_tokens"] == engine.stats()["real_tokens"]
+    assert len(sink.observed["request_latency_seconds"]) == 1
+    with pytest.raises(ValueError, match="metrics must be"):
+        make_engine(metrics="statsd")
+
+
+def test_stats_since_gives_each_consumer_its_own_deltas(make_engine, model):
+    engine = make_engine()
+    engine.score(TEXTS[:3])
+    first = engine.stats(since="trainer")
+    assert first["samples"] == 3 and first["requests"] == 1 and first["latency_p50_ms"] > 0
+    engine.score(TEXTS[3:5])
+    step = engine.stats(since="trainer")
+    assert step["samples"] == 2 and step["requests"] == 1
+    assert step["real_tokens"] == sum(model.encode(s).num_tokens for s in TEXTS[3:5])
+    idle = engine.stats(since="trainer")
+    assert idle["samples"] == 0 and idle["latency_p50_ms"] == 0.0 and idle["padding_efficiency"] == 1.0
+    assert engine.stats(since="other")["samples"] == 5  # another consumer: since start
+    assert engine.stats()["samples"] == 5  # cumulative unchanged
