@@ -1,0 +1,271 @@
+"""OpenRLHF 0.11's remote reward: its own executor and request code against rewardplug's reward_func file
+and the /get_reward protocol logic. Queries are built by OpenRLHF itself (its dataset preprocessing, its VLM
+prompt tokenization, its decode of the observation tokens); only the policy's generation is scripted."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from rewardplug import RewardEngine
+from rewardplug.errors import ScoringError
+from rewardplug.serving.get_reward import GetRewardRequestError, get_reward, parse_query
+
+from conftest import random_image
+
+agent = pytest.importorskip("openrlhf.utils.agent", reason="OpenRLHF: pip install --no-deps openrlhf pylatexenc")
+from openrlhf.datasets.prompts_dataset import preprocess_data  # noqa: E402
+
+import rewardplug.integrations.openrlhf as rp_openrlhf  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+REWARD_FILE = ROOT / "examples" / "openrlhf_reward_func.py"
+TOL = 1e-5
+
+
+def data_uri(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class ScriptedPolicy:
+    """Stands in for OpenRLHF's vLLM engine: answers each prompt with a fixed text (the reward is under
+    test, not the generation). ``finish_reason`` "length" and no end-of-turn token: a truncated answer."""
+
+    def __init__(self, processor, answer: str, truncated: bool = False):
+        tok = processor.tokenizer
+        self.token_ids = tok.encode(answer, add_special_tokens=False)
+        if not truncated:
+            self.token_ids.append(tok.convert_tokens_to_ids("<|im_end|>"))
+        self.answer, self.truncated = answer, truncated
+        self.prompt_ids = None
+
+    async def generate(self, prompt_token_ids, sampling_params, multi_modal_data=None):
+        self.prompt_ids = list(prompt_token_ids)
+        out = SimpleNamespace(token_ids=list(self.token_ids), text=self.answer, logprobs=None,
+                              finish_reason="length" if self.truncated else "stop")  # fmt: skip
+        return SimpleNamespace(outputs=[out])
+
+
+def rollout(executor, processor, row: dict, answer: str, truncated: bool = False) -> dict:
+    """One OpenRLHF single-turn rollout of a dataset row, with its reward fetched by the executor."""
+    prompt, label = preprocess_data(row, input_key="prompt", label_key="label",
+                                    apply_chat_template=processor.apply_chat_template)  # fmt: skip
+    policy = ScriptedPolicy(processor, answer, truncated)
+    params = SimpleNamespace(max_tokens=64, logprobs=None)
+    return asyncio.run(executor.execute(prompt, label, params, 4096, processor, policy, images=row.get("images")))
+
+
+def want(model, question: str, answer: str, images: list) -> float:
+    """The model's own score of [user(images, question), assistant(answer)]."""
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+    return model.score([{"messages": [{"role": "user", "content": content},
+                                      {"role": "assistant", "content": answer}], "images": images}])[0]  # fmt: skip
+
+
+@pytest.fixture
+def use_model(model):
+    rp_openrlhf.use_scorer(model)
+    yield model
+    rp_openrlhf.use_scorer(None)
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    """Dataset rows in the documented layout: images for the policy, and the same in the label."""
+    folder = tmp_path_factory.mktemp("openrlhf-images")
+    a, b, c = random_image(90, 70, seed=11), random_image(64, 100, seed=12), random_image(120, 60, seed=13)
+    path = folder / "b.png"
+    b.save(path)
+    return [
+        ({"prompt": "<image>What is in the picture?", "images": [data_uri(a)],
+          "label": json.dumps({"images": [data_uri(a)], "reference": "noise"})}, [a]),
+        ({"prompt": [{"role": "user", "content": "<image><image>Compare the two pictures."}],
+          "images": [str(path), data_uri(c)], "label": {"images": [str(path), data_uri(c)]}}, [b, c]),
+        ({"prompt": "Say hello.", "label": "hello"}, []),
+        ({"prompt": "<image>Which color dominates?", "images": [data_uri(c)], "label": [data_uri(c)]}, [c]),
+    ]  # fmt: skip
+
+
+def question_of(row) -> str:
+    text = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][0]["content"]
+    return text.replace("<image>", "").strip()
+
+
+def test_reward_file_through_openrlhf_executor_scores_like_model(model, rows, use_model):
+    executor = agent.SingleTurnAgentExecutor(remote_rm_url=str(REWARD_FILE))
+    assert executor.reward_func is rp_openrlhf.reward_func
+    for k, (row, images) in enumerate(rows):
+        answer = f"Answer {k}: it shows colored noise."
+        out = rollout(executor, model.processor, row, answer)
+        expected = want(model, question_of(row), answer, images)
+        assert out["reward"] == pytest.approx([expected], abs=TOL), k
+        assert out["scores"] == out["reward"]
+        assert out["extra_logs"] == {"rm_score": out["reward"], "rm_invalid": [0.0], "rm_truncated": [0.0]}
+
+
+def test_reward_file_flags_truncated_answer_and_scores_it_as_is(model, rows, use_model):
+    executor = agent.SingleTurnAgentExecutor(remote_rm_url=str(REWARD_FILE))
+    row, images = rows[0]
+    out = rollout(executor, model.processor, row, "It is a picture of", truncated=True)
+    assert out["truncated"] is True
+    assert out["extra_logs"]["rm_truncated"] == [1.0]
+    assert out["reward"] == pytest.approx([want(model, question_of(row), "It is a picture of", images)], abs=TOL)
+
+
+def test_query_decoded_by_openrlhf_parses_into_the_conversation(model, rows, use_model):
+    """The query OpenRLHF decodes holds the expanded image pad run; parsing gives back one image item."""
+    executor = agent.SingleTurnAgentExecutor(remote_rm_url=str(REWARD_FILE))
+    seen = []
+    original = rp_openrlhf.reward_func
+
+    def spy(queries, prompts, labels):
+        seen.append((queries, prompts, labels))
+        return original(queries, prompts, labels)
+
+    executor.reward_func = spy
+    row, _ = rows[1]
+    rollout(executor, model.processor, row, "Both are noise.")
+    (queries, prompts, labels), = seen
+    assert len(re.findall(r"(?:<\|image_pad\|>)+", queries[0])) == 2 and queries[0].count("<|image_pad|>") > 2
+    parsed = parse_query(queries[0], prompts[0])
+    assert parsed.messages[-1] == {"role": "assistant", "content": "Both are noise."}
+    user = next(m for m in parsed.messages if m["role"] == "user")
+    assert user["content"] == [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare the two pictures."}]
+    assert not parsed.truncated
+
+
+def test_unscorable_query_gets_fallback_and_flag_others_scored(model, rows, use_model, monkeypatch):
+    monkeypatch.setenv("REWARDPLUG_INVALID_REWARD", "-7.5")
+    executor = agent.SingleTurnAgentExecutor(remote_rm_url=str(REWARD_FILE))
+    row, _ = rows[0]
+    no_images = {**row, "label": json.dumps({"reference": "noise"})}  # the prompt shows an image, the label has none
+    out = rollout(executor, model.processor, no_images, "A square.")
+    assert out["reward"] == [-7.5] and out["extra_logs"]["rm_invalid"] == [1.0]
+    # Several queries in one call: the bad one gets the fallback, the good one its score.
+    good_row, good_images = rows[3]
+    q_good = model.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question_of(good_row)}]},
+         {"role": "assistant", "content": "Blue."}], tokenize=False)  # fmt: skip
+    res = rp_openrlhf.reward_func([q_good, "no chat format here"], ["", ""], [good_row["label"], "x"])
+    assert res["rewards"][0] == pytest.approx(want(model, question_of(good_row), "Blue.", good_images), abs=TOL)
+    assert res["rewards"][1] == -7.5 and res["extra_logs"]["rm_invalid"] == [0.0, 1.0]
+
+
+def test_reward_file_system_failure_raises_never_a_reward(model, rows):
+    engine = RewardEngine(model)
+    engine.close()  # a scorer that can never score again: a system failure, not a bad sample
+    rp_openrlhf.use_scorer(engine)
+    try:
+        executor = agent.SingleTurnAgentExecutor(remote_rm_url=str(REWARD_FILE))
+        row, _ = rows[2]
+        prompt, label = preprocess_data(row, input_key="prompt", label_key="label",
+                                        apply_chat_template=model.processor.apply_chat_template)  # fmt: skip
+        query = prompt + "Hello!<|im_end|>"
+        with pytest.raises(RuntimeError):  # ScoringError is a RuntimeError
+            asyncio.run(executor._fetch_rewards_via_func([query], [prompt], [label]))
+        # OpenRLHF's executor logs it and leaves the reward empty (None): never a made-up 0.0.
+        out = rollout(executor, model.processor, row, "Hello!")
+        assert out["reward"] is None and out["scores"] is None
+    finally:
+        rp_openrlhf.use_scorer(None)
+
+
+# ---- the /get_reward protocol logic (what the HTTP app calls), with a real engine as `score` -------------
+
+
+def engine_score(engine):
+    from rewardplug import InvalidSampleError
+
+    async def score(samples):
+        try:
+            return await engine.ascore(samples, on_invalid="raise"), {}
+        except InvalidSampleError as e:
+            return e.scores, {str(i): r for i, r in e.errors.items()}  # the HTTP app's key type
+
+    return score
+
+
+def test_get_reward_with_engine_matches_model_and_flags_bad_queries(model, rows):
+    queries, prompts, labels, expected = [], [], [], []
+    for k, (row, images) in enumerate(rows):
+        prompt, label = preprocess_data(row, input_key="prompt", label_key="label",
+                                        apply_chat_template=model.processor.apply_chat_template)  # fmt: skip
+        answer = f"Answer {k}."
+        ids = []
+        if images:  # OpenRLHF's own VLM tokenization: pad runs expanded by the processor
+            from openrlhf.utils.vlm_utils import process_prompt_with_images
+
+            ids, _, _ = process_prompt_with_images(model.processor, prompt, row["images"])
+        else:
+            ids = model.processor.tokenizer.encode(prompt, add_special_tokens=False)
+        ids += model.processor.tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
+        queries.append(model.processor.tokenizer.decode(ids, skip_special_tokens=False))
+        prompts.append(prompt)
+        labels.append(label)
+        expected.append(want(model, question_of(row), answer, images))
+    # A bad image in one label: that query alone gets the fallback.
+    queries.append(queries[0])
+    prompts.append(prompts[0])
+    labels.append(json.dumps({"images": ["data:image/png;base64,bm90IGFuIGltYWdl"]}))
+    with RewardEngine(model) as engine:
+        out = asyncio.run(get_reward({"query": queries, "prompts": prompts, "labels": labels},
+                                     engine_score(engine), fallback=-3.0))  # fmt: skip
+    assert out["rewards"][:-1] == pytest.approx(expected, abs=TOL)
+    assert out["rewards"][-1] == -3.0 and out["scores"] == out["rewards"]
+    assert out["extra_logs"]["rm_invalid"] == [0.0] * len(expected) + [1.0]
+    assert list(out["errors"]) == [str(len(expected))] and "image" in out["errors"][str(len(expected))]
+
+
+def test_get_reward_malformed_body_is_a_request_error_and_system_failure_propagates(model):
+    async def failing(samples):
+        raise ScoringError("replica lost")
+
+    with pytest.raises(GetRewardRequestError):
+        asyncio.run(get_reward({"query": "not a list"}, failing))
+    with pytest.raises(GetRewardRequestError):
+        asyncio.run(get_reward({"query": ["a", "b"], "labels": ["x"]}, failing))
+    q = model.processor.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
+                                           tokenize=False)  # fmt: skip
+    with pytest.raises(ScoringError):
+        asyncio.run(get_reward({"query": [q]}, failing))
+
+
+# ---- other policies' chat formats ------------------------------------------------------------------------
+
+
+def test_llama3_and_gemma_queries_rerender_into_the_reward_models_template(model):
+    im = random_image(80, 80, seed=21)
+    llama = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>What is it?<|eot_id|>"
+             "<|start_header_id|>assistant<|end_header_id|>\n\nNoise.<|eot_id|>")  # fmt: skip
+    gemma = ("<bos><start_of_turn>user\n\n\n<start_of_image>" + "<image_soft_token>" * 4
+             + "<end_of_image>\n\nWhat is it?<end_of_turn>\n<start_of_turn>model\nNoise.<end_of_turn>")  # fmt: skip
+    expected = want(model, "What is it?", "Noise.", [im])
+    for query in (llama, gemma):
+        res = _score_with_model(model, [query], [[data_uri(im)]])
+        assert res["rewards"] == pytest.approx([expected], abs=TOL), query[:30]
+        assert res["extra_logs"]["rm_invalid"] == [0.0]
+
+
+def _score_with_model(model, queries, labels):
+    rp_openrlhf.use_scorer(model)
+    try:
+        return rp_openrlhf.reward_func(queries, [None] * len(queries), labels)
+    finally:
+        rp_openrlhf.use_scorer(None)
+
+
+def test_example_launch_script_uses_only_flags_openrlhf_defines():
+    script = (ROOT / "examples" / "openrlhf_grpo_vl.sh").read_text()
+    flags = set(re.findall(r"^\s+(--[\w.]+)", script, flags=re.M))
+    source = Path(agent.__file__).resolve().parent.parent.joinpath("cli", "train_ppo_ray.py").read_text()
+    defined = set(re.findall(r'"(--[\w.]+)"', source))
+    assert flags and flags <= defined, flags - defined
