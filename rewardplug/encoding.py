@@ -1,27 +1,53 @@
-"""Conversation -> token ids and pixels, exactly as the model card's recipe computes them.
+"""Conversation -> token ids, pixels and M-RoPE positions, exactly as the model card's recipe computes them.
 
 The recipe: ``processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)``,
 images through qwen-vl-utils (``fetch_image``: RGB on white, smart resize with PIL), then the
-processor. Each sample is encoded alone and padded later by ``collate``, so a sample's tokens never
-depend on its batch.
+processor (image processor for the pixels, tokenizer for the text with each ``<|image_pad|>`` expanded
+to the image's token count). The encoder does the same steps itself, with the checkpoint's image
+processor called explicitly (the processor object is left as loaded), so that a request's work is
+done once per group instead of once per sample:
+
+- each distinct image source of a request (same object, same bytes, path or URI) is decoded,
+  resized and digested once; each distinct image content is preprocessed once (``PixelCache``, which
+  also serves later requests);
+- samples with the same prompt (all messages before the final answer, and their images) share one
+  rendering and tokenization of the prompt and its M-RoPE positions; only the answer is tokenized per
+  sample. The cut is made right after the prompt's last special token (``<|im_start|>``): the tokenizer
+  splits special tokens out before anything else, so no BPE merge can cross it and the ids equal
+  those of the whole conversation. Templates where that cannot be shown fall back to the whole
+  conversation, sample by sample.
+
+Each sample is still encoded on its own terms and padded later by ``collate``, so a sample's tokens
+never depend on its batch or its neighbours.
 """
 
 from __future__ import annotations
 
+import logging
+import numbers
+import os
 import threading
-from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from cachetools import LRUCache
 from PIL import Image
 from qwen_vl_utils import fetch_image
-from transformers import BatchFeature
 
-from .errors import SampleError
+from .errors import SampleError, ScoringError
 from .images import ImagePolicy, image_digest, load_image
-from .samples import to_conversation
+from .samples import Sample, to_conversation
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PIXEL_CACHE_BYTES = 256 * 2**20  # about 13 images of 1024x1024 (896x896 after resize), fp32
+IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
+# Stands in for the answer when the template is rendered once per prompt (private-use code points).
+_ANSWER = "\ue000rewardplug:answer\ue001"
+_PROBE = " \n\t\ue000probe\ue001 \n"  # whitespace at both ends: a template that strips or escapes fails
+
+RopeIndex = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 @dataclass
@@ -29,11 +55,11 @@ class EncodedSample:
     """One sample's model inputs (no batch dimension)."""
 
     input_ids: torch.Tensor  # [L] int64
-    mm_token_type_ids: torch.Tensor  # [L] 0 text, 1 image
-    pixel_values: torch.Tensor | None = None  # [patches, C*T*P*P]
+    mm_token_type_ids: torch.Tensor  # [L] 0 text, 1 image, 2 video
+    pixel_values: torch.Tensor | None = None  # [patches, C*T*P*P]; shared (not copied) within a group
     image_grid_thw: torch.Tensor | None = None  # [images, 3]
     image_digests: list[str] = field(default_factory=list)
-    position_ids: torch.Tensor | None = None  # [3, L] M-RoPE positions, set by RewardModel.encode
+    position_ids: torch.Tensor | None = None  # [3, L] M-RoPE positions (set when the encoder has a rope_index)
 
     @property
     def num_tokens(self) -> int:
@@ -45,8 +71,207 @@ class EncodedSample:
 
 
 @dataclass
+class EncoderCounters:
+    """What the encoder did since it was made (for tests, benchmarks and stats)."""
+
+    samples: int = 0
+    images_decoded: int = 0  # image sources decoded (a PIL image passed in costs nothing)
+    images_resized: int = 0  # qwen-vl-utils resize + content digest
+    prompts_rendered: int = 0  # chat template renderings of a shared prompt (twice per group: answer and probe)
+    prompts_shared: int = 0  # samples whose prompt tokens came from their group
+    whole_conversations: int = 0  # samples tokenized whole (no group, or a template that forbids the cut)
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def token_type_ids(input_ids: torch.Tensor, image_id: int, video_id: int | None) -> torch.Tensor:
+    """``mm_token_type_ids`` as the processor makes them: 1 at image tokens, 2 at video tokens, else 0."""
+    mm = (input_ids == image_id).long()
+    if video_id is not None:
+        mm[input_ids == video_id] = 2
+    return mm
+
+
+class PixelCache:
+    """The image processor's output per image content, bounded in bytes (LRU, cachetools).
+
+    Entries are exact: the image processor handles images one by one, so an image's pixels do not depend
+    on the others in the call. ``max_bytes`` (default 256 MiB) counts the pixel tensors; an image larger
+    than the whole budget is processed but not kept; 0 keeps nothing. Safe to share between threads.
+    """
+
+    def __init__(self, image_processor: Any, max_bytes: int = DEFAULT_PIXEL_CACHE_BYTES):
+        self.image_processor = image_processor
+        self.max_bytes = int(max_bytes)
+        self._entries: LRUCache | None = (
+            LRUCache(maxsize=self.max_bytes, getsizeof=_entry_bytes) if self.max_bytes > 0 else None
+        )
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @property
+    def bytes(self) -> int:
+        with self._lock:
+            return int(self._entries.currsize) if self._entries is not None else 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries) if self._entries is not None else 0
+
+    def get(self, image: Image.Image, digest: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixel_values [patches, dim], image_grid_thw [1, 3]) of one resized image."""
+        with self._lock:
+            hit = self._entries.get(digest) if self._entries is not None else None
+            if hit is not None:
+                self.hits += 1
+                return hit
+            self.misses += 1
+        out = self.image_processor(images=[image], return_tensors="pt")
+        entry = (out["pixel_values"], out["image_grid_thw"])
+        if self._entries is not None and _entry_bytes(entry) <= self.max_bytes:
+            with self._lock:
+                self._entries[digest] = entry
+        return entry
+
+
+def _entry_bytes(entry: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in entry)
+
+
+@dataclass
+class _Image:
+    """One image of a request, resized and digested once."""
+
+    image: Image.Image
+    digest: str
+    pixels: torch.Tensor | None = None
+    grid: torch.Tensor | None = None
+
+
+class _RequestImages:
+    """Per-request memo: each distinct source decoded once, each decoded image resized and digested once."""
+
+    def __init__(self, encoder: "Encoder"):
+        self.encoder = encoder
+        self._decoded: dict[Any, tuple[Any, Any]] = {}  # source key -> (source, decoded image or source)
+        self._resized: dict[tuple, _Image] = {}  # (id(decoded), size options) -> _Image
+        self._keep: list = []  # objects whose id() is a key stay alive for the request
+
+    def decode(self, source: Any) -> Any:
+        """The decoded PIL image, or the source itself when it is not decodable (the sample's own
+        normalization then reports the failure with its usual message)."""
+        if source is None or isinstance(source, Image.Image):
+            return source
+        key = _source_key(source)
+        if key is None:
+            return source
+        if key not in self._decoded:
+            try:
+                decoded = load_image(source, self.encoder.policy)
+                self.encoder._count(images_decoded=1)
+            except SampleError:
+                decoded = source
+            self._decoded[key] = (source, decoded)
+        return self._decoded[key][1]
+
+    def prepare(self, image: Image.Image, index: int, size: dict | None) -> _Image:
+        key = (id(image), tuple(sorted((size or {}).items())))
+        found = self._resized.get(key)
+        if found is None:
+            resized = self.encoder._resize(image, index, size)
+            found = self._resized[key] = _Image(resized, image_digest(resized))
+            self._keep.append(image)
+            self.encoder._count(images_resized=1)
+        if found.pixels is None:
+            found.pixels, found.grid = self.encoder.pixel_cache.get(found.image, found.digest)
+        return found
+
+    def predecode(self, sample: Any) -> Any:
+        """A shallow copy of the sample with its image sources replaced by decoded images."""
+        if isinstance(sample, Sample):
+            sample = sample.to_dict()
+        if not isinstance(sample, dict) or "input_ids" in sample:
+            return sample
+        out = dict(sample)
+        for key in ("images", "image"):
+            column = sample.get(key)
+            if isinstance(column, (list, tuple)):
+                out[key] = [self.decode(s) for s in column]
+            elif column is not None:
+                out[key] = self.decode(column)
+        for key in ("messages", "prompt", "completion"):
+            if key in sample:
+                out[key] = self._in_messages(sample[key])
+        return out
+
+    def _in_messages(self, messages: Any) -> Any:
+        if isinstance(messages, dict):
+            return self._in_message(messages)
+        if not isinstance(messages, (list, tuple)):
+            return messages
+        return [self._in_message(m) for m in messages]
+
+    def _in_message(self, message: Any) -> Any:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), (list, tuple)):
+            return message
+        items = []
+        for item in message["content"]:
+            if isinstance(item, dict) and item.get("image") is not None:
+                item = {**item, "image": self.decode(item["image"])}
+            elif isinstance(item, dict) and item.get("image_url") is not None and item.get("image") is None:
+                url = item["image_url"]
+                decoded = self.decode(url.get("url") if isinstance(url, dict) else url)
+                if isinstance(decoded, Image.Image):
+                    item = {**{k: v for k, v in item.items() if k != "image_url"}, "type": "image", "image": decoded}
+            items.append(item)
+        return {**message, "content": items}
+
+
+def _source_key(source: Any) -> Any:
+    """Identity of an image source within one request: same bytes, path or URI, or the same object."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return ("bytes", bytes(source))
+    if isinstance(source, str):
+        return ("str", source)
+    if isinstance(source, os.PathLike):
+        return ("str", os.fspath(source))
+    if isinstance(source, dict):
+        if source.get("bytes") is not None:
+            return ("bytes", bytes(source["bytes"]))
+        for k in ("path", "url"):
+            if isinstance(source.get(k), str) and source[k]:
+                return ("str", source[k])
+        return None
+    return ("object", id(source))  # numpy arrays and the like: the object itself
+
+
+@dataclass
+class _Group:
+    """A prompt shared by several samples: its tokens and positions, computed once."""
+
+    ids: torch.Tensor  # prompt tokens up to and including its last special token, image runs expanded
+    positions: torch.Tensor | None  # [3, P]
+    next_position: int
+    between: str  # template text from the cut to the answer ("assistant\n")
+    after: str  # template text after the answer ("<|im_end|>\n")
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    digests: list[str]
+
+
+@dataclass
 class Encoder:
-    """Encodes samples for one checkpoint's processor."""
+    """Encodes samples for one checkpoint's processor.
+
+    image_processor: the image processor used for pixels (default: the processor's own).
+    pixel_cache_bytes: budget of the pixel cache (image processor outputs by content), default 256 MiB.
+    rope_index: computes M-RoPE positions ``(ids [1, L], mm_token_type_ids [1, L], grid) -> [3, 1, L]``
+        (the model's ``get_rope_index``); None leaves ``position_ids`` unset.
+    share_prompts: tokenize a prompt shared by several samples of a request once (default). False
+        tokenizes every conversation whole; the ids are the same either way.
+    vocab_size: the model's vocabulary size; token samples with ids outside it are refused.
+    """
 
     processor: Any
     policy: ImagePolicy
@@ -54,35 +279,155 @@ class Encoder:
     max_pixels: int | None = None
     max_length: int | None = None
     patch_size: int = 14
+    image_processor: Any = None
+    pixel_cache_bytes: int = DEFAULT_PIXEL_CACHE_BYTES
+    rope_index: RopeIndex | None = None
+    share_prompts: bool = True
+    vocab_size: int | None = None  # the model's embedding rows (token samples are checked against it)
 
     def __post_init__(self):
-        # The G completions of a GRPO group share their images: preprocess each distinct image once.
-        self._pixel_cache = PixelCache(self.processor.image_processor)
-        self.processor.image_processor = self._pixel_cache
+        if self.image_processor is None:
+            self.image_processor = self.processor.image_processor
+        self.pixel_cache = PixelCache(self.image_processor, self.pixel_cache_bytes)
+        self.counters = EncoderCounters()
+        self._lock = threading.Lock()
+        tok = self.tokenizer
+        self.image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+        video = tok.convert_tokens_to_ids(VIDEO_TOKEN)
+        self.video_token_id = video if isinstance(video, int) and video != tok.unk_token_id else None
+        self._cut_tokens = self._safe_cut_tokens()
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    # ---- public --------------------------------------------------------------------------------
 
     def encode(self, sample: Any) -> EncodedSample:
+        """One sample; raises SampleError when it cannot be scored."""
+        encoded, errors = self.encode_many([sample])
+        if errors:
+            raise SampleError(errors[0])
+        return encoded[0]
+
+    def encode_many(self, samples: Sequence[Any]) -> tuple[list[EncodedSample | None], dict[int, str]]:
+        """Encode a request's samples, sharing image and prompt work between them.
+
+        Returns the encoded samples (None for a bad one) and ``{index: reason}`` for the bad ones. Any
+        other failure (a bug, a processor error) is not a sample's fault: it raises ScoringError.
+        Safe to call from several threads at once.
+        """
+        images = _RequestImages(self)
+        groups: dict[str, _Group | None] = {}
+        encoded: list[EncodedSample | None] = []
+        errors: dict[int, str] = {}
+        for i, sample in enumerate(samples):
+            try:
+                encoded.append(self._encode(sample, images, groups))
+            except SampleError as e:
+                encoded.append(None)
+                errors[i] = str(e)
+            except Exception as e:  # noqa: BLE001 - not the sample's fault: fail the request loudly
+                raise ScoringError(f"encoding sample {i} failed: {type(e).__name__}: {e}") from e
+        self._count(samples=len(samples))
+        return encoded, errors
+
+    # ---- one sample ----------------------------------------------------------------------------
+
+    def _encode(self, sample: Any, images: _RequestImages, groups: dict) -> EncodedSample:
         if isinstance(sample, dict) and "input_ids" in sample:
-            return self.encode_tokens(sample["input_ids"], sample.get("images") or [])
-        conv = to_conversation(sample, self.policy)
-        text = self.processor.apply_chat_template(conv.messages, tokenize=False, add_generation_prompt=False)
-        images = [self._resize(im, i, size) for i, (im, size) in enumerate(zip(conv.images, conv.sizes))]
-        digests = [image_digest(im) for im in images]
-        with self._pixel_cache.digests(digests):
-            out = self.processor(text=[text], images=images or None, return_tensors="pt")
-        input_ids = out["input_ids"][0]
-        if self.max_length is not None and input_ids.shape[0] > self.max_length:
-            raise SampleError(f"sample has {input_ids.shape[0]} tokens, over max_length={self.max_length}")
-        mm = out.get("mm_token_type_ids")
-        mm = torch.zeros_like(input_ids) if mm is None else mm[0]
+            return self._encode_tokens(sample["input_ids"], sample.get("images") or [], images)
+        conv = to_conversation(images.predecode(sample), self.policy)
+        prepared = [images.prepare(im, i, size) for i, (im, size) in enumerate(zip(conv.images, conv.sizes))]
+        answer = conv.messages[-1]
+        text = _answer_text(answer)
+        if self.share_prompts and self._cut_tokens and text is not None:
+            key = _prompt_key(conv.messages[:-1], answer, conv.images, prepared)
+            if key not in groups:
+                groups[key] = self._group(conv.messages[:-1], answer, prepared)
+            group = groups[key]
+            if group is not None:
+                return self._from_group(group, text)
+        return self._whole(conv.messages, prepared)
+
+    def _group(self, prompt: list[dict], answer: dict, prepared: list[_Image]) -> _Group | None:
+        """Render and tokenize a prompt once; None when the template does not allow the cut."""
+        as_list = isinstance(answer["content"], list)
+
+        def render(content: str) -> str:
+            body = [{**answer["content"][0], "text": content}] if as_list else content
+            return self._render(prompt + [{**answer, "content": body}])
+
+        text = render(_ANSWER)
+        self._count(prompts_rendered=2)
+        if text.count(_ANSWER) != 1:
+            return None
+        head, after = text.split(_ANSWER)
+        if render(_PROBE) != head + _PROBE + after:  # the template must insert the answer verbatim
+            return None
+        cut = max((head.rfind(t) + len(t) for t in self._cut_tokens if t in head), default=-1)
+        between = head[cut:] if cut >= 0 else ""
+        if cut < 0 or any(t in between + after for t in (IMAGE_TOKEN, VIDEO_TOKEN)):
+            return None
+        ids, pixels, grid = self._prompt_ids(head[:cut], prepared, add_special_tokens=True)
+        positions = self._positions(ids, grid)
+        if positions is not None and not bool((positions[:, -1] == positions[0, -1]).all()):
+            return None  # the prompt must end on a text token for the answer's positions to follow on
+        next_position = int(positions[0, -1]) + 1 if positions is not None else 0
+        return _Group(ids, positions, next_position, between, after, pixels, grid, [p.digest for p in prepared])
+
+    def _from_group(self, group: _Group, answer: str) -> EncodedSample:
+        suffix = self._tokenize(group.between + answer + group.after, add_special_tokens=False)
+        if self.image_token_id in suffix or (self.video_token_id is not None and self.video_token_id in suffix):
+            raise SampleError("the answer holds image or video tokens but no image of its own")
+        suffix_ids = torch.tensor(suffix, dtype=torch.long)
+        ids = torch.cat([group.ids, suffix_ids])
+        self._check_length(len(ids))
+        positions = None
+        if group.positions is not None:
+            tail = torch.arange(len(suffix), dtype=group.positions.dtype) + group.next_position
+            positions = torch.cat([group.positions, tail.expand(3, -1)], dim=1)
+        self._count(prompts_shared=1)
         return EncodedSample(
-            input_ids=input_ids,
-            mm_token_type_ids=mm,
-            pixel_values=out.get("pixel_values"),
-            image_grid_thw=out.get("image_grid_thw"),
-            image_digests=digests,
+            input_ids=ids,
+            mm_token_type_ids=token_type_ids(ids, self.image_token_id, self.video_token_id),
+            pixel_values=group.pixel_values,
+            image_grid_thw=group.image_grid_thw,
+            image_digests=list(group.digests),
+            position_ids=positions,
         )
 
-    def encode_tokens(self, input_ids: Sequence[int] | torch.Tensor, images: Sequence[Any]) -> EncodedSample:
+    def _whole(self, messages: list[dict], prepared: list[_Image]) -> EncodedSample:
+        text = self._render(messages)
+        ids, pixels, grid = self._prompt_ids(text, prepared, add_special_tokens=True)
+        self._check_length(len(ids))
+        self._count(whole_conversations=1)
+        return EncodedSample(
+            input_ids=ids,
+            mm_token_type_ids=token_type_ids(ids, self.image_token_id, self.video_token_id),
+            pixel_values=pixels,
+            image_grid_thw=grid,
+            image_digests=[p.digest for p in prepared],
+            position_ids=self._positions(ids, grid),
+        )
+
+    def _prompt_ids(self, text: str, prepared: list[_Image], add_special_tokens: bool):
+        """Token ids of rendered text with one <|image_pad|> per image, each expanded to its image's token
+        count (the processor expands the text instead: the same ids, since <|image_pad|> is a special token)."""
+        ids = self._tokenize(text, add_special_tokens=add_special_tokens)
+        if self.video_token_id is not None and self.video_token_id in ids:
+            raise SampleError("the conversation holds a video token; only images are supported")
+        pixels = grid = None
+        if prepared:
+            merge = int(self.image_processor.merge_size) ** 2
+            grid = torch.cat([p.grid for p in prepared])
+            pixels = prepared[0].pixels if len(prepared) == 1 else torch.cat([p.pixels for p in prepared])
+            ids = _expand_image_runs(ids, self.image_token_id, [int(g.prod()) // merge for g in grid], single_only=True)
+        elif self.image_token_id in ids:
+            raise SampleError("the text holds image tokens (<|image_pad|>) but the sample has no image")
+        return torch.tensor(ids, dtype=torch.long), pixels, grid
+
+    def _encode_tokens(self, input_ids: Sequence[int] | torch.Tensor, images: Sequence[Any], memo: _RequestImages):
         """A conversation already tokenized with this model's chat template (prompt + completion ids of
         a Qwen-family policy), so nothing is decoded and tokenized again.
 
@@ -91,8 +436,19 @@ class Encoder:
         (truncated completions: flag those yourself). Image placeholders may be expanded (one
         <|image_pad|> per image token, as the processor makes them) or a single <|image_pad|> per image.
         """
-        tok = self.processor.tokenizer
-        ids = [int(t) for t in (input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids)]
+        tok = self.tokenizer
+        if hasattr(input_ids, "tolist"):  # tensors, numpy arrays
+            input_ids = input_ids.tolist()
+        if not isinstance(input_ids, (list, tuple)) or not all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in input_ids
+        ):
+            raise SampleError("input_ids must be a list of integer token ids")
+        ids = [int(t) for t in input_ids]
+        vocab = self.vocab_size or len(tok)
+        if any(t < 0 or t >= vocab for t in ids):
+            raise SampleError(f"input_ids hold ids outside this tokenizer's vocabulary (0..{vocab - 1})")
+        if not isinstance(images, (list, tuple)):
+            images = [images]
         im_end, eot = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
         newline = tok.encode("\n", add_special_tokens=False)
         while ids and ids[0] in (im_end, eot):  # left padding, as OpenRLHF's decoded sequences carry it
@@ -104,38 +460,59 @@ class Encoder:
         if not ids:
             raise SampleError("input_ids is empty")
         ids += [im_end, *newline]
-        loaded = []
+        if self.video_token_id is not None and self.video_token_id in ids:
+            raise SampleError("input_ids hold video tokens; only images are supported")
+        prepared = []
         for i, src in enumerate(images):
-            try:
-                loaded.append(self._resize(load_image(src, self.policy), i))
-            except SampleError as e:
-                raise SampleError(f"image {i}: {e}") from None
-        image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+            decoded = memo.decode(src)
+            if not isinstance(decoded, Image.Image):
+                try:
+                    decoded = load_image(src, self.policy)  # raises the source's own reason
+                except SampleError as e:
+                    raise SampleError(f"image {i}: {e}") from None
+            prepared.append(memo.prepare(decoded, i, None))
         pixel_values = grid = None
-        digests = [image_digest(im) for im in loaded]
-        if loaded:
-            with self._pixel_cache.digests(digests):
-                out = self.processor.image_processor(images=loaded, return_tensors="pt")
-            pixel_values, grid = out["pixel_values"], out["image_grid_thw"]
-            merge = self.processor.image_processor.merge_size ** 2
-            ids = _expand_image_runs(ids, image_id, [int(g.prod()) // merge for g in grid])
-        elif image_id in ids:
+        if prepared:
+            grid = torch.cat([p.grid for p in prepared])
+            pixel_values = prepared[0].pixels if len(prepared) == 1 else torch.cat([p.pixels for p in prepared])
+            merge = int(self.image_processor.merge_size) ** 2
+            ids = _expand_image_runs(ids, self.image_token_id, [int(g.prod()) // merge for g in grid])
+        elif self.image_token_id in ids:
             raise SampleError("input_ids hold image tokens but no images were given")
-        if self.max_length is not None and len(ids) > self.max_length:
-            raise SampleError(f"sample has {len(ids)} tokens, over max_length={self.max_length}")
-        input_ids = torch.tensor(ids, dtype=torch.long)
+        self._check_length(len(ids))
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        self._count(whole_conversations=1)
         return EncodedSample(
-            input_ids=input_ids,
-            mm_token_type_ids=(input_ids == image_id).long(),
+            input_ids=ids_t,
+            mm_token_type_ids=token_type_ids(ids_t, self.image_token_id, self.video_token_id),
             pixel_values=pixel_values,
             image_grid_thw=grid,
-            image_digests=digests,
+            image_digests=[p.digest for p in prepared],
+            position_ids=self._positions(ids_t, grid),
         )
+
+    # ---- pieces --------------------------------------------------------------------------------
+
+    def _render(self, messages: list[dict]) -> str:
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+    def _tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special_tokens, return_attention_mask=False)["input_ids"]
+
+    def _positions(self, ids: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor | None:
+        if self.rope_index is None:
+            return None
+        mm = token_type_ids(ids, self.image_token_id, self.video_token_id)
+        return self.rope_index(ids[None], mm[None], grid)[:, 0]
+
+    def _check_length(self, n: int) -> None:
+        if self.max_length is not None and n > self.max_length:
+            raise SampleError(f"sample has {n} tokens, over max_length={self.max_length}")
 
     def _resize(self, image: Image.Image, index: int, size: dict | None = None) -> Image.Image:
         """qwen-vl-utils' own step: RGB (RGBA on white) and smart resize to multiples of 28, with the
         bounds the caller gave (from_pretrained, or the image item), else qwen-vl-utils' defaults. The
-        processor then applies the checkpoint's own bounds, as in the model card's code."""
+        image processor then applies the checkpoint's own bounds, as in the model card's code."""
         item = {"image": image}
         item.update({k: v for k, v in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if v})
         item.update(size or {})
@@ -144,64 +521,71 @@ class Encoder:
         except ValueError as e:  # e.g. aspect ratio over 200
             raise SampleError(f"image {index}: {e}") from None
 
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for k, v in deltas.items():
+                setattr(self.counters, k, getattr(self.counters, k) + v)
 
-class PixelCache:
-    """Stands in for the processor's image processor and remembers its output per image content.
-
-    The processor calls it as usual (so its token expansion is untouched); the encoder announces the
-    content digests of the images it is about to pass, so nothing is hashed twice. Entries are exact
-    copies of what the image processor returned for that image alone (images are processed one by one
-    there too), so scores do not change. Bounded; safe to share between threads.
-    """
-
-    def __init__(self, image_processor: Any, max_entries: int = 256):
-        self.inner = image_processor
-        self.max_entries = max_entries
-        self._entries: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        self.hits = self.misses = 0
-
-    def __getattr__(self, name: str):  # merge_size, patch_size, size, ...: the real processor's
-        return getattr(self.inner, name)
-
-    @contextmanager
-    def digests(self, digests: list[str]):
-        self._local.digests = digests
-        try:
-            yield
-        finally:
-            self._local.digests = None
-
-    def __call__(self, images=None, **kwargs):
-        digests = getattr(self._local, "digests", None)
-        images = images if isinstance(images, list) else [images]
-        if digests is None or len(digests) != len(images) or kwargs.get("return_tensors") != "pt":
-            return self.inner(images, **kwargs)
-        options = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
-        pixels, grids = [], []
-        for image, digest in zip(images, digests):
-            key = (digest, options)
-            with self._lock:
-                hit = self._entries.get(key)
-                if hit is not None:
-                    self._entries.move_to_end(key)
-                    self.hits += 1
-            if hit is None:
-                out = self.inner([image], **kwargs)
-                hit = (out["pixel_values"], out["image_grid_thw"])
-                with self._lock:
-                    self.misses += 1
-                    self._entries[key] = hit
-                    while len(self._entries) > self.max_entries:
-                        self._entries.popitem(last=False)
-            pixels.append(hit[0])
-            grids.append(hit[1])
-        return BatchFeature({"pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat(grids)})
+    def _safe_cut_tokens(self) -> tuple[str, ...]:
+        """Special tokens after which the text may be cut without changing the ids: split out before
+        normalization and pre-tokenization (not normalized, no lstrip/rstrip), none the start of another,
+        and a tokenizer that adds nothing at the end of a sequence."""
+        tok = self.tokenizer
+        added = {t.content: t for t in getattr(tok, "added_tokens_decoder", {}).values()}
+        cut = added.get("<|im_start|>")
+        if cut is None or cut.normalized or cut.lstrip or cut.rstrip or cut.single_word:
+            return ()
+        if any(other != cut.content and other.startswith(cut.content) for other in added):
+            return ()
+        probe = "a<|im_start|>b"
+        plain = self._tokenize(probe, add_special_tokens=False)
+        special = self._tokenize(probe, add_special_tokens=True)
+        if special[len(special) - len(plain) :] != plain:  # something appended (an EOS): the cut would move it
+            return ()
+        return (cut.content,)
 
 
-def _expand_image_runs(ids: list[int], image_id: int, sizes: list[int]) -> list[int]:
-    """Make each run of image tokens as long as its image needs (a run of 1 is expanded)."""
+def _answer_text(answer: dict) -> str | None:
+    """The final answer as plain text when it can be tokenized apart from its prompt, else None."""
+    content = answer.get("content")
+    if isinstance(content, str):
+        return content
+    if (
+        isinstance(content, list)
+        and len(content) == 1
+        and isinstance(content[0], dict)
+        and content[0].get("type") == "text"
+        and isinstance(content[0].get("text"), str)
+        and not any(k in content[0] for k in ("image", "image_url", "video"))
+    ):
+        return content[0]["text"]
+    return None
+
+
+def _prompt_key(prompt: list[dict], answer: dict, images: list[Image.Image], prepared: list[_Image]) -> str:
+    """Everything the template sees of a sample except the answer's text; images by content digest."""
+    digests = {id(im): p.digest for im, p in zip(images, prepared)}
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return tuple(sorted((str(k), plain(v)) for k, v in value.items()))
+        if isinstance(value, (list, tuple)):
+            return tuple(plain(v) for v in value)
+        if isinstance(value, Image.Image):
+            return ("image", digests.get(id(value), id(value)))
+        if value is None or isinstance(value, (str, int, float, bool)):
+            return value
+        return ("object", type(value).__name__, id(value))  # never equal to another object's
+
+    shape = {k: v for k, v in answer.items() if k != "content"}
+    form = "str" if isinstance(answer["content"], str) else plain([{k: v for k, v in answer["content"][0].items() if k != "text"}])
+    return repr((plain(prompt), plain(shape), form))
+
+
+def _expand_image_runs(ids: list[int], image_id: int, sizes: list[int], single_only: bool = False) -> list[int]:
+    """Make each run of image tokens as long as its image needs (a run of 1 is expanded).
+
+    single_only: every run must be a single token (text rendered by the chat template)."""
     out, k, i = [], 0, 0
     while i < len(ids):
         if ids[i] != image_id:
@@ -212,16 +596,16 @@ def _expand_image_runs(ids: list[int], image_id: int, sizes: list[int]) -> list[
         while j < len(ids) and ids[j] == image_id:
             j += 1
         if k >= len(sizes):
-            raise SampleError(f"input_ids hold more image placeholders than the {len(sizes)} images given")
-        if j - i not in (1, sizes[k]):
+            raise SampleError(f"the sample holds more image placeholders than the {len(sizes)} images given")
+        if j - i != 1 and (single_only or j - i != sizes[k]):
             raise SampleError(
-                f"image {k} has {j - i} image tokens in input_ids but this model's processor makes {sizes[k]} "
+                f"image {k} has {j - i} image tokens but this model's processor makes {sizes[k]} "
                 "(min_pixels/max_pixels differ from the policy's?)"
             )
         out += [image_id] * sizes[k]
         k, i = k + 1, j
     if k != len(sizes):
-        raise SampleError(f"{len(sizes)} images were given but input_ids hold {k} image placeholders")
+        raise SampleError(f"{len(sizes)} images were given but the sample holds {k} image placeholders")
     return out
 
 

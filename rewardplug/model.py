@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from .checkpoint import read_value_head, resolve_checkpoint
-from .encoding import Batch, EncodedSample, Encoder, collate
-from .errors import CheckpointError, InvalidSampleError, SampleError
+from .encoding import DEFAULT_PIXEL_CACHE_BYTES, Batch, EncodedSample, Encoder, collate
+from .errors import CheckpointError, InvalidSampleError
 from .images import ImagePolicy
 from .samples import token_samples
 
@@ -45,6 +45,16 @@ def _backbone_class(model_type: str):
             f"unsupported model_type {model_type!r} in config.json; rewardplug loads {sorted(classes)}"
         )
     return classes[model_type]
+
+
+def _rope_index(backbone):
+    """M-RoPE positions of one sequence, from the model's own ``get_rope_index`` (a pure function of
+    the ids, token types and image grids)."""
+
+    def rope_index(ids: torch.Tensor, mm: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor:
+        return backbone.get_rope_index(ids, mm, image_grid_thw=grid)[0]
+
+    return rope_index
 
 
 def _resolve_dtype(dtype: Any, config) -> torch.dtype:
@@ -96,9 +106,10 @@ class RewardModel:
         max_length: int | None = None,
         value_head: str | None = "value_head.safetensors",
         image_backend: str = "pil",
-        image_roots: Sequence[str | os.PathLike] | None | str = "cwd",
+        image_roots: Sequence[str | os.PathLike] | None = None,
         image_url_hosts: Sequence[str] = (),
         padding_side: str = "right",
+        pixel_cache_mb: float = DEFAULT_PIXEL_CACHE_BYTES / 2**20,
     ) -> "RewardModel":
         """Load a reward model from a hub id or a local folder.
 
@@ -117,10 +128,13 @@ class RewardModel:
             which is what ``Qwen2VLImageProcessor`` was when the model card was written (transformers
             4.x) and what the model was trained with; "torchvision" uses transformers 5's default
             fast processor, whose resizing differs slightly; "auto" takes whatever AutoProcessor picks.
-        image_roots: folders that local image paths may be read from; "cwd" (default) is the current
-            folder, None allows any path. image_url_hosts: hosts whose http(s) image URLs may be
-            fetched (default none; "*" for any).
+        image_roots: folders that local image paths may be read from; None (default) reads any local
+            path this process can read (the in-process caller is trusted, as the model card's code
+            is); "cwd" is the current folder. The HTTP service keeps its own roots-only default.
+        image_url_hosts: hosts whose http(s) image URLs may be fetched (default none; "*" for any).
         padding_side: "right" or "left"; scores do not depend on it.
+        pixel_cache_mb: budget of the pixel cache (preprocessed images kept by content, so a GRPO
+            group's picture is preprocessed once, also across requests); default 256 MiB, 0 keeps none.
         """
         from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
 
@@ -171,11 +185,14 @@ class RewardModel:
                 head.bias.copy_(bias)
         head.eval()
 
-        processor = AutoProcessor.from_pretrained(folder)
+        processor = AutoProcessor.from_pretrained(folder)  # left as loaded: the encoder holds its image processor
+        image_processor = processor.image_processor
         image_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
         if image_backend != "auto" or image_kwargs:
             backend = None if image_backend == "auto" else image_backend
-            processor.image_processor = AutoImageProcessor.from_pretrained(folder, backend=backend, **image_kwargs)
+            image_processor = AutoImageProcessor.from_pretrained(folder, backend=backend, **image_kwargs)
+        if isinstance(image_roots, str) and image_roots != "cwd":
+            image_roots = [image_roots]
         policy = ImagePolicy(
             local_roots=(os.getcwd(),) if image_roots == "cwd" else (None if image_roots is None else tuple(image_roots)),
             url_hosts=tuple(image_url_hosts),
@@ -186,7 +203,11 @@ class RewardModel:
             min_pixels=min_pixels,
             max_pixels=max_pixels,
             max_length=max_length,
-            patch_size=int(processor.image_processor.patch_size),
+            patch_size=int(image_processor.patch_size),
+            image_processor=image_processor,
+            pixel_cache_bytes=int(pixel_cache_mb * 2**20),
+            rope_index=_rope_index(backbone),
+            vocab_size=int(config.text_config.vocab_size),
         )
         return cls(backbone, head, processor, encoder, str(name_or_path), padding_side)
 
@@ -220,31 +241,25 @@ class RewardModel:
 
     # ---- scoring -------------------------------------------------------------------------------
 
+    @property
+    def image_processor(self):
+        """The image processor that makes the pixels (the PIL one by default; see ``image_backend``)."""
+        return self.encoder.image_processor
+
     def encode(self, sample: Any) -> EncodedSample:
         """Tokens, pixels and M-RoPE positions of one sample; raises SampleError if it cannot be scored."""
-        encoded = self.encoder.encode(sample)
-        # Positions from the sample's own tokens, so they never depend on padding or batch neighbours.
-        positions, _ = self.backbone.get_rope_index(
-            encoded.input_ids[None], encoded.mm_token_type_ids[None], image_grid_thw=encoded.image_grid_thw
-        )
-        encoded.position_ids = positions[:, 0]
-        return encoded
+        return self.encoder.encode(sample)
 
     def encode_many(self, samples: Sequence[Any]) -> tuple[list[EncodedSample | None], dict[int, str]]:
-        """Encode every sample; bad ones come back as None with their reason in the errors dict."""
-        encoded: list[EncodedSample | None] = []
-        errors: dict[int, str] = {}
-        for i, sample in enumerate(samples):
-            try:
-                encoded.append(self.encode(sample))
-            except SampleError as e:
-                encoded.append(None)
-                errors[i] = str(e)
-            except Exception as e:  # a template or processor failure is still this sample's problem
-                logger.debug("sample %d failed to encode", i, exc_info=True)
-                encoded.append(None)
-                errors[i] = f"cannot be encoded ({type(e).__name__}: {e})"
-        return encoded, errors
+        """Encode a request's samples; bad ones come back as None with their reason in the errors dict.
+
+        Work is shared within the call: each distinct image source is decoded and preprocessed once,
+        and samples with the same prompt share its tokenization and positions (the ids equal those of
+        each whole conversation). Positions come from each sample's own tokens, so they never depend
+        on padding or batch neighbours. A failure that is not a sample's fault (a bug, a processor
+        error) raises ``ScoringError`` for the whole call. Safe to call from several threads at once.
+        """
+        return self.encoder.encode_many(samples)
 
     @torch.inference_mode()
     def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
