@@ -71,6 +71,8 @@ def load_image(source: ImageSource, policy: ImagePolicy) -> Image.Image:
         return source
     if isinstance(source, dict):
         if source.get("bytes") is not None:
+            if not isinstance(source["bytes"], (bytes, bytearray, memoryview)):
+                raise SampleError(f"image dict 'bytes' must be bytes, got {type(source['bytes']).__name__}")
             return _decode(bytes(source["bytes"]), policy, "image bytes")
         if source.get("path"):
             return load_image(source["path"], policy)
