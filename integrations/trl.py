@@ -1,35 +1,53 @@
-"""rewardplug as ``reward_funcs`` for TRL's GRPOTrainer and RLOOTrainer (TRL 1.16).
+"""rewardplug as ``reward_funcs`` for TRL's GRPOTrainer and RLOOTrainer (TRL 1.16), and its AsyncGRPOTrainer.
 
 TRL calls a reward function with keywords only: ``prompts``, ``completions``, ``completion_ids`` and
 every dataset column (``image`` / ``images`` among them), plus ``trainer_state``, ``log_metric`` and
 ``log_extra``; it wants one float (or None, which it masks) per completion.
 
->>> from rewardplug import RewardPool
 >>> from rewardplug.integrations.trl import RewardFunction
->>> reward = RewardFunction(RewardPool("Skywork/Skywork-VL-Reward-7B"))  # doctest: +SKIP
+>>> reward = RewardFunction("Skywork/Skywork-VL-Reward-7B")  # doctest: +SKIP  (a named Ray pool, shared by all ranks)
 >>> trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=config, train_dataset=ds)  # doctest: +SKIP
+
+Two kinds of failure, never mixed (see ``rewardplug.errors``): a bad sample (an image that cannot be
+read, ...) follows ``on_invalid`` (None by default, which TRL masks, or a fixed fallback reward); a
+system failure (device error, lost replica, timeout, a bug) raises ``ScoringError`` and the training
+step fails with its cause. No system failure ever reaches TRL as None.
 
 A RewardFunction is not an ``nn.Module`` on purpose: TRL would take a module for a text-only
 sequence classifier. ``AsyncRewardFunction`` has ``async def __call__``: TRL runs it on its event loop,
-concurrently with its other async rewards.
+concurrently with its other async rewards. ``PoolColocationCallback`` offloads a pool's weights
+during the optimizer step (vLLM colocate style).
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import logging
 import math
 import os
 import threading
 import time
-from typing import Any, Sequence
+import uuid
+import warnings
+from typing import Any, Callable, Sequence
 
-from ..errors import InvalidSampleError
+from ..errors import InvalidSampleError, RewardPlugError, ScoringError
 
 logger = logging.getLogger(__name__)
 
-# End-of-turn ids of Qwen2/2.5-VL policies: <|im_end|>, <|endoftext|>.
-QWEN_EOS_IDS = (151645, 151643)
 TRUNCATED = ("score", "none")
+ON_INVALID = ("none", "raise")
+AUTO = "auto"  # pool_name default: a name derived from the model and options (see default_pool_name)
+
+# Engine/pool counters whose change since the previous call is logged per step (TRL averages what it
+# is given per step, so a cumulative counter would be the wrong figure).
+COUNTERS = ("requests", "samples", "batches", "forward_passes", "real_tokens", "padded_tokens", "vision_hits",
+            "vision_misses", "prefix_groups", "prefix_hits", "duplicate_hits", "oom_splits", "invalid_samples",
+            "failed_samples", "scoring_errors", "retries")  # fmt: skip
+LOGGED_DELTAS = ("samples", "batches", "vision_hits", "vision_misses", "prefix_hits", "oom_splits", "scoring_errors",
+                 "retries")  # fmt: skip
 
 
 class RunningNorm:
@@ -71,20 +89,41 @@ class RunningNorm:
 class RewardFunction:
     """A TRL reward function backed by a RewardModel, RewardEngine, RewardPool, or a model id/path.
 
-    scorer: a RewardModel, RewardEngine or RewardPool; or a hub id / folder, loaded as a RewardPool
-        (``pool_options`` go to it) so scoring runs on the pool's GPUs, not the trainer's.
+    scorer: a RewardModel, RewardEngine or RewardPool; or a hub id / folder, then:
+        - ``pool_name="auto"`` (default): a named RewardPool, get-or-create across processes, so the N
+          ranks of a job share ONE pool. Its name is ``default_pool_name(model, options)``:
+          "rewardplug-" + 12 hex digits of a hash of the model id and the options, the same on every
+          rank without configuration. ``options`` go to ``RewardPool`` (num_replicas,
+          gpus_per_replica, address, ... and the model/engine options).
+        - ``pool_name="my-pool"``: that name (``rewardplug pool start --name my-pool`` may have made it).
+        - ``pool_name=None`` or ``device=...``: no pool; an in-process RewardEngine on this rank's own
+          device (``cuda:$LOCAL_RANK``, the CPU without CUDA) or on ``device``. ``options`` go to
+          ``RewardModel.from_pretrained`` and ``RewardEngine``.
     name: the name TRL logs under (default "reward_model").
-    on_error: "none" (default): a sample that cannot be scored gets None, which TRL masks, and the
-        reason is logged; "raise": the training step fails with InvalidSampleError.
-    truncated: what a completion that ended without an end-of-turn token (it hit the length limit)
-        gets: "score" (scored as is, the chat template closes the turn), "none" (masked), or a fixed
-        float penalty. Truncation is read from ``completion_ids``; its share is logged either way.
-    eos_token_ids: the policy's end-of-turn ids (default: <|im_end|> and <|endoftext|> of the reward
-        model's tokenizer when it is in this process, else Qwen's ids; Qwen-family policies share them).
+    on_invalid: what a bad sample (InvalidSampleError: unreadable image, unknown content, ...) gets:
+        "none" (default for the TRL door): None, which TRL masks when no other reward function scores
+        the row (but see "Mixing" below); "raise": the training step fails with InvalidSampleError;
+        a float: that fixed fallback reward, returned as is (not normalized). The reasons are logged.
+        System failures raise ScoringError whatever this is.
+    on_error: deprecated alias of ``on_invalid`` ("none" | "raise").
+    truncated: what a completion that ended without one of the policy's end-of-turn ids (it hit the
+        length limit) gets: "score" (scored as is; the reward model's chat template closes the turn),
+        "none" (masked), or a fixed float penalty (returned as is, not normalized).
+    eos_token_ids: the POLICY's end-of-turn and pad ids, to judge truncation. Default: read from the
+        trainer that calls (its ``eos_token_ids`` and its processing class's pad id: exactly TRL's own
+        ``completions/clipped_ratio`` rule). Under AsyncGRPOTrainer (no trainer in reach) pass them,
+        else truncation is not judged (logged once). Never the reward model's tokenizer's ids.
     normalize: None, or "running": (score - running mean) / running std, per value of the
         ``normalize_by`` column (e.g. "data_source") or over everything.
     clip: None, a float c (clip to [-c, c]) or a (low, high) pair; applied after normalization.
-    log_every: call the scorer's stats() (and log cache and latency figures) every this many calls.
+    log_every: read the scorer's stats() (and log per-step deltas of its counters) every this many calls.
+    log_to: where figures go when TRL passes no ``log_metric`` (AsyncGRPOTrainer): a picklable callable
+        ``log_to(name, value)``; default: one ``logging`` INFO line per ``log_every`` calls on the
+        logger "rewardplug.integrations.trl" (means over those calls).
+
+    Mixing: TRL sums reward functions with ``nansum`` and masks a row only when EVERY function returns
+    None, so a None from this function next to a rule-based reward counts as 0 for this function. It
+    warns once when that happens; pass a float ``on_invalid`` to choose what unscorable samples get.
     """
 
     def __init__(
@@ -92,48 +131,63 @@ class RewardFunction:
         scorer: Any,
         *,
         name: str | None = None,
-        on_error: str = "none",
+        on_invalid: str | float = "none",
+        on_error: str | None = None,
         truncated: str | float = "score",
         eos_token_ids: Sequence[int] | None = None,
         normalize: str | None = None,
         normalize_by: str | None = None,
         clip: float | tuple[float, float] | None = None,
         log_every: int = 1,
-        **pool_options: Any,
+        log_to: Callable[[str, float], Any] | None = None,
+        pool_name: str | None = AUTO,
+        device: str | None = None,
+        **options: Any,
     ):
-        if on_error not in ("none", "raise"):
-            raise ValueError(f"on_error must be 'none' or 'raise', got {on_error!r}")
-        if not (truncated in TRUNCATED or isinstance(truncated, int | float)):
-            raise ValueError(f"truncated must be 'score', 'none' or a float penalty, got {truncated!r}")
+        if on_error is not None:
+            warnings.warn("RewardFunction(on_error=...) is deprecated; use on_invalid=... (same values, plus a "
+                          "float fallback reward)", DeprecationWarning, stacklevel=2)  # fmt: skip
+            if on_invalid != "none" and on_invalid != on_error:
+                raise ValueError(f"on_error={on_error!r} and on_invalid={on_invalid!r} disagree; pass on_invalid only")
+            on_invalid = on_error
+        self.on_invalid = _check_fixed(on_invalid, ON_INVALID, "on_invalid")
+        self.truncated = _check_fixed(truncated, TRUNCATED, "truncated")
         if normalize not in (None, "running"):
             raise ValueError(f"normalize must be None or 'running', got {normalize!r}")
-        if isinstance(scorer, str | os.PathLike):
-            from ..serving.pool import RewardPool
-
-            scorer = RewardPool(scorer, **pool_options)
-        elif pool_options:
-            raise TypeError(f"options {sorted(pool_options)} apply only when scorer is a model id or path")
+        self._owns_scorer = isinstance(scorer, str | os.PathLike)
+        if self._owns_scorer:
+            scorer = build_scorer(scorer, pool_name=pool_name, device=device, **options)
+        elif options or device is not None or pool_name != AUTO:
+            given = sorted(options) + (["device"] if device is not None else []) + (["pool_name"] if pool_name != AUTO else [])
+            raise TypeError(f"options {given} apply only when scorer is a model id or path")
         self.scorer = scorer
         self.__name__ = name or "reward_model"
-        self.on_error = on_error
-        self.truncated = truncated
-        self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else _eos_ids(scorer))
+        self.eos_token_ids = None if eos_token_ids is None else frozenset(int(i) for i in eos_token_ids)
         self.normalize_by = normalize_by
         self.norm = RunningNorm() if normalize == "running" else None
         self.clip = (-clip, clip) if isinstance(clip, int | float) else clip
-        self.log_every = log_every
+        self.log_every = max(1, int(log_every))
+        self.log_to = log_to
         self._calls = 0
-        self._last_stats: dict = {}
+        self._last_counters: dict[str, float] | None = None
+        self._consumer = f"trl:{self.__name__}:{uuid.uuid4().hex[:8]}"  # this function's stats(since=...) mark
+        self._pending_figures: dict[str, list[float]] = {}
+        self._warned: set[str] = set()
 
     def __getstate__(self):
-        from ..serving.pool import RewardPool
-
-        if not isinstance(self.scorer, RewardPool):
+        if not _is_pool(self.scorer):
             raise TypeError(
                 "a RewardFunction pickles only when backed by a RewardPool (a model or engine lives in this "
                 "process); TRL's AsyncGRPOTrainer runs rewards in a spawned process: pass a RewardPool"
             )
         return self.__dict__
+
+    def close(self) -> None:
+        """Release the scorer if this function built it: an engine is closed, a pool handle detached
+        (a named pool keeps running for the other ranks: ``scorer.shutdown()`` or
+        ``rewardplug pool stop NAME`` removes it)."""
+        if self._owns_scorer:
+            self.scorer.close()
 
     # ---- building samples -----------------------------------------------------------------------
 
@@ -148,63 +202,166 @@ class RewardFunction:
             out.append({"prompt": prompt, "completion": completion, "images": list(row_images or [])})
         return out
 
-    def _truncated_rows(self, completion_ids: list | None) -> list[bool]:
+    def policy_end_ids(self, kwargs: dict) -> frozenset[int] | None:
+        """The policy's end-of-turn and pad ids: ``eos_token_ids`` if given, else the calling trainer's
+        (TRL's own truncation rule: ``ids[-1] not in [*trainer.eos_token_ids, tokenizer.pad_token_id]``,
+        grpo_trainer.py:2489-2490 / rloo_trainer.py:1520-1521 in TRL 1.16), else None (unknown)."""
+        if self.eos_token_ids is not None:
+            return self.eos_token_ids
+        trainer = calling_trainer(kwargs)
+        ids = getattr(trainer, "eos_token_ids", None)
+        if ids is None:
+            return None
+        processing = getattr(trainer, "processing_class", None)
+        tokenizer = getattr(processing, "tokenizer", processing)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        return frozenset(int(i) for i in [*ids, *([pad] if pad is not None else [])])
+
+    def truncated_rows(self, completion_ids: list | None, kwargs: dict) -> list[bool] | None:
+        """Per completion: True when it ended without a policy end-of-turn id; None when not judged."""
         if completion_ids is None:
-            return []
-        return [bool(len(ids)) and int(ids[-1]) not in self.eos_token_ids for ids in completion_ids]
+            return None
+        end_ids = self.policy_end_ids(kwargs)
+        if end_ids is None:
+            if self.truncated != "score":
+                raise ValueError(
+                    f"{self.__name__}: truncated={self.truncated!r} needs the policy's end-of-turn ids, and no "
+                    "trainer passed them: pass eos_token_ids=[...] (e.g. [tok.eos_token_id, tok.pad_token_id])"
+                )
+            self._warn_once("eos", "%s: truncation not judged: pass eos_token_ids=[...] (the policy's end-of-turn "
+                            "and pad ids); TRL passed no trainer to read them from", self.__name__)  # fmt: skip
+            return None
+        return [bool(len(ids)) and int(ids[-1]) not in end_ids for ids in completion_ids]
 
     # ---- calls ----------------------------------------------------------------------------------
 
     def __call__(self, prompts: list, completions: list, completion_ids: list | None = None, **kwargs: Any) -> list:
         samples = self.samples(prompts, completions, **kwargs)
         start = time.perf_counter()
-        try:
-            scores = self.scorer.score(samples, on_invalid="raise")
-            errors: dict = {}
-        except InvalidSampleError as e:
-            if self.on_error == "raise":
-                raise
-            # A RewardModel raises before any compute (no e.scores): score the rest now.
-            scores = e.scores if e.scores is not None else self.scorer.score(samples, on_invalid="none")
-            errors = e.errors
+        with self._failures():
+            try:
+                scores, errors = self.scorer.score(samples, on_invalid="raise"), {}
+            except InvalidSampleError as e:
+                if self.on_invalid == "raise":
+                    raise
+                # A RewardModel raises before any compute (no e.scores): score the rest now.
+                scores = e.scores if e.scores is not None else self.scorer.score(samples, on_invalid="none")
+                errors = e.errors
         return self._finish(scores, errors, completion_ids, kwargs, time.perf_counter() - start)
 
+    def _failures(self):
+        return _SystemFailures(self.__name__)
+
     def _finish(self, scores: list, errors: dict, completion_ids, kwargs: dict, seconds: float) -> list:
-        for i, reason in list(errors.items())[:5]:
-            logger.warning("%s: sample %d not scored (masked): %s", self.__name__, i, reason)
         raw = list(scores)
-        truncated = self._truncated_rows(completion_ids)
-        if self.truncated != "score":
-            for i, cut in enumerate(truncated):
-                if cut:
-                    scores[i] = None if self.truncated == "none" else float(self.truncated)
+        bad = [i for i, s in enumerate(raw) if i not in errors and (s is None or not math.isfinite(s))]
+        if bad:
+            raise ScoringError(f"{self.__name__}: the scorer gave no finite score for valid samples {bad[:10]}; "
+                               "refusing to hand TRL a masked reward for a system fault")  # fmt: skip
+        for i, reason in list(errors.items())[:5]:
+            logger.warning("%s: sample %d not scored (gets %r): %s", self.__name__, i, self.on_invalid, reason)
+        truncated = self.truncated_rows(completion_ids, kwargs)
+        fixed: dict[int, float | None] = {}  # rows returned as a fixed value, kept out of normalization
+        if truncated is not None and self.truncated != "score":
+            fixed.update({i: _fixed_value(self.truncated) for i, cut in enumerate(truncated) if cut})
+        fixed.update({i: _fixed_value(self.on_invalid) for i in errors})
+        values: list[float | None] = [None if i in fixed else s for i, s in enumerate(raw)]
         if self.norm is not None:
             keys = kwargs.get(self.normalize_by) if self.normalize_by else None
-            scores = self.norm(scores, keys if keys is not None else [None] * len(scores))
+            values = self.norm(values, keys if keys is not None else [None] * len(values))
         if self.clip is not None:
             low, high = self.clip
-            scores = [None if s is None else min(max(s, low), high) for s in scores]
+            values = [None if v is None else min(max(v, low), high) for v in values]
+        for i, v in fixed.items():
+            values[i] = v
+        if any(v is None for v in values):
+            self._warn_if_mixed(kwargs, sum(v is None for v in values))
         self._log(kwargs, raw, errors, truncated, seconds)
-        return scores
+        return values
 
-    def _log(self, kwargs: dict, raw: list, errors: dict, truncated: list, seconds: float) -> None:
-        log = kwargs.get("log_metric")
-        self._calls += 1
-        if log is None:
-            return
-        valid = [s for s in raw if s is not None]
+    # ---- mixing ---------------------------------------------------------------------------------
+
+    def _warn_if_mixed(self, kwargs: dict, n_none: int) -> None:
+        funcs = getattr(calling_trainer(kwargs), "reward_funcs", None) or []
+        others = [f for f in funcs if f is not self]
+        if others:
+            # TRL 1.16 grpo_trainer.py:2756-2764 (rloo_trainer.py:1650-1657): rewards_per_func * weights,
+            # .nansum(dim=1); only rows where every function gave NaN (None) are masked.
+            self._warn_once(
+                "mixed", "%s returned None for %d rows while %d other reward function(s) score the same rows: "
+                "TRL masks a row only when every reward function returns None and otherwise sums with nansum, "
+                "so these rows get 0 from %s (a bonus when its scores are mostly negative). Pass "
+                "on_invalid=<float> for a fixed fallback reward on unscorable samples.",
+                self.__name__, n_none, len(others), self.__name__,
+            )  # fmt: skip
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
+
+    # ---- logging --------------------------------------------------------------------------------
+
+    def _log(self, kwargs: dict, raw: list, errors: dict, truncated: list | None, seconds: float) -> None:
         name = self.__name__
-        log(f"{name}/latency_ms", seconds * 1e3)
-        log(f"{name}/invalid_frac", len(errors) / max(len(raw), 1))
-        log(f"{name}/truncated_frac", sum(truncated) / max(len(truncated), 1))
+        log_extra = kwargs.get("log_extra")
+        if log_extra is not None:  # per-completion columns of TRL's completions table
+            log_extra(f"{name}/raw_score", list(raw))
+            log_extra(f"{name}/invalid", [i in errors for i in range(len(raw))])
+            if truncated is not None:
+                log_extra(f"{name}/truncated", list(truncated))
+        valid = [s for s in raw if s is not None]
+        figures = {"latency_ms": seconds * 1e3, "invalid_frac": len(errors) / max(len(raw), 1)}
+        if truncated is not None:
+            figures["truncated_frac"] = sum(truncated) / max(len(truncated), 1)
         if valid:
-            log(f"{name}/raw_mean", sum(valid) / len(valid))
+            mean = sum(valid) / len(valid)
+            figures["raw_mean"] = mean
+            figures["raw_std"] = math.sqrt(sum((s - mean) ** 2 for s in valid) / len(valid))
+        self._calls += 1
         if self._calls % self.log_every == 0:
-            stats = self.scorer.stats() if hasattr(self.scorer, "stats") else {}
-            for key in ("prefix_hits", "vision_hits", "vision_misses", "padding_efficiency", "latency_p99_ms",
-                        "engine_prefix_hits", "engine_vision_hits", "retries"):  # fmt: skip
-                if key in stats and isinstance(stats[key], int | float):
-                    log(f"{name}/{key}", float(stats[key]))
+            figures.update(self._stats_deltas())
+        log_metric = kwargs.get("log_metric")
+        if log_metric is not None:
+            for key, value in figures.items():
+                log_metric(f"{name}/{key}", float(value))
+            return
+        for key, value in figures.items():  # no log_metric (AsyncGRPOTrainer): aggregate, then emit
+            self._pending_figures.setdefault(key, []).append(float(value))
+        if self._calls % self.log_every == 0:
+            means = {k: sum(v) / len(v) for k, v in self._pending_figures.items() if v}
+            self._pending_figures = {}
+            if self.log_to is not None:
+                for key, value in means.items():
+                    self.log_to(f"{name}/{key}", value)
+            else:
+                logger.info("%s: %s", name, " ".join(f"{k}={v:.4g}" for k, v in means.items()))
+
+    def _stats_deltas(self) -> dict[str, float]:
+        """Change of the scorer's counters since this function's previous read (this step's figures):
+        ``stats(since=...)`` where the scorer offers it, else the difference of cumulative stats. On a
+        pool shared by several ranks these are pool-wide figures."""
+        stats_fn = getattr(self.scorer, "stats", None)
+        if stats_fn is None:
+            return {}
+        try:
+            if "since" in inspect.signature(stats_fn).parameters:
+                delta = counters_of(stats_fn(since=self._consumer))
+            else:
+                counters = counters_of(stats_fn())
+                last, self._last_counters = self._last_counters or {}, counters
+                # a counter that went down belongs to a restarted replica, which starts from 0
+                delta = {k: v - last.get(k, 0.0) if v >= last.get(k, 0.0) else v for k, v in counters.items()}
+        except Exception as e:  # noqa: BLE001 - figures are optional; scoring already worked
+            self._warn_once("stats", "%s: scorer.stats() failed, no engine figures: %s", self.__name__, e)
+            return {}
+        out = {key: delta[key] for key in LOGGED_DELTAS if key in delta}
+        if delta.get("padded_tokens"):
+            out["padding_efficiency"] = delta.get("real_tokens", 0.0) / delta["padded_tokens"]
+        looked_up = delta.get("vision_hits", 0.0) + delta.get("vision_misses", 0.0)
+        if looked_up:
+            out["vision_hit_rate"] = delta.get("vision_hits", 0.0) / looked_up
+        return out
 
 
 class AsyncRewardFunction(RewardFunction):
@@ -219,18 +376,171 @@ class AsyncRewardFunction(RewardFunction):
             import asyncio
 
             ascore = lambda s, **kw: asyncio.to_thread(self.scorer.score, s, **kw)  # noqa: E731 - a RewardModel
-        try:
-            scores, errors = await ascore(samples, on_invalid="raise"), {}
-        except InvalidSampleError as e:
-            if self.on_error == "raise":
-                raise
-            scores, errors = (e.scores if e.scores is not None else await ascore(samples, on_invalid="none")), e.errors
+        with self._failures():
+            try:
+                scores, errors = await ascore(samples, on_invalid="raise"), {}
+            except InvalidSampleError as e:
+                if self.on_invalid == "raise":
+                    raise
+                scores = e.scores if e.scores is not None else await ascore(samples, on_invalid="none")
+                errors = e.errors
         return self._finish(scores, errors, completion_ids, kwargs, time.perf_counter() - start)
 
 
-def _eos_ids(scorer: Any) -> tuple[int, ...]:
-    model = getattr(scorer, "model", scorer)
-    tokenizer = getattr(getattr(model, "processor", None), "tokenizer", None)
-    if tokenizer is None:
-        return QWEN_EOS_IDS
-    return tuple(tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))
+class _SystemFailures:
+    """Lets rewardplug's own errors through (ScoringError, InvalidSampleError, BusyError, ...) and turns
+    any other exception from the scorer into a ScoringError with it as the cause: a trainer step fails
+    loudly, never trains on a missing reward."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is None or isinstance(error, RewardPlugError) or not isinstance(error, Exception):
+            return False
+        raise ScoringError(f"{self.name}: scoring failed ({type(error).__name__}: {error})") from error
+
+
+# ---- building the scorer from a model id -------------------------------------------------------------
+
+
+def default_pool_name(model: str | os.PathLike, options: dict | None = None) -> str:
+    """"rewardplug-" + 12 hex digits of sha256(model id, options): every rank that asks for the same
+    model with the same options gets the same name, hence one shared pool."""
+    key = json.dumps({"model": os.fspath(model), "options": options or {}}, sort_keys=True, default=repr)
+    return "rewardplug-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def rank_device() -> str:
+    """This rank's own device: ``cuda:$LOCAL_RANK`` (``cuda:0`` when the launcher gives each rank one
+    visible GPU), or "cpu" without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return f"cuda:{local_rank if local_rank < torch.cuda.device_count() else 0}"
+
+
+def build_scorer(model: str | os.PathLike, *, pool_name: str | None = AUTO, device: str | None = None, **options):
+    """A named RewardPool (get-or-create) or, with ``pool_name=None`` / ``device``, an in-process
+    RewardEngine on this rank's device."""
+    if device is None and pool_name is not None:
+        from ..serving.pool import RewardPool
+
+        name = default_pool_name(model, options) if pool_name == AUTO else pool_name
+        logger.info("reward pool %r for %s", name, os.fspath(model))
+        return RewardPool(model, name=name, **options)
+    from ..engine import RewardEngine
+    from ..model import RewardModel
+
+    model_keys = set(inspect.signature(RewardModel.from_pretrained).parameters) - {"name_or_path", "cls", "device"}
+    engine_keys = set(inspect.signature(RewardEngine.__init__).parameters) - {"self", "model", "on_invalid"}
+    unknown = set(options) - model_keys - engine_keys
+    if unknown:
+        raise TypeError(f"unknown options {sorted(unknown)} for an in-process engine; model options: "
+                        f"{sorted(model_keys)}; engine options: {sorted(engine_keys)}")  # fmt: skip
+    device = device or rank_device()
+    reward_model = RewardModel.from_pretrained(model, device=device,
+                                               **{k: v for k, v in options.items() if k in model_keys})  # fmt: skip
+    return RewardEngine(reward_model, **{k: v for k, v in options.items() if k in engine_keys})
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+
+
+def calling_trainer(kwargs: dict) -> Any:
+    """The TRL trainer that called, or None: GRPOTrainer/RLOOTrainer pass ``log_metric`` as their own
+    bound method ``_log_metric``; AsyncGRPOTrainer's rollout worker passes no trainer at all."""
+    return getattr(kwargs.get("log_metric"), "__self__", None)
+
+
+def counters_of(stats: dict) -> dict[str, float]:
+    """The cumulative counters in an engine's or a pool's stats (top level, ``engine_*`` sums, or
+    summed over ``replicas``)."""
+    out: dict[str, float] = {}
+    replicas = stats.get("replicas")
+    for key in COUNTERS:
+        for candidate in (key, f"engine_{key}"):
+            value = stats.get(candidate)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[key] = float(value)
+                break
+        else:
+            if isinstance(replicas, list):
+                values = [r.get(key) for r in replicas if isinstance(r, dict)]
+                values = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+                if values:
+                    out[key] = float(sum(values))
+    return out
+
+
+def _is_pool(scorer: Any) -> bool:
+    from ..serving.pool import RewardPool
+
+    return isinstance(scorer, RewardPool)
+
+
+def _check_fixed(value: Any, words: tuple[str, ...], what: str) -> str | float:
+    if isinstance(value, str):
+        if value not in words:
+            raise ValueError(f"{what} must be one of {words} or a float, got {value!r}")
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    raise ValueError(f"{what} must be one of {words} or a finite float, got {value!r}")
+
+
+def _fixed_value(policy: str | float) -> float | None:
+    return None if policy == "none" else float(policy)  # "raise" never gets here
+
+
+# ---- colocation -----------------------------------------------------------------------------------------
+
+
+def _trainer_callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class PoolColocationCallback(_trainer_callback_base()):
+    """A TRL/transformers TrainerCallback for a reward pool that shares GPUs with the trainer (vLLM
+    colocate style): ``pool.offload()`` (weights to host memory) right before each optimizer step and
+    ``pool.onload()`` at the start of the next step, before generation and scoring; also before an
+    evaluation that follows a step, and at the end of training (the pool is left loaded).
+
+    >>> reward = RewardFunction(pool)  # doctest: +SKIP
+    >>> trainer = GRPOTrainer(..., reward_funcs=[reward], callbacks=[PoolColocationCallback(pool)])  # doctest: +SKIP
+
+    Scoring happens inside the step's first micro-batch, so the weights are on the device from
+    ``on_step_begin`` through the forward/backward passes, and off only for the optimizer step.
+    """
+
+    def __init__(self, pool: Any):
+        self.pool = pool
+        self.offloaded = False
+
+    def _onload(self) -> None:
+        if self.offloaded:
+            self.pool.onload()
+            self.offloaded = False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._onload()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if not self.offloaded:
+            self.pool.offload()
+            self.offloaded = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_evaluate:  # evaluation generates and scores before the next step begins
+            self._onload()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._onload()
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import multiprocessing
 import pickle
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from rewardplug import InvalidSampleError, RewardEngine, RewardModel
-from rewardplug.integrations.trl import AsyncRewardFunction, RewardFunction
+from rewardplug.errors import ScoringError
+from rewardplug.integrations.trl import AsyncRewardFunction, RewardFunction, default_pool_name, rank_device
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -26,7 +28,8 @@ class Recording:
     """Wraps a reward function's class to keep every call's samples and the scores it returned."""
 
     def __init__(self, reward):
-        self.calls = []
+        self.calls = []  # (samples, returned values)
+        self.completion_ids = []  # per call, what TRL passed
         original = type(reward).__call__
         owner = self
 
@@ -36,6 +39,7 @@ class Recording:
                 async def __call__(self, prompts, completions, completion_ids=None, **kw):
                     out = await original(self, prompts, completions, completion_ids, **kw)
                     owner.calls.append((self.samples(prompts, completions, **kw), list(out)))
+                    owner.completion_ids.append(completion_ids)
                     return out
         else:
 
@@ -43,6 +47,7 @@ class Recording:
                 def __call__(self, prompts, completions, completion_ids=None, **kw):
                     out = original(self, prompts, completions, completion_ids, **kw)
                     owner.calls.append((self.samples(prompts, completions, **kw), list(out)))
+                    owner.completion_ids.append(completion_ids)
                     return out
 
         reward.__class__ = Recorded
@@ -62,7 +67,8 @@ def reference(paths):
     return RewardModel.from_pretrained(paths["reward"], image_roots=None)
 
 
-def _train(trainer_name: str, policy: str, reward, dataset, work: Path, steps: int = 2):
+def _trainer(trainer_name: str, policy: str, reward, dataset, work: Path, steps: int = 2, others=(),
+             callbacks=None, **config_options):  # fmt: skip
     import trl
 
     config_cls = getattr(trl, f"{trainer_name}Config")
@@ -70,9 +76,14 @@ def _train(trainer_name: str, policy: str, reward, dataset, work: Path, steps: i
     config = config_cls(
         output_dir=str(work / trainer_name), per_device_train_batch_size=4, num_generations=4,
         max_completion_length=10, max_steps=steps, learning_rate=1e-4, logging_steps=1, report_to="none",
-        use_cpu=True, bf16=False, save_strategy="no", seed=0,
+        use_cpu=True, bf16=False, save_strategy="no", seed=0, **config_options,
     )  # fmt: skip
-    trainer = trainer_cls(model=policy, reward_funcs=[reward], args=config, train_dataset=dataset)
+    return trainer_cls(model=policy, reward_funcs=[*others, reward], args=config, train_dataset=dataset,
+                       callbacks=callbacks)  # fmt: skip
+
+
+def _train(trainer_name: str, policy: str, reward, dataset, work: Path, steps: int = 2, **options):
+    trainer = _trainer(trainer_name, policy, reward, dataset, work, steps, **options)
     trainer.train()
     return trainer
 
@@ -97,7 +108,17 @@ def test_grpo_with_engine_logs_the_plugins_scores(paths, reference):
     _check_logged_rewards(trainer, rec, reference)
     samples = rec.calls[0][0]
     assert all(len(s["images"]) == 1 for s in samples)  # the image column came through
-    assert any(k.startswith(f"{NAME}/prefix_hits") for h in trainer.state.log_history for k in h)
+    # Per-completion raw scores and flags in TRL's completions table (log_extra; it keeps the last batch).
+    extra = trainer._logs["extra"]
+    returned = rec.calls[-1][1]
+    assert list(extra[f"{NAME}/raw_score"]) == pytest.approx(returned, abs=1e-6)
+    assert list(extra[f"{NAME}/invalid"]) == [False] * len(returned)
+    assert len(extra[f"{NAME}/truncated"]) == len(returned)
+    # Engine figures are per-step changes, not running totals: each step scored 4 samples.
+    per_step = [h[f"{NAME}/samples"] for h in trainer.state.log_history if f"{NAME}/samples" in h]
+    assert per_step == [4.0, 4.0]
+    vision = [h[f"{NAME}/vision_hit_rate"] for h in trainer.state.log_history if f"{NAME}/vision_hit_rate" in h]
+    assert len(vision) == 2 and all(0.0 <= v <= 1.0 for v in vision)
     reward.scorer.close()
 
 
@@ -126,6 +147,134 @@ def test_rloo_logs_the_plugins_scores(paths, reference):
     reward.scorer.close()
 
 
+# ---- system failures, mixing, the policy's end-of-turn ids: real trainers ------------------------------
+
+
+CUDA_ERROR = "CUDA error: an illegal memory access was encountered"
+
+
+@pytest.mark.parametrize("scorer_kind", ["model", "engine"])
+def test_grpo_device_error_fails_the_step_with_scoring_error(paths, scorer_kind):
+    """A reward model whose forward raises a device error: the GRPO step fails with ScoringError (the
+    cause kept); the reward function never hands TRL a value, so no None is masked into training."""
+    rm = RewardModel.from_pretrained(paths["reward"], image_roots=None)
+
+    def broken_device(module, args, kwargs):
+        raise RuntimeError(CUDA_ERROR)
+
+    rm.backbone.language_model.register_forward_pre_hook(broken_device, with_kwargs=True)
+    scorer = RewardEngine(rm) if scorer_kind == "engine" else rm
+    reward = RewardFunction(scorer, name=NAME)
+    rec = Recording(reward)
+    trainer = _trainer("GRPO", paths["text_policy"], reward, common.text_dataset(), paths["work"])
+    with pytest.raises(ScoringError) as info:
+        trainer.train()
+    chain, error = [], info.value
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__
+    assert any(CUDA_ERROR in text for text in chain)
+    assert rec.calls == []  # nothing was returned to TRL
+    assert trainer.state.global_step == 0
+    if scorer_kind == "engine":
+        scorer.close()
+
+
+def _long_prompts(n: int = 8):
+    from datasets import Dataset
+
+    long = "Describe in detail, with every colour and every shape you can think of, " * 5
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"{long} ({i})"}] for i in range(n)]})
+
+
+def length_reward(completions, **kwargs):
+    """A rule-based reward: a tenth of the completion's length in characters."""
+    return [len(c[0]["content"]) / 10 for c in completions]
+
+
+def test_grpo_mixed_with_a_rule_reward_warns_once_that_none_counts_as_zero(paths, caplog):
+    """Every sample is over the reward model's max_length (a bad sample): the reward function returns
+    None, the rule reward scores the rows, TRL sums with nansum (None counts as 0): one warning."""
+    engine = RewardEngine(RewardModel.from_pretrained(paths["reward"], image_roots=None, max_length=120))
+    reward = RewardFunction(engine, name=NAME)
+    rec = Recording(reward)
+    with caplog.at_level(logging.WARNING, logger="rewardplug.integrations.trl"):
+        trainer = _train("GRPO", paths["text_policy"], reward, _long_prompts(), paths["work"], others=[length_reward])
+    assert all(v is None for _, out in rec.calls for v in out)
+    warnings = [r for r in caplog.records if "other reward function" in r.getMessage()]
+    assert len(warnings) == 1 and "on_invalid=<float>" in warnings[0].getMessage()
+    for h in (h for h in trainer.state.log_history if "reward" in h and "rewards/length_reward/mean" in h):
+        assert h["reward"] == pytest.approx(h["rewards/length_reward/mean"], abs=1e-6)  # the RM added 0
+    assert list(trainer._logs["extra"][f"{NAME}/invalid"]) == [True] * 4
+
+    # With a fixed fallback, the rows get that value and there is nothing to warn about.
+    caplog.clear()
+    reward = RewardFunction(engine, name=NAME, on_invalid=-1.0)
+    rec = Recording(reward)
+    with caplog.at_level(logging.WARNING, logger="rewardplug.integrations.trl"):
+        trainer = _train("GRPO", paths["text_policy"], reward, _long_prompts(), paths["work"], others=[length_reward])
+    assert all(v == -1.0 for _, out in rec.calls for v in out)
+    assert not [r for r in caplog.records if "other reward function" in r.getMessage()]
+    for h in (h for h in trainer.state.log_history if "rewards/length_reward/mean" in h):
+        assert h["reward"] == pytest.approx(h["rewards/length_reward/mean"] - 1.0, abs=1e-5)
+    engine.close()
+
+
+LLAMA3_TEMPLATE = (
+    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def make_llama_style_policy(path: Path) -> tuple[Path, int, int]:
+    """A tiny random Llama policy with Llama-3 style turns: its end-of-turn id (<|eot_id|>) and pad id
+    (<|end_of_text|>) are not the reward model's <|im_end|> / <|endoftext|>."""
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from rewardplug.testing import make_tiny_text_policy
+
+    make_tiny_text_policy(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                                                         "<|end_of_text|>"]})  # fmt: skip
+    tok.eos_token, tok.pad_token, tok.chat_template = "<|eot_id|>", "<|end_of_text|>", LLAMA3_TEMPLATE
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    for old in path.glob("*.safetensors"):
+        old.unlink()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, tok.eos_token_id, tok.pad_token_id
+
+
+def test_grpo_non_qwen_policy_truncation_judged_with_the_policys_end_ids(paths, model):
+    policy, eos, pad = make_llama_style_policy(paths["work"] / "llama-policy")
+    rm_end_ids = {model.processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    assert eos not in rm_end_ids and pad not in rm_end_ids
+    engine = RewardEngine(RewardModel.from_pretrained(paths["reward"], image_roots=None))
+    reward = RewardFunction(engine, name=NAME)
+    rec = Recording(reward)
+    # A bias on <|eot_id|> makes the random policy end some completions and run others to the limit.
+    trainer = _train("GRPO", str(policy), reward, common.text_dataset(), paths["work"],
+                     generation_kwargs={"sequence_bias": [[[eos], 4.0]]})  # fmt: skip
+    ids = [c for call in rec.completion_ids for c in call]
+    expected = [c[-1] not in (eos, pad) for c in ids]
+    assert any(expected) and not all(expected)  # both kinds occurred
+    assert list(trainer._logs["extra"][f"{NAME}/truncated"]) == expected[-4:]  # TRL keeps the last batch
+    # Our fraction is TRL's own clipped_ratio, step by step.
+    history = [h for h in trainer.state.log_history if f"{NAME}/truncated_frac" in h]
+    assert len(history) == 2
+    for h in history:
+        assert h[f"{NAME}/truncated_frac"] == pytest.approx(h["completions/clipped_ratio"], abs=1e-6)
+    engine.close()
+
+
 # ---- the call contract, with TRL-shaped arguments --------------------------------------------------
 
 
@@ -149,7 +298,7 @@ def test_contract_conversational_embedded_images_not_counted_twice(model, images
                             for c in completions])  # fmt: skip
     assert out == pytest.approx(expected, abs=1e-5)
     names = {k for k, _ in logged}
-    assert {"reward_model/latency_ms", "reward_model/invalid_frac", "reward_model/truncated_frac"} <= names
+    assert {"reward_model/latency_ms", "reward_model/invalid_frac", "reward_model/raw_mean"} <= names
 
 
 def test_contract_standard_strings_and_several_images(model, images):
@@ -161,27 +310,61 @@ def test_contract_standard_strings_and_several_images(model, images):
     assert out == pytest.approx(expected, abs=1e-5)
 
 
-def test_invalid_sample_is_none_or_raises(model, images):
+def test_invalid_sample_on_invalid_none_raise_or_fallback(model, images):
     bad = b"not an image"
     kwargs = {"images": [[images[0]], [bad]]}
-    out = RewardFunction(model)(prompts=["a", "b"], completions=["x", "y"], **kwargs)
-    assert out[1] is None and out[0] == pytest.approx(model.score([{"prompt": "a", "completion": "x",
-                                                                      "images": [images[0]]}])[0], abs=1e-5)  # fmt: skip
+    good = model.score([{"prompt": "a", "completion": "x", "images": [images[0]]}])[0]
+    out = RewardFunction(model)(prompts=["a", "b"], completions=["x", "y"], **kwargs)  # default "none"
+    assert out[1] is None and out[0] == pytest.approx(good, abs=1e-5)
     with pytest.raises(InvalidSampleError, match="sample 1: image 0"):
-        RewardFunction(model, on_error="raise")(prompts=["a", "b"], completions=["x", "y"], **kwargs)
+        RewardFunction(model, on_invalid="raise")(prompts=["a", "b"], completions=["x", "y"], **kwargs)
+    fallback = RewardFunction(model, on_invalid=-2.5)(prompts=["a", "b"], completions=["x", "y"], **kwargs)
+    assert fallback[1] == -2.5 and fallback[0] == pytest.approx(good, abs=1e-5)
+    with pytest.raises(ValueError, match="on_invalid"):
+        RewardFunction(model, on_invalid="skip")
 
 
-def test_truncated_completions_are_flagged(model):
-    eos = model.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    args = dict(prompts=["a", "b"], completions=["cut off", "done"], completion_ids=[[5, 6], [7, eos]])
-    scored = RewardFunction(model)(**args)
+def test_on_error_is_a_deprecated_alias_of_on_invalid(model, images):
+    with pytest.warns(DeprecationWarning, match="on_invalid"):
+        reward = RewardFunction(model, on_error="raise")
+    assert reward.on_invalid == "raise"
+    with pytest.raises(InvalidSampleError):
+        reward(prompts=["a"], completions=["x"], images=[[b"not an image"]])
+
+
+def test_fallback_reward_is_not_normalized(model, images):
+    reward = RewardFunction(model, on_invalid=-1.0, normalize="running")
+    out = reward(prompts=["a", "b", "c"], completions=["x", "yy", "z z"], images=[[], [b"bad"], []])
+    raw = model.score([{"prompt": "a", "completion": "x"}, {"prompt": "c", "completion": "z z"}])
+    mean, std = sum(raw) / 2, abs(raw[0] - raw[1]) / math.sqrt(2)
+    assert out[1] == -1.0
+    assert [out[0], out[2]] == pytest.approx([(v - mean) / (std + 1e-6) for v in raw], abs=1e-4)
+
+
+def test_truncation_uses_the_given_policy_end_ids(model):
+    eos = 7  # a policy whose end-of-turn id is 7: nothing to do with the reward model's tokenizer
+    args = dict(prompts=["a", "b"], completions=["cut off", "done"], completion_ids=[[5, 6], [8, eos]])
+    scored = RewardFunction(model, eos_token_ids=[eos])(**args)
     assert None not in scored
-    assert RewardFunction(model, truncated="none")(**args)[0] is None
-    penalized = RewardFunction(model, truncated=-5.0)(**args)
+    assert RewardFunction(model, truncated="none", eos_token_ids=[eos])(**args)[0] is None
+    penalized = RewardFunction(model, truncated=-5.0, eos_token_ids=[eos])(**args)
     assert penalized[0] == -5.0 and penalized[1] == pytest.approx(scored[1])
-    logged = []
-    RewardFunction(model)(**args, log_metric=lambda k, v: logged.append((k, v)))
+    logged, extra = [], {}
+    RewardFunction(model, eos_token_ids=[eos])(**args, log_metric=lambda k, v: logged.append((k, v)),
+                                               log_extra=lambda c, v: extra.setdefault(c, v))  # fmt: skip
     assert ("reward_model/truncated_frac", 0.5) in logged
+    assert extra["reward_model/truncated"] == [True, False] and extra["reward_model/invalid"] == [False, False]
+
+
+def test_truncation_not_judged_without_policy_ids(model, caplog):
+    im_end = model.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    args = dict(prompts=["a"], completions=["done"], completion_ids=[[5, im_end]])
+    logged = []
+    with caplog.at_level(logging.WARNING, logger="rewardplug.integrations.trl"):
+        RewardFunction(model)(**args, log_metric=lambda k, v: logged.append(k))
+    assert "reward_model/truncated_frac" not in logged and "eos_token_ids" in caplog.text
+    with pytest.raises(ValueError, match="eos_token_ids"):
+        RewardFunction(model, truncated="none")(**args)
 
 
 def test_running_normalization_per_source_and_clip(model):
@@ -193,6 +376,72 @@ def test_running_normalization_per_source_and_clip(model):
         mean, std = sum(pair) / 2, abs(pair[0] - pair[1]) / math.sqrt(2)
         expected = [max(-1.5, min(1.5, (v - mean) / (std + 1e-6))) for v in pair]
         assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_engine_figures_are_changes_since_the_previous_call(model, images):
+    """TRL averages what it is given per step: the engine's counters are logged as per-call changes."""
+    with RewardEngine(model) as engine:
+        reward = RewardFunction(engine)
+        logged = []
+        log = lambda k, v: logged.append((k, v))  # noqa: E731
+        kwargs = dict(prompts=["What?", "What?"], completions=["A.", "B."], images=[[images[0]], [images[0]]])
+        reward(**kwargs, log_metric=log)
+        first = dict(logged)
+        logged.clear()
+        reward(**kwargs, log_metric=log)
+        second = dict(logged)
+        assert first["reward_model/samples"] == 2.0 and second["reward_model/samples"] == 2.0
+        # The picture was seen in the first call; the second call's lookups all hit.
+        assert second["reward_model/vision_hit_rate"] == 1.0
+        assert second["reward_model/vision_hits"] == engine.stats()["vision_hits"] - first["reward_model/vision_hits"]
+
+
+def test_without_log_metric_figures_go_to_log_to_or_logging(model, caplog):
+    """AsyncGRPOTrainer's rollout worker passes no log_metric: figures are averaged over log_every
+    calls and sent to log_to, else to one logging line."""
+    got = []
+    reward = RewardFunction(model, log_every=2, log_to=lambda k, v: got.append((k, v)))
+    reward(prompts=["a"], completions=["x"])
+    assert got == []
+    reward(prompts=["b"], completions=["y y"])
+    figures = dict(got)
+    raw = model.score([{"prompt": "a", "completion": "x"}, {"prompt": "b", "completion": "y y"}])
+    assert figures["reward_model/raw_mean"] == pytest.approx(sum(raw) / 2, abs=1e-5)
+    assert figures["reward_model/invalid_frac"] == 0.0
+    with caplog.at_level(logging.INFO, logger="rewardplug.integrations.trl"):
+        RewardFunction(model, name="rm")(prompts=["a"], completions=["x"])
+    assert "rm: latency_ms=" in caplog.text and "raw_mean=" in caplog.text
+
+
+def test_default_pool_name_is_the_same_for_the_same_model_and_options():
+    a = default_pool_name("org/model", {"num_replicas": 2, "image_roots": None})
+    assert a == default_pool_name("org/model", {"image_roots": None, "num_replicas": 2})
+    assert a.startswith("rewardplug-") and len(a) == len("rewardplug-") + 12
+    assert a != default_pool_name("org/model", {"num_replicas": 1, "image_roots": None})
+    assert a != default_pool_name("org/other", {"num_replicas": 2, "image_roots": None})
+
+
+def test_rank_device_is_this_ranks_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert rank_device() == "cuda:3"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # the launcher shows each rank its own GPU
+    assert rank_device() == "cuda:0"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert rank_device() == "cpu"
+
+
+def test_model_id_without_pool_builds_an_engine_on_this_ranks_device(paths, reference):
+    reward = RewardFunction(paths["reward"], pool_name=None, image_roots=None, max_wait_ms=1.0)
+    try:
+        assert isinstance(reward.scorer, RewardEngine) and str(reward.scorer.model.device) == rank_device()
+        out = reward(prompts=["Sky?"], completions=["Blue."])
+        assert out == pytest.approx(reference.score([{"prompt": "Sky?", "completion": "Blue."}]), abs=1e-5)
+    finally:
+        reward.close()
+    with pytest.raises(TypeError, match="model id"):
+        RewardFunction(reference, num_replicas=2)
 
 
 def test_engine_backed_function_refuses_to_pickle(model):
