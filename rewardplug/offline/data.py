@@ -199,11 +199,24 @@ class PreferenceColumns:
             raise ValueError(f"ranking {ranking} prefers no answer")
         return responses[ranking.index(best)], responses[ranking.index(worst)]
 
-    def images(self, row: dict) -> list:
+    def images(self, row: dict, base_dir: str | None = None) -> list:
+        """The row's images, relative paths made absolute against ``base_dir`` (the data's folder)."""
         value = row.get(self.image) if self.image else None
         if value is None:
             return []
-        return [im for im in value if im is not None] if isinstance(value, (list, tuple)) else [value]
+        images = [im for im in value if im is not None] if isinstance(value, (list, tuple)) else [value]
+        return [resolve_image(im, base_dir) for im in images]
+
+
+def resolve_image(image: Any, base_dir: str | None) -> Any:
+    """A relative local image path made absolute against ``base_dir`` when that file exists there, so
+    data reads the same whatever the current folder and whoever scores it (engine, pool, Ray actor)."""
+    if not isinstance(image, str) or base_dir is None or "://" in image or image.startswith("data:"):
+        return image
+    if Path(image).is_absolute():
+        return image
+    path = Path(base_dir) / image
+    return str(path) if path.exists() else image
 
 
 def answer_text(answer: Any) -> str:

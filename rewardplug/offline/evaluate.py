@@ -245,7 +245,7 @@ def _submit_chunk(source, rows, columns: PreferenceColumns, keys: list[str], ind
             chosen = rejected = ""
         pending.append(PairResult(keys[i], i, category, None, None, len(answer_text(chosen)), len(answer_text(rejected))))
         if pos not in row_errors:
-            images = columns.images(row)
+            images = columns.images(row, rows.base_dir)
             for answer in (chosen, rejected):
                 samples.append({"prompt": row[columns.prompt], "completion": answer, "images": images})
     future = submit(source, samples) if samples else None

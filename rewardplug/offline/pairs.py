@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import read_rows
+from .data import read_rows, resolve_image
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +102,6 @@ def _messages(value: Any, role: str) -> list[dict]:
     return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
 
 
-def _absolute(image: Any, base_dir: str | None) -> Any:
-    """A relative local path made absolute (relative to the input file), so the output works anywhere."""
-    if not isinstance(image, str) or base_dir is None or "://" in image or image.startswith("data:"):
-        return image
-    path = Path(base_dir) / image
-    return str(path) if not Path(image).is_absolute() and path.exists() else image
-
-
 def to_dpo_row(prompt: Any, chosen: Any, rejected: Any, images: list, chosen_score: float, rejected_score: float) -> dict:
     """One row of TRL's conversational DPO format (with our scores alongside)."""
     return {
@@ -172,7 +164,7 @@ def make_pairs(
         scores = [float(rows[i][score_column]) for i in members]
         for a, b in select_pairs(scores, rule):
             first, second = rows[members[a]], rows[members[b]]
-            images = [_absolute(im, rows_in.base_dir) for im in _images(first)]
+            images = [resolve_image(im, rows_in.base_dir) for im in _images(first)]
             out_rows.append(to_dpo_row(first["prompt"], first["completion"], second["completion"], images,
                                        scores[a], scores[b]))  # fmt: skip
     meta = {
@@ -205,10 +197,11 @@ def _score_rows(rows: list[dict], indices: list[int], score_column: str, per_req
 
     from .scoring import open_scorer, settle, submit
 
+    base_dir = source_options["base_dir"]
     unscorable: dict[int, str] = {}
     with open_scorer(**source_options) as source, tqdm(total=len(indices), desc="scoring", unit="sample", disable=not progress) as bar:  # fmt: skip
         chunks = [indices[k : k + per_request] for k in range(0, len(indices), per_request)]
-        futures = [(chunk, submit(source, [_sample(rows[i]) for i in chunk])) for chunk in chunks]
+        futures = [(chunk, submit(source, [_sample(rows[i], base_dir) for i in chunk])) for chunk in chunks]
         for chunk, future in futures:
             scores, errors = settle(future)
             for pos, i in enumerate(chunk):
@@ -221,8 +214,9 @@ def _score_rows(rows: list[dict], indices: list[int], score_column: str, per_req
     return unscorable
 
 
-def _sample(row: dict) -> dict:
-    return {"prompt": row["prompt"], "completion": row["completion"], "images": _images(row)}
+def _sample(row: dict, base_dir: str | None) -> dict:
+    images = [resolve_image(im, base_dir) for im in _images(row)]
+    return {"prompt": row["prompt"], "completion": row["completion"], "images": images}
 
 
 def meta_path(output: str | os.PathLike) -> Path:
