@@ -294,3 +294,27 @@ def test_processor_is_left_as_loaded(model):
     assert model.processor.image_processor is not model.image_processor
     assert type(model.image_processor).__name__ == "Qwen2VLImageProcessorPil"
     assert type(model.processor.image_processor).__name__ == "Qwen2VLImageProcessor"
+
+
+@pytest.mark.parametrize("size", [(448, 448), (336, 168), (28, 504), (1008, 196), (56, 56), (392, 504)])
+def test_exact_pixel_table_gives_the_image_processors_bits(model, size):
+    from rewardplug.encoding import ExactPixels
+
+    fast = ExactPixels(model.image_processor)
+    assert fast.enabled
+    image = fetch_image({"image": random_image(*size, seed=sum(size))}, image_patch_size=14)
+    got = fast(image)
+    assert got is not None
+    ref = model.image_processor(images=[image], return_tensors="pt")
+    assert torch.equal(got[0], ref["pixel_values"]) and torch.equal(got[1], ref["image_grid_thw"])
+
+
+def test_exact_pixel_table_declines_what_it_does_not_reproduce(model, tiny_path):
+    from transformers import AutoImageProcessor
+
+    from rewardplug.encoding import ExactPixels
+
+    fast = ExactPixels(model.image_processor)
+    assert fast(random_image(100, 150, seed=1)) is None  # the processor would resize it (not multiples of 28)
+    assert fast(random_image(56, 56, seed=1, mode="RGBA")) is None
+    assert not ExactPixels(AutoImageProcessor.from_pretrained(tiny_path, backend="torchvision")).enabled
