@@ -1,0 +1,257 @@
+"""rewardplug in verl 0.9's reward loop: verl's own RewardLoopWorker (and RewardLoopManager under Ray) with a
+hydra-composed ppo_trainer config, on CPU, scoring DataProto items with images.
+
+verl pins transformers below 5.11, so these tests run in their own environment (.venv-verl, built by
+.ci/run); where verl is not installed they skip."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import math
+import os
+import re
+import shlex
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+verl = pytest.importorskip("verl", reason="verl runs in its own environment (.venv-verl, see .ci/run)")
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from verl import DataProto  # noqa: E402
+from verl.experimental.reward_loop.reward_loop import RewardLoopWorker  # noqa: E402
+from verl.utils.dataset.rl_dataset import RLHFDataset  # noqa: E402
+
+import rewardplug.integrations.verl as rp_verl  # noqa: E402
+from rewardplug import InvalidSampleError  # noqa: E402
+
+from conftest import random_image  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+TOL = 1e-5
+MANAGER = [
+    "reward.reward_manager.source=importlib",
+    "reward.reward_manager.module.path=pkg://rewardplug.integrations.verl",
+    "reward.reward_manager.name=RewardPlugManager",
+]
+
+
+def compose_config(tiny_path, *overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose("ppo_trainer", overrides=[f"actor_rollout_ref.model.path={tiny_path}", *overrides])
+
+
+def engine_options(tiny_path, prefix: str = "+reward.rewardplug") -> list[str]:
+    return [f"{prefix}.backend=engine", f"{prefix}.model={tiny_path}",
+            f"{prefix}.model_options.dtype=float32", f"{prefix}.model_options.device=cpu"]  # fmt: skip
+
+
+def png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def raw_prompt(row: dict) -> list[dict]:
+    """verl's own RLHFDataset._build_messages: "<image>" tags in the row replaced by its images."""
+    holder = SimpleNamespace(image_key="images", video_key="videos", audio_key="audios", processor=object())
+    return RLHFDataset._build_messages(holder, {k: (list(v) if isinstance(v, list) else v) for k, v in row.items()},
+                                       "prompt")  # fmt: skip
+
+
+def score_batch(worker, data: DataProto) -> list[dict]:
+    """What verl's Ray actor does with a batch: compute_score_batch on the worker's event loop."""
+    return worker.loop.run_until_complete(worker.compute_score_batch(data))
+
+
+def rollout_batch(tokenizer, rows: list[dict]) -> DataProto:
+    """A rollout batch as verl's trainer hands it to the reward loop: left-padded prompts, right-padded
+    responses, the row's raw_prompt and (when given) multi_modal_data, data_source and reward_model."""
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad = tokenizer.pad_token_id or 0
+    prompts = [tokenizer.encode(r["prompt_text"], add_special_tokens=False) for r in rows]
+    responses = [tokenizer.encode(r["answer"], add_special_tokens=False) + ([] if r.get("truncated") else [im_end])
+                 for r in rows]  # fmt: skip
+    p_len, r_len = max(map(len, prompts)), max(map(len, responses)) + 3
+    p_ids = torch.tensor([[pad] * (p_len - len(p)) + p for p in prompts])
+    r_ids = torch.tensor([r + [pad] * (r_len - len(r)) for r in responses])
+    mask = torch.tensor([[0] * (p_len - len(p)) + [1] * len(p) + [1] * len(r) + [0] * (r_len - len(r))
+                         for p, r in zip(prompts, responses)])  # fmt: skip
+
+    def column(values):
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
+        return out
+
+    non_tensors = {
+        "raw_prompt": column([r["raw_prompt"] for r in rows]),
+        "data_source": column(["vqa"] * len(rows)),
+        "reward_model": column([{"ground_truth": ""} for _ in rows]),
+        "extra_info": column([r.get("extra_info", {}) for r in rows]),
+    }
+    if any("multi_modal_data" in r for r in rows):
+        non_tensors["multi_modal_data"] = column([r.get("multi_modal_data") for r in rows])
+    return DataProto.from_dict(tensors={"prompts": p_ids, "responses": r_ids, "attention_mask": mask},
+                               non_tensors=non_tensors)  # fmt: skip
+
+
+def grpo_rows(model, group: int = 3) -> tuple[list[dict], list[dict]]:
+    """Two GRPO groups: images embedded in raw_prompt by verl's dataset code (verl 0.9), and images in
+    multi_modal_data filling {"type": "image"} placeholders (older datasets); one truncated response.
+    Returns the rows and the sample the reward model should see for each."""
+    a, b = random_image(96, 72, seed=31), random_image(64, 120, seed=32)
+    rows, expected = [], []
+    for k in range(group):
+        answer = f"Answer {k}: " + "noise " * (k + 1)
+        messages = raw_prompt({"prompt": [{"role": "user", "content": "<image>What is in the picture?"}],
+                               "images": [{"bytes": png(a)}]})  # fmt: skip
+        rows.append({"raw_prompt": messages, "answer": answer, "prompt_text": "What is in the picture?",
+                     "truncated": k == group - 1})  # fmt: skip
+        expected.append({"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                         "text": "What is in the picture?"}]}], "completion": answer, "images": [a]})  # fmt: skip
+    for k in range(group):
+        answer = f"Two pictures, take {k}."
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                 {"type": "text", "text": "Compare them."}]}]  # fmt: skip
+        rows.append({"raw_prompt": messages, "multi_modal_data": {"image": [a, b]}, "answer": answer,
+                     "prompt_text": "Compare them."})  # fmt: skip
+        expected.append({"messages": messages + [{"role": "assistant", "content": answer}], "images": [a, b]})
+    return rows, expected
+
+
+def test_reward_loop_worker_scores_like_model_in_one_request(model, tiny_path):
+    cfg = compose_config(tiny_path, *MANAGER, *engine_options(tiny_path))
+    worker = RewardLoopWorker(cfg)
+    assert isinstance(worker.reward_manager, rp_verl.RewardPlugManager)
+    rows, expected = grpo_rows(model)
+    outputs = score_batch(worker, rollout_batch(worker.input_tokenizer, rows))
+    want = model.score(expected)
+    assert [o["reward_score"] for o in outputs] == pytest.approx(want, abs=TOL)
+    infos = [o["reward_extra_info"] for o in outputs]
+    assert [i["rm_score"] for i in infos] == pytest.approx(want, abs=TOL)
+    assert [i["rm_truncated"] for i in infos] == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    assert [i["rm_invalid"] for i in infos] == [0.0] * 6
+    (batcher,) = worker.reward_manager._batchers.values()
+    assert batcher.requests == 1  # both GRPO groups went out together
+    # verl's own assembly of the per-sample rewards into the token-level rm_scores tensor
+    data = rollout_batch(worker.input_tokenizer, rows)
+    rm = worker.reward_manager.assemble_rm_scores(data, [o["reward_score"] for o in outputs])
+    assert rm.sum(-1).tolist() == pytest.approx(want, abs=TOL)
+
+
+def test_unscorable_item_gets_invalid_score_and_flag_or_raises(model, tiny_path):
+    rows, expected = grpo_rows(model, group=2)
+    broken = dict(rows[-1], multi_modal_data={"image": [rows[-1]["multi_modal_data"]["image"][0]]})  # 2 slots, 1 image
+    cfg = compose_config(tiny_path, *MANAGER, *engine_options(tiny_path), "+reward.rewardplug.invalid_score=-4.0")
+    worker = RewardLoopWorker(cfg)
+    outputs = score_batch(worker, rollout_batch(worker.input_tokenizer, rows[:-1] + [broken]))
+    want = model.score(expected[:-1])
+    assert [o["reward_score"] for o in outputs[:-1]] == pytest.approx(want, abs=TOL)
+    assert outputs[-1]["reward_score"] == -4.0
+    assert outputs[-1]["reward_extra_info"]["rm_invalid"] == 1.0 and math.isnan(outputs[-1]["reward_extra_info"]["rm_score"])
+
+    cfg = compose_config(tiny_path, *MANAGER, *engine_options(tiny_path), "+reward.rewardplug.on_invalid=raise")
+    worker = RewardLoopWorker(cfg)
+    with pytest.raises(InvalidSampleError, match="placeholder"):
+        score_batch(worker, rollout_batch(worker.input_tokenizer, [broken]))
+
+
+def test_truncated_score_replaces_reward_of_truncated_responses(model, tiny_path):
+    rows, expected = grpo_rows(model, group=2)
+    cfg = compose_config(tiny_path, *MANAGER, *engine_options(tiny_path), "+reward.rewardplug.truncated_score=-1.5")
+    worker = RewardLoopWorker(cfg)
+    outputs = score_batch(worker, rollout_batch(worker.input_tokenizer, rows[:2]))
+    assert outputs[1]["reward_extra_info"]["rm_truncated"] == 1.0 and outputs[1]["reward_score"] == -1.5
+    assert outputs[1]["reward_extra_info"]["rm_score"] == pytest.approx(model.score([expected[1]])[0], abs=TOL)
+    assert outputs[0]["reward_score"] == pytest.approx(model.score([expected[0]])[0], abs=TOL)
+
+
+def test_system_failure_fails_the_batch_never_a_reward(model, tiny_path):
+    cfg = compose_config(tiny_path, *MANAGER, *engine_options(tiny_path))
+    key = rp_verl.VerlRewardOptions.from_mapping(cfg.reward.rewardplug).scorer_key()
+    rp_verl._scorers.pop(key, None)  # this worker gets an engine of its own, closed below
+    worker = RewardLoopWorker(cfg)
+    worker.reward_manager.scorer.close()  # it can never score again: a system failure, not a bad sample
+    try:
+        rows, _ = grpo_rows(model, group=2)
+        with pytest.raises(RuntimeError):  # ScoringError (EngineClosedError) is a RuntimeError
+            score_batch(worker, rollout_batch(worker.input_tokenizer, rows))
+    finally:
+        rp_verl._scorers.pop(key, None)
+
+
+def test_async_compute_score_through_verls_naive_manager(model, tiny_path):
+    im = random_image(80, 60, seed=33)
+    kw = "+reward.custom_reward_function.reward_kwargs"
+    cfg = compose_config(tiny_path, "reward.custom_reward_function.path=pkg://rewardplug.integrations.verl",
+                         "reward.custom_reward_function.name=compute_score", *engine_options(tiny_path, kw))  # fmt: skip
+    worker = RewardLoopWorker(cfg)
+    assert type(worker.reward_manager).__name__ == "NaiveRewardManager" and worker.reward_manager.is_async_reward_score
+    rows = [{"raw_prompt": [{"role": "user", "content": "What is it?"}], "prompt_text": "What is it?",
+             "answer": f"Noise {k}.", "extra_info": {"question": "What is it?", "images": [{"bytes": png(im)}]}}
+            for k in range(3)]  # fmt: skip
+    outputs = score_batch(worker, rollout_batch(worker.input_tokenizer, rows))
+    want = model.score([{"prompt": "What is it?", "completion": f"Noise {k}.", "images": [im]} for k in range(3)])
+    assert [o["reward_score"] for o in outputs] == pytest.approx(want, abs=TOL)
+    assert [o["reward_extra_info"]["rm_invalid"] for o in outputs] == [0.0] * 3
+    assert [b.requests for b in rp_verl._fn_batchers.values()] == [1]  # three calls, one request
+
+
+def test_options_reject_unknown_keys(tiny_path):
+    cfg = compose_config(tiny_path, *MANAGER, *engine_options(tiny_path), "+reward.rewardplug.modle=x")
+    with pytest.raises(ValueError, match="modle"):
+        RewardLoopWorker(cfg)
+
+
+def test_example_launch_config_composes(tiny_path):
+    """Every override in examples/verl_grpo_vl.sh exists in verl's ppo_trainer config (hydra refuses
+    unknown keys), and the reward settings load RewardPlugManager's options."""
+    script = (ROOT / "examples" / "verl_grpo_vl.sh").read_text()
+    command = script[script.index("python3 -m verl.trainer.main_ppo"):]
+    words = shlex.split(re.sub(r"\\\n", " ", command.split('"$@"')[0]))
+    env = {"POLICY": str(tiny_path), "REWARD_MODEL": "Skywork/Skywork-VL-Reward-7B", "DATA": "/data"}
+    overrides = [re.sub(r"\$\{?(\w+)(:-[^}]*)?\}?", lambda m: env.get(m.group(1), "x"), w)
+                 for w in words[3:] if "=" in w]  # fmt: skip
+    assert any(o.startswith("reward.reward_manager.name=RewardPlugManager") for o in overrides)
+    cfg = compose_config(tiny_path, *overrides)
+    options = rp_verl.VerlRewardOptions.from_mapping(cfg.reward.rewardplug)
+    assert options.backend == "pool" and options.pool_name and options.model
+    assert cfg.reward.reward_manager.module.path == "pkg://rewardplug.integrations.verl"
+
+
+# ---- through a real pool, with verl's RewardLoopManager starting its workers as Ray actors ------------------
+
+
+@pytest.mark.timeout(600)
+def test_reward_loop_manager_with_named_pool(model, tiny_path):
+    ray = pytest.importorskip("ray")
+    from verl.experimental.reward_loop.reward_loop import RewardLoopManager
+
+    from rewardplug import RewardPool
+
+    ray.init(num_cpus=4, include_dashboard=False, namespace="rewardplug-verl-test")
+    try:
+        cfg = compose_config(
+            tiny_path, *MANAGER, "reward.num_workers=2", f"+reward.rewardplug.model={tiny_path}",
+            "+reward.rewardplug.pool_name=verl-test-pool", "+reward.rewardplug.pool_options.num_replicas=1",
+            "+reward.rewardplug.pool_options.gpus_per_replica=0", "+reward.rewardplug.pool_options.dtype=float32",
+            "+reward.rewardplug.pool_options.device=cpu",
+        )  # fmt: skip
+        manager = RewardLoopManager(cfg)
+        rows, expected = grpo_rows(model)
+        from verl.utils import hf_tokenizer
+
+        out = manager.compute_rm_score(rollout_batch(hf_tokenizer(str(tiny_path)), rows))
+        want = model.score(expected)
+        assert out.batch["rm_scores"].sum(-1).tolist() == pytest.approx(want, abs=TOL)
+        assert out.non_tensor_batch["rm_score"].tolist() == pytest.approx(want, abs=TOL)
+        assert out.non_tensor_batch["rm_truncated"].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+        assert set(out.meta_info["reward_extra_keys"]) == {"rm_score", "rm_invalid", "rm_truncated"}
+        RewardPool.connect("verl-test-pool").shutdown()  # the workers started it by name
+    finally:
+        ray.shutdown()
