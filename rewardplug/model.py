@@ -264,34 +264,43 @@ class RewardModel:
     @torch.inference_mode()
     def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
         """Vision tower output per image: [tokens_i, hidden] each, in input order."""
-        out = self.backbone.get_image_features(pixel_values.to(self.device), image_grid_thw.to(self.device))
+        out = self.backbone.get_image_features(self.to_device(pixel_values), self.to_device(image_grid_thw))
         return list(out.pooler_output)
 
     def _inputs(self, batch: Batch, image_embeds: Sequence[torch.Tensor] | None) -> dict[str, Any]:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        dev = self.device
         if batch.position_ids is None:
             raise ValueError("batch has no position_ids: encode samples with RewardModel.encode")
+        to = self.to_device
         inputs: dict[str, Any] = {
-            "input_ids": batch.input_ids.to(dev),
-            "attention_mask": batch.attention_mask.to(dev),
-            "position_ids": batch.position_ids.to(dev),
-            "mm_token_type_ids": batch.mm_token_type_ids.to(dev),
+            "input_ids": to(batch.input_ids),
+            "attention_mask": to(batch.attention_mask),
+            "position_ids": to(batch.position_ids),
+            "mm_token_type_ids": to(batch.mm_token_type_ids),
         }
         if batch.image_grid_thw is not None:
-            inputs["image_grid_thw"] = batch.image_grid_thw.to(dev)
+            inputs["image_grid_thw"] = to(batch.image_grid_thw)
             if image_embeds is not None:
                 pooled = BaseModelOutputWithPooling(pooler_output=tuple(image_embeds))
                 inputs["mm_encoder_outputs"] = {"image": pooled}
             else:
-                inputs["pixel_values"] = batch.pixel_values.to(dev)
+                inputs["pixel_values"] = to(batch.pixel_values)
         return inputs
 
+    def to_device(self, tensor: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """Host tensor -> the model's device. On CUDA: staged through pinned memory and copied without
+        blocking the host (the copy is ordered on the stream before the kernels that read it; only reading
+        the scores waits). Elsewhere a plain ``.to``."""
+        device = device or self.device
+        if device.type == "cuda" and tensor.device.type == "cpu":
+            return tensor.pin_memory().to(device, non_blocking=True)
+        return tensor.to(device)
+
     def _head(self, hidden: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index.to(hidden.device)]
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), self.to_device(last_index, hidden.device)]
         last = last.to(self.value_head.weight.device, torch.float32)
-        return self.value_head(last).squeeze(-1).float().cpu()
+        return self.value_head(last).squeeze(-1).float().cpu()  # the pass's one synchronisation: reading the scores
 
     @torch.inference_mode()
     def forward(self, batch: Batch, image_embeds: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
@@ -321,15 +330,16 @@ class RewardModel:
         """
         from transformers import DynamicCache
 
-        dev = self.device
+        to = self.to_device
+        rows = to(rows)
         selected = DynamicCache([(k.index_select(0, rows.to(k.device)), v.index_select(0, rows.to(v.device)))
                                  for k, v, *_ in cache])  # fmt: skip
-        mask = torch.cat([prefix_mask.to(dev)[rows.to(dev)], suffixes.attention_mask.to(dev)], dim=1)
+        mask = torch.cat([to(prefix_mask)[rows], to(suffixes.attention_mask)], dim=1)
         lm = self.backbone.language_model
         out = lm(
-            inputs_embeds=lm.embed_tokens(suffixes.input_ids.to(dev)),
+            inputs_embeds=lm.embed_tokens(to(suffixes.input_ids)),
             attention_mask=mask,
-            position_ids=suffixes.position_ids.to(dev),
+            position_ids=to(suffixes.position_ids),
             past_key_values=selected,
             use_cache=True,
         )
