@@ -459,23 +459,27 @@ def calling_trainer(kwargs: dict) -> Any:
 
 
 def counters_of(stats: dict) -> dict[str, float]:
-    """The cumulative counters in an engine's or a pool's stats (top level, ``engine_*`` sums, or
-    summed over ``replicas``)."""
+    """The cumulative counters in an engine's stats (top level) or a pool's (``engine_*`` sums over its
+    replicas, else each replica's ``engine`` report summed)."""
     out: dict[str, float] = {}
     replicas = stats.get("replicas")
     for key in COUNTERS:
-        for candidate in (key, f"engine_{key}"):
+        for candidate in (f"engine_{key}", key):
             value = stats.get(candidate)
-            if isinstance(value, int | float) and not isinstance(value, bool):
+            if _is_number(value):
                 out[key] = float(value)
                 break
         else:
             if isinstance(replicas, list):
-                values = [r.get(key) for r in replicas if isinstance(r, dict)]
-                values = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+                reports = [r.get("engine", r) for r in replicas if isinstance(r, dict)]
+                values = [r.get(key) for r in reports if isinstance(r, dict) and _is_number(r.get(key))]
                 if values:
                     out[key] = float(sum(values))
     return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _is_pool(scorer: Any) -> bool:
