@@ -46,16 +46,21 @@ def tiny_paths(work: Path, text_policy: bool = False) -> tuple[str, str]:
 
 
 def build_reward(reward_path: str, use_pool: bool = False, async_reward: bool = False, **options):
-    """The reward function: on a Ray pool (its own GPUs, or the CPU here) or on an in-process engine."""
-    from rewardplug import RewardEngine, RewardModel, RewardPool
+    """The reward function: on a named Ray pool that every rank shares (its own GPUs, or the CPU here),
+    or on an in-process engine on this rank's device."""
     from rewardplug.integrations.trl import AsyncRewardFunction, RewardFunction
 
-    if use_pool:
-        scorer = RewardPool(reward_path, num_replicas=1, gpus_per_replica=0 if on_cpu() else 1, image_roots=None)
-    else:
-        scorer = RewardEngine(RewardModel.from_pretrained(reward_path, image_roots=None))
     cls = AsyncRewardFunction if async_reward else RewardFunction
-    return cls(scorer, name="skywork_vl_reward", **options)
+    if use_pool:  # pool name: rewardplug-<hash of the model and options>, the same on every rank
+        return cls(reward_path, name="skywork_vl_reward", num_replicas=1, gpus_per_replica=0 if on_cpu() else 1,
+                   image_roots=None, **options)  # fmt: skip
+    return cls(reward_path, name="skywork_vl_reward", pool_name=None, image_roots=None, **options)
+
+
+def names_a_color(completions, **kwargs):
+    """A rule-based reward: 1.0 when the answer names a colour (to mix with the reward model)."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [1.0 if any(w in t.lower() for w in ("red", "blue", "green", "yellow")) else 0.0 for t in texts]
 
 
 def workdir(path: str | None, prefix: str) -> Path:
@@ -81,16 +86,20 @@ def model_paths(parser, args, prefix: str, text_policy: bool = False) -> tuple[P
     return work, policy, reward
 
 
-def train(kind: str, policy: str, reward, dataset, work: Path, steps: int) -> dict:
-    """A short TRL run ("GRPO" or "RLOO") with rewardplug as the reward; prints the reward per step."""
+def train(kind: str, policy: str, reward, dataset, work: Path, steps: int, *, rules=(), reward_weights=None,
+          callbacks=None) -> dict:  # fmt: skip
+    """A short TRL run ("GRPO" or "RLOO") with rewardplug as the reward (plus rule-based ``rules``,
+    weighted by ``reward_weights`` in the order [reward, *rules]); prints the reward per step."""
     import trl
 
     config = getattr(trl, f"{kind}Config")(
         output_dir=str(work / "out"), per_device_train_batch_size=4, num_generations=4,
         max_completion_length=12, max_steps=steps, learning_rate=1e-4, logging_steps=1,
         report_to="none", use_cpu=on_cpu(), bf16=not on_cpu(), save_strategy="no", seed=0,
+        reward_weights=reward_weights,
     )  # fmt: skip
-    trainer = getattr(trl, f"{kind}Trainer")(model=policy, reward_funcs=[reward], args=config, train_dataset=dataset)
+    trainer = getattr(trl, f"{kind}Trainer")(model=policy, reward_funcs=[reward, *rules], args=config,
+                                             train_dataset=dataset, callbacks=callbacks)  # fmt: skip
     trainer.train()
     history = [h for h in trainer.state.log_history if "reward" in h]
     for h in history:
