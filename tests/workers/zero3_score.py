@@ -1,18 +1,23 @@
 """Run by the deepspeed launcher (2 ranks, gloo, CPU) from tests/test_deepspeed.py.
 
-argv: checkpoint, output folder, mode ("score" or "misuse"). Each rank writes rank{r}.json.
+argv: checkpoint, output folder, mode ("score", "misuse", "trl" or "memory"). Each rank writes rank{r}.json.
 """
 
 import json
+import resource
 import sys
 from pathlib import Path
 
 import deepspeed
 import numpy as np
+import psutil
 import torch.distributed as dist
 from PIL import Image
 
+from rewardplug.errors import ScoringError
 from rewardplug.integrations.deepspeed import CollectiveTimeoutError, ShardedRewardModel
+
+BAD = {"prompt": "What is it?", "completion": "x", "images": [b"not an image"]}
 
 
 def samples_for(rank: int) -> list:
@@ -23,6 +28,19 @@ def samples_for(rank: int) -> list:
             {"prompt": "Text only.", "completion": "Fine, thanks."}
         ]
     return [{"prompt": "Hello?", "completion": "Hi."}]  # one text-only sample
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def break_the_device(rm: ShardedRewardModel) -> None:
+    """Every forward pass fails from here on, as on a GPU after an illegal memory access."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    rm.model.backbone.language_model.norm.forward = broken
 
 
 def main():
@@ -38,14 +56,40 @@ def main():
         Accelerator(cpu=True, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config={**config, "train_batch_size": "auto",
                                                                              "train_micro_batch_size_per_gpu": "auto"}))
         config = None
+    # Import the model code and read the processor first, so rss_before..peak is the load itself.
+    from rewardplug import RewardModel
+
+    RewardModel.from_pretrained(checkpoint, device="meta", image_roots=None)
+    rss_before = psutil.Process().memory_info().rss
     rm = ShardedRewardModel.from_pretrained(checkpoint, ds_config=config, batch_size=2, timeout_s=15,
                                             dtype="float32", image_roots=None)
-    result = {"rank": rank, "local": rm.local_parameters(), "total": rm.total_parameters()}
+    result = {"rank": rank, "local": rm.local_parameters(), "total": rm.total_parameters(),
+              "local_bytes": rm.local_bytes(), "rss_before": rss_before, "peak_rss_after_load": peak_rss()}  # fmt: skip
     samples = samples_for(rank)
     result["samples"] = len(samples)
-    if mode == "score":
+    if mode in ("score", "memory"):
         result["scores"] = rm.score(samples)
+        result["peak_rss_after_score"] = peak_rss()
+    if mode == "score":
         result["again"] = rm.score(samples[:1] if rank == 0 else [])  # an empty list still takes part
+        result["fallback"] = rm.score([BAD] + samples[:1], on_invalid=-7.5)
+        result["none"] = rm.score([BAD], on_invalid="none")
+        try:
+            rm.score([BAD] + samples[:1])
+        except Exception as e:
+            result["raised"] = {"type": type(e).__name__, "errors": {str(k): v for k, v in e.errors.items()},
+                                "scores": e.scores}  # fmt: skip
+        # A system failure on every rank: ScoringError, from the model and through the TRL reward function.
+        from rewardplug.integrations.trl import RewardFunction
+
+        break_the_device(rm)
+        for name, call in (("score", lambda: rm.score(samples, on_invalid="none")),
+                           ("trl", lambda: RewardFunction(rm)(prompts=["q"], completions=["a"], completion_ids=[[1]]))):  # fmt: skip
+            try:
+                value = call()
+                result[f"broken_{name}"] = {"returned": value}
+            except ScoringError as e:
+                result[f"broken_{name}"] = {"type": type(e).__name__, "message": str(e), "cause": repr(e.__cause__)}
     elif mode == "trl":
         # What TRL's GRPOTrainer does on every rank: call the reward function with that rank's rows.
         from rewardplug.integrations.trl import RewardFunction
@@ -61,6 +105,7 @@ def main():
                 result["error"] = None
             except CollectiveTimeoutError as e:
                 result["error"] = str(e)
+                result["is_scoring_error"] = isinstance(e, ScoringError)
         # rank 1 never calls score()
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
