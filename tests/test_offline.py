@@ -14,7 +14,7 @@ import pytest
 from rewardplug import RewardEngine
 from rewardplug.offline.cli import main as offline_main
 from rewardplug.offline.data import PreferenceColumns, vlrewardbench_category
-from rewardplug.offline.evaluate import evaluate
+from rewardplug.offline.evaluation import evaluate
 from rewardplug.offline.pairs import PairRule, make_pairs, meta_path, select_pairs
 from rewardplug.testing import make_completion_set, make_preference_set
 
@@ -285,3 +285,11 @@ def test_pairs_without_scores_or_model_is_refused(tmp_path):
     src = make_completion_set(tmp_path / "in" / "c.jsonl", n_prompts=1, per_prompt=2)
     with pytest.raises(ValueError, match="no 'score'"):
         make_pairs(src, tmp_path / "pairs.jsonl", progress=False)
+
+
+def test_package_exports_the_functions_not_their_modules():
+    import rewardplug.offline as offline
+    import rewardplug.offline.evaluation  # noqa: F401  (a loaded submodule must not shadow a function)
+
+    assert callable(offline.evaluate) and callable(offline.make_pairs) and callable(offline.score_dataset)
+    assert offline.evaluate is evaluate

@@ -81,7 +81,7 @@ def add_eval_command(sub) -> argparse.ArgumentParser:
 
 def cmd_eval(args) -> int:
     from .data import PreferenceColumns
-    from .evaluate import evaluate
+    from .evaluation import evaluate
 
     columns = PreferenceColumns(
         prompt=args.prompt_column, image=args.image_column, chosen=args.chosen_column, rejected=args.rejected_column,
