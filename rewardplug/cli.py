@@ -1,17 +1,8 @@
-"""rewardplug's command line: score samples with a reward model, try it, serve it.
+"""rewardplug's command line (the ``rewardplug`` command): see ``DESCRIPTION`` and ``EXIT_CODES``.
 
-Exit codes (every command):
-  0  done; for ``score``: every sample scored
-  1  input/output or configuration error: a file or folder that is missing or not writable, a model
-     that cannot be loaded (nothing was scored)
-  2  usage error: unknown command or flag, a bad value (argparse)
-  3  ``score``: some samples could not be scored (each row's "error" says why; the others are scored)
-  4  system failure while scoring (device error, out of memory on one sample, a bug): the run stopped
-     with the cause; rows written so far are kept
-  130 interrupted (Ctrl-C)
-
-This module imports no torch, transformers or Ray at import time, so ``rewardplug --help`` is fast:
-each command imports what it needs when it runs.
+No torch, transformers or Ray import happens at import time or while the parser is built, so
+``rewardplug --help`` is fast; each command imports what it needs when it runs. The subcommands of
+other packages are added by their own ``add_command(s)`` functions, which keep to the same rule.
 """
 
 from __future__ import annotations
@@ -26,9 +17,26 @@ from collections import deque
 from pathlib import Path
 from typing import IO, Iterator
 
+from .bench import add_command as add_bench_command
+from .offline.cli import add_commands as add_offline_commands
+from .offline.cli import add_ray_score_arguments
+
 logger = logging.getLogger("rewardplug")
 
 EXIT_OK, EXIT_IO, EXIT_USAGE, EXIT_INVALID, EXIT_FAILURE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+EXIT_CODES = """\
+exit codes:
+  0    done; for score: every sample scored
+  1    input/output or configuration error: a missing or unwritable file or folder, a model that cannot
+       be loaded (nothing was scored)
+  2    usage error: unknown command or flag, a bad value
+  3    score: some samples could not be scored (each row's "error" says why; the others are scored)
+  4    system failure while scoring (device error, a bug, a lost replica): the run stopped with the
+       cause; the rows written before it are kept
+  130  interrupted (Ctrl-C)"""
+
+DESCRIPTION = "Score (images, question, answer) samples with a multimodal reward model; try it, serve it, measure it.\n\n" + EXIT_CODES
 
 TINY = "tiny"
 BANNER = (
@@ -175,6 +183,8 @@ def read_chunks(lines: IO[str], size: int) -> Iterator[list[tuple[int, object, s
 
 
 def cmd_score(args) -> int:
+    if args.ray:
+        return cmd_score_on_ray(args)
     check_score_paths(args.input, args.output)  # before the model: a typo must not cost a load
     if args.chunk < 1 or args.inflight < 1:
         raise CommandError("--chunk and --inflight must be at least 1", EXIT_USAGE)
@@ -255,6 +265,32 @@ def cmd_score(args) -> int:
     return EXIT_OK if not errors else EXIT_INVALID
 
 
+def check_ray_output(output_path: str) -> None:
+    """``score --ray`` writes a folder of part files: OUTPUT must be a folder (or not exist yet) in a writable folder."""
+    dst = Path(output_path)
+    if dst.exists() and not dst.is_dir():
+        raise CommandError(f"OUTPUT {output_path!r} is a file; with --ray OUTPUT is a folder of part files")
+    folder = dst if dst.is_dir() else (dst.parent if str(dst.parent) else Path("."))
+    if not folder.is_dir():
+        raise CommandError(f"OUTPUT {output_path!r}: folder {str(folder)!r} does not exist (create it first)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CommandError(f"OUTPUT {output_path!r} is not writable")
+
+
+def cmd_score_on_ray(args) -> int:
+    """``score --ray``: the offline package's resumable Ray Data scoring (same exit codes)."""
+    from .offline.cli import run_ray_score
+
+    if args.input == "-" or args.output == "-":
+        raise CommandError("--ray reads files and writes a folder: INPUT and OUTPUT cannot be '-'", EXIT_USAGE)
+    if not Path(args.input).exists():
+        raise CommandError(f"INPUT {args.input!r} does not exist")
+    check_ray_output(args.output)
+    args.input = [args.input]  # score_dataset takes a list of files or folders
+    args.no_progress = args.quiet
+    return EXIT_INVALID if run_ray_score(args) != 0 else EXIT_OK
+
+
 # ---- serve (until rewardplug.serving.cli provides it) ------------------------------------------------
 
 
@@ -283,7 +319,14 @@ def cmd_serve(args) -> int:
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each flag's default and keeps the descriptions' line breaks."""
+    """Shows each flag's default (unless its help already says it, or there is none to show) and keeps
+    the descriptions' line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 def model_args(sp: argparse.ArgumentParser) -> None:
@@ -297,7 +340,7 @@ def model_args(sp: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rewardplug", description=__doc__, formatter_class=_Formatter)
+    p = argparse.ArgumentParser(prog="rewardplug", description=DESCRIPTION, formatter_class=_Formatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -311,8 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("score", help="score a JSONL file of samples into a JSONL file of scores",
                        description="Score a JSON Lines file, streaming it through a RewardEngine (pictures and "
                        "prompts shared within a chunk; memory bounded by --chunk x --inflight samples).\n\n"
-                       + SCORE_FORMATS + "\n\nexit codes: 0 all scored, 1 input/output or model error, 2 usage "
-                       "error, 3 some samples not scored, 4 system failure while scoring, 130 interrupted",
+                       + SCORE_FORMATS + "\n\n" + EXIT_CODES,
                        formatter_class=_Formatter)  # fmt: skip
     s.add_argument("input", metavar="INPUT", help="JSONL file of samples, or - for stdin")
     s.add_argument("output", metavar="OUTPUT", help="JSONL file to write (its folder must exist), or - for stdout")
@@ -325,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk", type=int, default=256, help="samples read and submitted to the engine at a time")
     s.add_argument("--inflight", type=int, default=2, help="chunks submitted ahead of the one being written")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_ray_score_arguments(s)
     s.set_defaults(func=cmd_score)
 
     v = sub.add_parser("serve", help="serve the model over HTTP on Ray Serve (loopback by default)",
@@ -342,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-samples", type=int, default=4096, help="samples per request")
     v.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting one")
     v.set_defaults(func=cmd_serve)
+
+    add_offline_commands(sub)  # eval, pairs
+    add_bench_command(sub)  # bench
     return p
 
 
@@ -350,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        code = args.func(args)
+        return code if isinstance(code, int) else EXIT_OK  # some commands return their report
     except CommandError as e:
         print(f"rewardplug {args.command}: error: {e}", file=sys.stderr)
         return e.code

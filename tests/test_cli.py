@@ -329,7 +329,7 @@ def test_help_shows_defaults_formats_and_exit_codes(capsys):
     out = capsys.readouterr().out
     assert "(default: 16384)" in out and "(default: 256)" in out
     assert '{"prompt": ..., "completion": ..., "images": [...]}' in out
-    assert "exit codes: 0 all scored, 1 input/output or model error" in out
+    assert "exit codes:" in out and "  3    score: some samples could not be scored" in out and "  4    system failure" in out
 
 
 def test_building_the_parser_imports_no_heavy_library():
@@ -347,3 +347,22 @@ def test_building_the_parser_imports_no_heavy_library():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_score_on_ray_refuses_a_file_as_output_folder_before_starting_anything(tmp_path, capsys, no_model_load):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [{"prompt": "Hi", "completion": "Hello."}])
+    dst.write_text("")
+    assert main(["score", str(src), str(dst), "--ray"]) == 1
+    assert "with --ray OUTPUT is a folder of part files" in capsys.readouterr().err
+
+
+def test_other_packages_commands_are_wired(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("demo", "score", "serve", "eval", "pairs", "bench"):
+        assert re.search(rf"^\s+{command}\s", out, re.M), command
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "--group-size" in capsys.readouterr().out
