@@ -1,689 +1,610 @@
-"""RewardPool: replicas of the reward model as Ray actors, with the engine's calls.
+"""RewardPool: the Python door to a pool of reward-model replicas on Ray Serve.
 
-Each replica is an async Ray actor holding a RewardModel and a RewardEngine; concurrent requests to
-one replica are batched together by its engine. The driver side (this process) routes requests:
+The replicas are a Serve application (``rewardplug.serving.replica.RewardReplica``); this handle
+finds or creates it by name, cuts each request into parts by prompt group (images once through the
+object store), sends the parts through Serve (routed by ``PromptGroupRouter``), re-sends the parts of a
+replica that died, and resolves each request's future exactly once.
 
-- samples of one prompt group go to one replica (its vision and prefix caches hit), groups spread by
-  least outstanding tokens;
-- images go once per request through the object store (``ray.put`` per distinct image), not once
-  per sample;
-- in-flight samples are bounded (``max_inflight_per_replica``): ``submit`` waits or raises
-  PoolBusyError;
-- a replica that dies has its in-flight requests re-run on another replica; Ray restarts it; each
-  request resolves exactly once; a request past ``request_timeout_s`` fails with PoolTimeoutError.
+>>> from rewardplug import RewardPool
+>>> pool = RewardPool("Skywork/Skywork-VL-Reward-7B", name="rm", gpus_per_replica=1)  # doctest: +SKIP
+>>> pool.score([{"prompt": "What is it?", "completion": "A cat.", "images": [image]}])  # doctest: +SKIP
+[1.23]
 
-``submit`` only queues: routing, ``ray.put`` and the actor calls happen on a dispatcher thread, so it
-returns in well under a millisecond.
+With a name, the pool is shared: every process on the cluster that asks for the same name and options
+(each rank of a training job) attaches to the same replicas, and it lives until ``pool.shutdown()`` or
+``rewardplug pool stop NAME``; ``close()`` only detaches a handle. Without a name the pool is private
+and removed with the handle that made it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import hashlib
 import inspect
 import logging
-import re
 import os
-import queue
+import re
 import threading
 import time
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from PIL import Image
-
-from ..errors import InvalidSampleError, RewardPlugError
+from ..engine.pending import PendingRequest, check_on_invalid
+from ..errors import (BusyError, PoolBusyError, PoolConfigError, PoolNotFoundError, PoolTimeoutError, ReplicaError,
+                      ScoringError)  # fmt: skip
 from ..samples import token_samples
+from .http import HttpSettings
+from .replica import DEPLOYMENT, ReplicaSettings
+from .transport import Part, TokenFormat, externalize, split
 
 logger = logging.getLogger(__name__)
 
-NAMESPACE = "rewardplug"
-
-
-class PoolBusyError(RewardPlugError):
-    """The pool holds as many in-flight samples as it allows (``busy="raise"``)."""
-
-
-class PoolTimeoutError(RewardPlugError, TimeoutError):
-    """A request took longer than ``request_timeout_s``."""
-
-
-class ReplicaError(RewardPlugError):
-    """A replica could not start (for example the model failed to load) or no replica is left."""
-
-
-# ---- images through the object store ---------------------------------------------------------------
+DEFAULT_PART_SAMPLES = 64  # samples per call to a replica: small enough to spread, big enough to batch
+DEFAULT_HTTP_PORT = 8000
 
 
 @dataclass(frozen=True)
-class _ImageRef:
-    ref: Any = field(repr=False, compare=False)  # ray.ObjectRef of a PIL image, bytes or a long string
-    key: str = ""  # content digest: the same image gives the same routing key in every request
+class HandleOptions:
+    """Per-handle behavior; not part of the pool's identity."""
 
-
-def _digest(value) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    if isinstance(value, Image.Image):
-        h.update(f"{value.mode}{value.size}".encode())
-        h.update(value.tobytes())
-    else:
-        h.update(value.encode() if isinstance(value, str) else bytes(value))
-    return h.hexdigest()
-
-
-def _externalize(samples: list, put) -> list:
-    """Copy samples, replacing each distinct in-memory image by one object-store reference."""
-    refs: dict[Any, _ImageRef] = {}
-
-    def swap(value):
-        if isinstance(value, Image.Image | bytes | bytearray) or (isinstance(value, str) and len(value) > 4096):
-            key = id(value) if not isinstance(value, str) else value
-            if key not in refs:
-                refs[key] = _ImageRef(put(value), _digest(value))
-            return refs[key]
-        if isinstance(value, dict) and "bytes" in value and value["bytes"] is not None:
-            return swap(value["bytes"])
-        return value
-
-    def walk_messages(messages):
-        if not isinstance(messages, list):
-            return messages
-        out = []
-        for m in messages:
-            if isinstance(m, dict) and isinstance(m.get("content"), list):
-                items = [{**it, "image": swap(it["image"])} if isinstance(it, dict) and "image" in it else it
-                         for it in m["content"]]  # fmt: skip
-                m = {**m, "content": items}
-            out.append(m)
-        return out
-
-    result = []
-    for s in samples:
-        if not isinstance(s, dict):
-            result.append(s)
-            continue
-        s = dict(s)
-        for key in ("images", "image"):
-            if isinstance(s.get(key), list | tuple):
-                s[key] = [swap(v) for v in s[key]]
-            elif s.get(key) is not None:
-                s[key] = swap(s[key])
-        for key in ("messages", "prompt", "completion"):
-            if key in s:
-                s[key] = walk_messages(s[key])
-        result.append(s)
-    return result
-
-
-async def _internalize(samples: list) -> list:
-    """Replica side: fetch every _ImageRef (once each) and put the objects back."""
-    import asyncio
-
-    found: dict[Any, Any] = {}
-
-    def collect(value):
-        if isinstance(value, _ImageRef):
-            found[value.ref] = None
-        elif isinstance(value, dict):
-            for v in value.values():
-                collect(v)
-        elif isinstance(value, list | tuple):
-            for v in value:
-                collect(v)
-
-    def restore(value):
-        if isinstance(value, _ImageRef):
-            return found[value.ref]
-        if isinstance(value, dict):
-            return {k: restore(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [restore(v) for v in value]
-        return value
-
-    collect(samples)
-    if not found:
-        return samples
-    refs = list(found)
-    for ref, obj in zip(refs, await asyncio.gather(*refs)):
-        found[ref] = obj
-    return restore(samples)
-
-
-def _group_key(sample: Any) -> str:
-    """Samples with the same prompt (messages before the answer, same images) share a key."""
-    if not isinstance(sample, dict):
-        return repr(id(sample))
-    if "messages" in sample:
-        head = sample["messages"][:-1] if isinstance(sample["messages"], list) else sample["messages"]
-    else:
-        head = sample.get("prompt")
-    return repr((head, sample.get("images"), sample.get("image")))
-
-
-def _estimate_tokens(sample: Any) -> int:
-    """Rough cost for routing: characters / 3 plus 256 per image."""
-    text = repr(sample.get("completion", "")) if isinstance(sample, dict) else ""
-    images = sample.get("images") if isinstance(sample, dict) else None
-    n_images = len(images) if isinstance(images, list | tuple) else int(images is not None)
-    return len(text) // 3 + 256 * n_images + 64
-
-
-# ---- the replica actor ------------------------------------------------------------------------------
-
-
-class Replica:
-    """One copy of the model (on one GPU, several GPUs of a node, or the CPU) with its engine."""
-
-    def __init__(self, model: str, index: int, model_options: dict, engine_options: dict, threads: int):
-        import ray
-        import torch
-
-        from ..engine import RewardEngine
-        from .placement import load_on_assigned_gpus
-
-        logging.basicConfig(level=logging.INFO)
-        self.index = index
-        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
-        if threads > 0:
-            torch.set_num_threads(threads)
-        self.model = load_on_assigned_gpus(model, self.gpu_ids, **model_options)
-        self.engine = RewardEngine(self.model, on_invalid="none", **engine_options)
-
-    async def score(self, samples: list) -> tuple[list, dict]:
-        """Scores (None for a bad sample) and the reasons of the bad ones, by index."""
-        samples = await _internalize(samples)
-        try:
-            return await self.engine.ascore(samples, on_invalid="raise"), {}
-        except InvalidSampleError as e:
-            return e.scores, e.errors
-
-    def stats(self) -> dict:
-        return self.engine.stats()
-
-    def health(self) -> dict:
-        import ray
-
-        return {
-            "replica": self.index,
-            "pid": os.getpid(),
-            "node": ray.get_runtime_context().get_node_id(),
-            "gpu_ids": self.gpu_ids,
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "device": str(self.model.device),
-            "queue_depth": self.engine.stats()["queue_depth"],
-        }
-
-    def ready(self) -> bool:
-        return True
-
-
-# ---- the driver side --------------------------------------------------------------------------------
-
-
-@dataclass
-class _Request:
-    samples: list
-    future: Future
-    on_invalid: str
-    deadline: float
-    scores: list = field(default_factory=list)
-    errors: dict = field(default_factory=dict)
-    remaining: int = 0
-    failed: BaseException | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-@dataclass(eq=False)  # hashed by identity: kept in a set of parts in flight
-class _Part:
-    """A slice of a request sent to one replica."""
-
-    request: _Request
-    indices: list[int]
-    samples: list  # externalized
-    tokens: int
-    replica: int = -1
-    attempts: int = 0
-    ref: Any = None
-    done: bool = False
+    busy: str = "wait"
+    request_timeout_s: float = 600.0
+    part_samples: int = DEFAULT_PART_SAMPLES
+    max_pending_samples: int = 65536
+    max_attempts: int = 5
 
 
 class RewardPool:
-    """Replicas of a reward model on a Ray cluster, with the engine's calls.
+    """Replicas of a reward model on a Ray cluster (Ray Serve), with the engine's calls.
 
     model: hub id or checkpoint folder (readable from every node).
-    num_replicas: default one per available GPU (per ``gpus_per_replica`` GPUs), or 1 without GPUs.
+    name: a pool shared by every process of the cluster that uses the name (get-or-create); None: a
+        private pool removed with this handle (context manager, ``shutdown()`` or process exit).
+    address: an existing Ray cluster ("auto", "ray://host:10001", "host:6379"); None: the cluster this
+        process is connected to, else RAY_ADDRESS or a cluster started with ``ray start``, else a new
+        local one (which ends with this process: start Ray first to share a pool between processes).
+    num_replicas: default one per GPU the cluster has free (``gpus_per_replica`` each), 1 without GPUs.
     gpus_per_replica: 1; >1 splits one replica over that many GPUs of one node (balanced device map);
-        fractions (0.5) share a GPU with a trainer; 0 runs on the CPU.
-    placement: "pack" (fill nodes first) or "spread" (replicas on different nodes when possible).
-    address: an existing cluster ("auto", "ray://host:10001"), or None to use/start a local one.
-    max_inflight_per_replica: samples sent and not yet answered, per replica.
-    busy: "wait" (submit blocks until there is room) or "raise" (PoolBusyError).
+        a fraction (0.5) shares a GPU with a trainer; 0 runs on CPUs.
+    placement: "pack" (Serve's default) or "spread" (at most one replica per node).
+    max_inflight_per_replica: samples a replica holds at once, whoever sends them (a bound enforced by
+        the replica); more wait there, or fail with PoolBusyError when ``busy="raise"``.
     request_timeout_s: a request not answered by then fails with PoolTimeoutError.
+    autoscale: None (fixed size) or (min_replicas, max_replicas): Serve scales on ongoing requests, each
+        at most ``part_samples`` samples, so on queued samples.
+    http_port: also open the HTTP door on this port (``http``: its HttpSettings: API key, limits, roots).
     options: RewardModel.from_pretrained options (dtype, min_pixels, max_length, ...) and RewardEngine
         options (max_batch_tokens, vision_cache_mb, ...).
+    Failures: a bad sample -> InvalidSampleError (or None with ``on_invalid="none"``); a system failure
+    -> ScoringError (ReplicaError, PoolTimeoutError), never None.
     """
 
     def __init__(
         self,
         model: str | os.PathLike,
         *,
+        name: str | None = None,
+        address: str | None = None,
         num_replicas: int | None = None,
         gpus_per_replica: float = 1,
         cpus_per_replica: float = 1,
         placement: str = "pack",
-        address: str | None = None,
         max_inflight_per_replica: int = 512,
+        max_ongoing_requests: int = 64,
         request_timeout_s: float = 600.0,
         busy: str = "wait",
         ready_timeout_s: float = 600.0,
+        autoscale: tuple[int, int] | None = None,
+        http_port: int | None = None,
+        http_host: str = "127.0.0.1",
+        http: HttpSettings | dict | None = None,
+        part_samples: int = DEFAULT_PART_SAMPLES,
+        max_pending_samples: int = 65536,
         **options: Any,
     ):
-        import ray
-        from ray.util.placement_group import placement_group
-
         if placement not in ("pack", "spread"):
             raise ValueError(f"placement must be 'pack' or 'spread', got {placement!r}")
         if busy not in ("wait", "raise"):
             raise ValueError(f"busy must be 'wait' or 'raise', got {busy!r}")
-        if not ray.is_initialized():
-            ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
-        if num_replicas is None:
-            gpus = ray.cluster_resources().get("GPU", 0)
-            num_replicas = max(1, int(gpus // gpus_per_replica)) if gpus_per_replica > 0 and gpus else 1
-        model_options, engine_options = _split_options(options)
-        self.name = f"rewardplug-{uuid.uuid4().hex[:8]}"
-        self._config = dict(
-            model=str(model), num_replicas=num_replicas, gpus_per_replica=gpus_per_replica,
-            cpus_per_replica=cpus_per_replica, max_inflight_per_replica=max_inflight_per_replica,
-            request_timeout_s=request_timeout_s, busy=busy,
-            address=ray.get_runtime_context().gcs_address,  # where unpickled handles connect
-        )  # fmt: skip
-        bundle = {"CPU": cpus_per_replica, **({"GPU": gpus_per_replica} if gpus_per_replica else {})}
-        self._pg = placement_group([bundle] * num_replicas, strategy="PACK" if placement == "pack" else "SPREAD",
-                                   name=self.name)  # fmt: skip
-        if not _wait(self._pg.ready(), ready_timeout_s):
-            ray.util.remove_placement_group(self._pg)
-            raise ReplicaError(
-                f"the cluster cannot place {num_replicas} replicas of {bundle} (it has {ray.cluster_resources()}); "
-                "lower num_replicas or gpus_per_replica"
-            )
-        actor_cls = ray.remote(Replica)
-        threads = max(1, int(cpus_per_replica))
-        actors = [
-            actor_cls.options(
-                name=f"{self.name}-{i}", namespace=NAMESPACE, num_cpus=cpus_per_replica, num_gpus=gpus_per_replica,
-                max_restarts=-1, max_task_retries=0, max_concurrency=1000,
-                scheduling_strategy=_bundle_strategy(self._pg, i),
-            ).remote(str(model), i, model_options, engine_options, threads)  # fmt: skip
-            for i in range(num_replicas)
-        ]
-        self._attach(actors)
-        with _HANDLES_LOCK:
-            _HANDLES[self.name] = self
-        errors = self._wait_ready(ready_timeout_s)
-        if errors:
-            self.shutdown()
-            raise ReplicaError("replicas failed to start:\n  " + "\n  ".join(errors))
+        if autoscale is not None and not (len(autoscale) == 2 and 0 <= autoscale[0] <= autoscale[1] and autoscale[1] > 0):
+            raise ValueError(f"autoscale must be (min_replicas, max_replicas) with 0 <= min <= max, got {autoscale!r}")
+        model_options, engine_options = split_options(options)
+        http_settings = http if isinstance(http, HttpSettings) else HttpSettings(**(http or {}))
+        settings = ReplicaSettings(str(model), model_options, engine_options, max_inflight_per_replica,
+                                   asdict(http_settings))  # fmt: skip
+        deploy = dict(num_replicas=num_replicas, gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
+                      placement=placement, max_ongoing_requests=max_ongoing_requests,
+                      autoscale=list(autoscale) if autoscale else None, http_port=http_port, http_host=http_host)  # fmt: skip
+        self._options = HandleOptions(busy, request_timeout_s, part_samples, max_pending_samples)
+        _connect(address)
+        self.owner = name is None
+        self.name = name or f"rewardplug-{uuid.uuid4().hex[:8]}"
+        self._open(settings, deploy, ready_timeout_s)
+        if self.owner:
+            atexit.register(self.shutdown)
 
-    # ---- handles that travel --------------------------------------------------------------------
+    # ---- finding or making the pool -----------------------------------------------------------------
+
+    @classmethod
+    def connect(cls, name: str, *, address: str | None = None, **handle_options: Any) -> "RewardPool":
+        """Attach to a running named pool (PoolNotFoundError if there is none)."""
+        _connect(address)
+        entry = _directory_call("get", name)
+        if entry is None or entry["state"] != "ready" or not _app_running(name):
+            running = [n for n in _directory_call("names") if _app_running(n)]
+            raise PoolNotFoundError(f"no pool named {name!r} runs on this Ray cluster (running pools: {running or 'none'})")
+        pool = cls.__new__(cls)
+        pool.name, pool.owner = name, False
+        pool._options = HandleOptions(**handle_options)
+        pool._request, pool._deployed = entry["request"], entry["deployed"]
+        pool._attach()
+        return pool
+
+    def _open(self, settings: ReplicaSettings, deploy: dict, ready_timeout_s: float) -> None:
+        request = {"settings": _comparable(asdict(settings)), **deploy}
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            claim = _directory_call("claim", self.name, request, asdict(settings))
+            if claim["role"] == "create":
+                self._request = request
+                try:
+                    self._deploy(settings, deploy, deadline)
+                except BaseException as e:
+                    _directory_call("set_state", self.name, "failed", str(e))
+                    raise
+                _directory_call("set_state", self.name, "ready", None, self._deployed)
+                break
+            _check_same(self.name, claim["request"], request)
+            self._request = claim["request"]
+            if claim["state"] == "ready" and not _app_running(self.name):
+                _directory_call("remove", self.name)  # removed behind the directory's back: make it again
+                continue
+            self._deployed = _wait_ready(self.name, deadline)
+            break
+        self._attach()
+
+    def _deploy(self, settings: ReplicaSettings, deploy: dict, deadline: float) -> None:
+        import ray
+        from ray import serve
+
+        gpus = deploy["gpus_per_replica"]
+        replicas = deploy["num_replicas"] or _default_replicas(gpus, deploy["autoscale"])
+        _check_resources(replicas if not deploy["autoscale"] else deploy["autoscale"][0] or 1, gpus,
+                         deploy["cpus_per_replica"])  # fmt: skip
+        if deploy["http_port"] is not None:
+            serve.start(http_options={"host": deploy["http_host"], "port": deploy["http_port"]})
+        self._deployed = {"num_replicas": replicas}
+        logger.info("deploying pool %r: %s replicas of %s", self.name, deploy["autoscale"] or replicas, settings.model)
+        _run(_application(settings, deploy, replicas, {"offloaded": False}, self.name), self.name, deploy)
+        while True:
+            status = serve.status().applications.get(self.name)
+            if status is not None and status.status == "RUNNING":
+                return
+            if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                reason = _first_error(status)
+                serve.delete(self.name)
+                raise ReplicaError(f"pool {self.name!r}: replicas failed to start: {reason}")
+            if time.monotonic() > deadline:
+                serve.delete(self.name)
+                raise ReplicaError(f"pool {self.name!r} was not ready within the timeout; cluster: {ray.cluster_resources()}")
+            time.sleep(0.2)
+
+    def _attach(self) -> None:
+        """Per-process state of a handle: Serve's handle, the event loop that drives requests."""
+        from ray import serve
+
+        self._handle = serve.get_deployment_handle(DEPLOYMENT, app_name=self.name)
+        self._tokens = TokenFormat(**self._handle.token_format.remote().result(timeout_s=120))
+        self._loop = _loop()
+        self._closed = False
+        self._pending_samples = 0
+        self._room = threading.Condition()
+        self._counts = {"requests": 0, "samples": 0, "retries": 0, "timeouts": 0, "failed_requests": 0}
+        with _HANDLES_LOCK:
+            _HANDLES.setdefault(self.name, self)
+
+    # ---- handles that travel ------------------------------------------------------------------------
 
     def __reduce__(self):
-        return (_reattach, (self.name, self._config))
-
-    def _attach(self, actors: list | None = None) -> None:
-        """Per-process state: actor handles (looked up by name in another process), the dispatcher
-        thread, routing tables."""
         import ray
 
-        n = self._config["num_replicas"]
-        self._actors = actors or [ray.get_actor(f"{self.name}-{i}", namespace=NAMESPACE) for i in range(n)]
-        self._alive = [True] * n
-        self._outstanding = [0] * n  # estimated tokens in flight per replica
-        self._affinity: dict[str, int] = {}
-        self._inflight = 0
-        self._cond = threading.Condition()
-        self._queue: queue.Queue = queue.Queue()
-        self._parts: set = set()
-        self._closed = False
-        self._counts = {"requests": 0, "samples": 0, "retries": 0, "timeouts": 0, "replica_failures": 0}
-        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="rewardplug-pool", daemon=True)
-        self._dispatcher.start()
-        self._watchdog = threading.Thread(target=self._watch_loop, name="rewardplug-pool-watch", daemon=True)
-        self._watchdog.start()
+        return (_reattach, (self.name, ray.get_runtime_context().gcs_address, asdict(self._options)))
 
-    def _wait_ready(self, timeout: float) -> list[str]:
-        import ray
-
-        errors = []
-        for i, actor in enumerate(self._actors):
-            try:
-                ray.get(actor.ready.remote(), timeout=timeout)
-            except Exception as e:  # noqa: BLE001 - reported to the user with the replica's reason
-                errors.append(f"replica {i}: {_cause(e)}")
-        return errors
-
-    # ---- public API -----------------------------------------------------------------------------
+    # ---- scoring ------------------------------------------------------------------------------------
 
     @property
     def num_replicas(self) -> int:
-        return self._config["num_replicas"]
+        from ray import serve
+
+        status = serve.status().applications.get(self.name)
+        if status is None:
+            return 0
+        return status.deployments[DEPLOYMENT].replica_states.get("RUNNING", 0)
 
     def submit(self, samples: Sequence[Any], *, on_invalid: str = "raise", timeout: float | None = None) -> Future:
         """Queue samples; returns at once a Future of their scores, in input order.
 
-        When the pool is full, waits up to ``timeout`` seconds (busy="wait") or raises PoolBusyError.
+        This handle keeps at most ``max_pending_samples`` samples unresolved: beyond that ``submit``
+        waits up to ``timeout`` (busy="wait") or raises PoolBusyError (busy="raise").
         """
-        if self._closed:
-            raise RuntimeError("RewardPool is shut down")
+        check_on_invalid(on_invalid)
         if isinstance(samples, dict):
             raise TypeError("submit() takes a list of samples; wrap a single sample in a list")
+        if self._closed:
+            raise RuntimeError("this RewardPool handle is closed")
         samples = list(samples)
         n = len(samples)
-        capacity = self._config["max_inflight_per_replica"] * self.num_replicas
-        with self._cond:
-            def has_room():
-                return self._closed or self._inflight == 0 or self._inflight + n <= capacity
-
-            if not has_room():
-                if self._config["busy"] == "raise":
-                    raise PoolBusyError(f"{self._inflight} samples in flight, the pool allows {capacity}")
-                if not self._cond.wait_for(has_room, timeout):
-                    raise PoolBusyError(f"no room in the pool after {timeout}s ({self._inflight} samples in flight)")
-                if self._closed:
-                    raise RuntimeError("RewardPool is shut down")
-            self._inflight += n
-            self._counts["requests"] += 1
-            self._counts["samples"] += n
-        request = _Request(samples, Future(), on_invalid, time.monotonic() + self._config["request_timeout_s"])
-        request.future.set_running_or_notify_cancel()
-        request.scores, request.remaining = [None] * n, n
-        if n == 0:
-            self._finish_request(request)
-        else:
-            self._queue.put(request)
-        return request.future
+        self._reserve(n, timeout)
+        pending = PendingRequest(n, on_invalid, on_done=lambda p: self._unreserve(p.size))
+        if n:
+            self._loop.call_soon_threadsafe(self._start, pending, samples)
+        return pending.future
 
     def score(self, samples: Sequence[Any], *, on_invalid: str = "raise") -> list:
         return self.submit(samples, on_invalid=on_invalid).result()
 
     async def ascore(self, samples: Sequence[Any], *, on_invalid: str = "raise") -> list:
-        import asyncio
-
-        return await asyncio.wrap_future(self.submit(samples, on_invalid=on_invalid))
+        """Like ``score``; never blocks the running event loop (waiting for room happens in a thread)."""
+        future = await asyncio.to_thread(self.submit, samples, on_invalid=on_invalid)
+        return await asyncio.wrap_future(future)
 
     def score_tokens(self, input_ids: Any, images: list | None = None, attention_mask: Any = None, **kw) -> list:
         """Score conversations given as token ids (see ``rewardplug.samples.token_samples``)."""
         return self.score(token_samples(input_ids, images, attention_mask), **kw)
 
+    def _reserve(self, n: int, timeout: float | None) -> None:
+        limit = self._options.max_pending_samples
+        with self._room:
+            def room() -> bool:
+                return self._closed or self._pending_samples == 0 or self._pending_samples + n <= limit
+
+            if not room():
+                if self._options.busy == "raise":
+                    raise PoolBusyError(f"{self._pending_samples} samples pending in this handle (max_pending_samples={limit})")
+                if not self._room.wait_for(room, timeout):
+                    raise PoolBusyError(f"no room in this handle after {timeout}s ({self._pending_samples} samples pending)")
+            if self._closed:
+                raise RuntimeError("this RewardPool handle is closed")
+            self._pending_samples += n
+            self._counts["requests"] += 1
+            self._counts["samples"] += n
+
+    def _unreserve(self, n: int) -> None:
+        with self._room:
+            self._pending_samples -= n
+            self._room.notify_all()
+
+    # ---- on the event loop --------------------------------------------------------------------------
+
+    def _start(self, pending: PendingRequest, samples: list) -> None:
+        import ray
+
+        try:
+            parts = split(externalize(samples, ray.put), min(self._options.part_samples, 1 << 30), self._tokens)
+        except Exception as e:  # noqa: BLE001 - a bug here fails the request, never the loop
+            pending.fail(ScoringError(f"could not prepare the request: {type(e).__name__}: {e}"))
+            return
+        deadline = time.monotonic() + self._options.request_timeout_s
+        for part in parts:
+            asyncio.ensure_future(self._run_part(pending, part, deadline))
+
+    async def _run_part(self, pending: PendingRequest, part: Part, deadline: float) -> None:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        attempts = 0
+        while not pending.done:
+            attempts += 1
+            response = self._handle.score_samples.remote(part.samples, busy=self._options.busy,
+                                                         route_key=part.route_key, tokens=part.tokens)  # fmt: skip
+            try:
+                scores, errors = await asyncio.wait_for(_result(response), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                response.cancel()
+                self._counts["timeouts"] += 1
+                limit = self._options.request_timeout_s
+                pending.fail(PoolTimeoutError(f"pool {self.name!r}: no answer within request_timeout_s={limit}"))
+                return
+            except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+                # The replica died with this part: scores are a pure function of the samples, so re-run it.
+                if attempts >= self._options.max_attempts or self._closed_for_good():
+                    pending.fail(ReplicaError(f"pool {self.name!r}: replicas kept failing ({attempts} attempts): {_cause(e)}"))
+                    return
+                self._counts["retries"] += 1
+                logger.warning("pool %r: a replica died (%s); re-sending %d samples", self.name, _cause(e), len(part.indices))
+                await asyncio.sleep(min(2.0, 0.2 * attempts))
+                continue
+            except BusyError as e:
+                pending.fail(_plain(e, PoolBusyError))
+                return
+            except ScoringError as e:
+                pending.fail(_plain(e, ScoringError))
+                return
+            except Exception as e:  # noqa: BLE001 - anything else is a system failure with its cause
+                error = ScoringError(f"pool {self.name!r}: scoring failed: {_cause(e)}")
+                error.__cause__ = e
+                pending.fail(error)
+                return
+            pending.resolve(part.indices, scores, errors)
+            return
+
+    def _closed_for_good(self) -> bool:
+        return not _app_running(self.name)
+
+    # ---- state --------------------------------------------------------------------------------------
+
     def stats(self) -> dict:
-        """The pool's own counters and each replica's engine stats."""
-        import ray
-
-        replicas = []
-        for i, actor in enumerate(self._actors):
-            try:
-                replicas.append(ray.get(actor.stats.remote(), timeout=30))
-            except Exception as e:  # noqa: BLE001
-                replicas.append({"error": _cause(e)})
-        with self._cond:
-            out = dict(self._counts, inflight_samples=self._inflight, replicas=replicas)
-        for key in ("samples", "real_tokens", "padded_tokens", "prefix_hits", "vision_hits", "vision_misses"):
-            out[f"engine_{key}"] = sum(r.get(key, 0) for r in replicas)
+        """This handle's counters and each replica's latest report (at most ~1 s old): engine stats,
+        samples held, peak held, device."""
+        replicas = list(_directory_call("replicas", self.name).values())
+        with self._room:
+            out = dict(self._counts, pending_samples=self._pending_samples, replicas=replicas)
+        for key in ("samples", "batches", "real_tokens", "padded_tokens", "prefix_hits", "vision_hits", "vision_misses"):
+            out[f"engine_{key}"] = sum(r["engine"].get(key, 0) for r in replicas)
+        out["inflight_samples"] = sum(r.get("inflight_samples", 0) for r in replicas)
         return out
 
-    def health(self, timeout: float = 30) -> list[dict]:
-        """Each replica's state: alive or the reason it is not, its GPUs and device."""
-        import ray
+    def health(self) -> list[dict]:
+        """Each live replica's state as Serve and its own last report see it."""
+        from ray import serve
 
-        out = []
-        for i, actor in enumerate(self._actors):
-            try:
-                out.append({"alive": True, **ray.get(actor.health.remote(), timeout=timeout)})
-            except Exception as e:  # noqa: BLE001
-                out.append({"replica": i, "alive": False, "error": _cause(e)})
-        return out
+        status = serve.status().applications.get(self.name)
+        states = dict(status.deployments[DEPLOYMENT].replica_states) if status else {}
+        reports = _directory_call("replicas", self.name)
+        return [{"alive": r["age_s"] < 30, "serve_replica_states": states, **r} for r in reports.values()]
+
+    def offload(self, timeout_s: float = 300.0) -> None:
+        """Move every replica's weights to host memory (colocation: the trainer gets the GPU memory).
+        Requests sent meanwhile wait until ``onload()``."""
+        self._set_user_config({"offloaded": True}, timeout_s)
+
+    def onload(self, timeout_s: float = 300.0) -> None:
+        """Bring the weights back to the replicas' devices."""
+        self._set_user_config({"offloaded": False}, timeout_s)
+
+    def _set_user_config(self, user_config: dict, timeout_s: float) -> None:
+        request = self._request
+        settings = ReplicaSettings(**_directory_call("get", self.name)["settings"])
+        _run(_application(settings, request, self._deployed["num_replicas"], user_config, self.name), self.name, request)
+        _directory_call("set_user_config", self.name, user_config)
+        want = user_config["offloaded"]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            reports = _directory_call("replicas", self.name).values()
+            if reports and all(r.get("offloaded") == want for r in reports) and _app_running(self.name):
+                return
+            time.sleep(0.2)
+        raise ScoringError(f"pool {self.name!r}: replicas did not {'offload' if want else 'onload'} within {timeout_s}s")
+
+    def close(self) -> None:
+        """Detach this handle (its requests in flight still resolve); the pool keeps running."""
+        with self._room:
+            self._closed = True
+            self._room.notify_all()
+        with _HANDLES_LOCK:
+            if _HANDLES.get(self.name) is self:
+                del _HANDLES[self.name]
 
     def shutdown(self) -> None:
-        """Kill the replicas and free their resources. Pending requests fail."""
-        import ray
+        """Remove the pool's replicas from the cluster, whoever made them. Requests in flight fail."""
+        from ray import serve
 
-        if self._closed:
+        if getattr(self, "_shut", False):
             return
-        self._closed = True
-        self._queue.put(None)
-        for actor in self._actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+        self._shut = True
+        self.close()
         try:
-            ray.util.remove_placement_group(self._pg)
-        except Exception:  # noqa: BLE001
-            pass
-        for part in list(self._parts):
-            self._settle(part, error=ReplicaError("the pool was shut down"))
-        self._dispatcher.join(timeout=60)
-        while True:  # retries queued after the dispatcher stopped
-            try:
-                self._drop(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        self._parts.clear()  # drop object refs now, not after Ray itself has shut down
-        self._watchdog.join(timeout=5)
-        with self._cond:
-            self._cond.notify_all()  # wake submits waiting for room: they see the pool is shut down
+            import ray
+
+            if ray.is_initialized():
+                serve.delete(self.name)
+                _directory_call("remove", self.name)
+        except Exception:  # noqa: BLE001 - the cluster may already be gone at process exit
+            logger.debug("pool shutdown", exc_info=True)
 
     def __enter__(self) -> "RewardPool":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.shutdown()
-
-    # ---- dispatching ----------------------------------------------------------------------------
-
-    def _dispatch_loop(self) -> None:
-        import ray
-
-        while (item := self._queue.get()) is not None:
-            if self._closed:
-                self._drop(item)
-                continue
-            try:
-                if isinstance(item, _Part):  # a retry
-                    self._send(item)
-                else:
-                    for part in self._split(item, ray.put):
-                        self._send(part)
-            except Exception as e:  # noqa: BLE001 - never let the dispatcher die
-                logger.exception("dispatch failed")
-                request = item.request if isinstance(item, _Part) else item
-                self._fail_request(request, e)
-
-    def _drop(self, item) -> None:
-        error = ReplicaError("the pool was shut down")
-        if isinstance(item, _Part):
-            self._settle(item, error=error)
-        elif item is not None:
-            self._fail_request(item, error)
-
-    def _split(self, request: _Request, put) -> list[_Part]:
-        """Group by prompt, assign each group a replica, one part per replica."""
-        samples = _externalize(request.samples, put)
-        groups: dict[str, list[int]] = {}
-        for i, s in enumerate(samples):
-            groups.setdefault(_group_key(s), []).append(i)
-        by_replica: dict[int, list[int]] = {}
-        with self._cond:
-            for key, indices in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-                tokens = sum(_estimate_tokens(samples[i]) for i in indices)
-                replica = self._choose(key, tokens)
-                self._outstanding[replica] += tokens
-                by_replica.setdefault(replica, []).extend(indices)
-        parts = []
-        for replica, indices in by_replica.items():
-            indices.sort()
-            tokens = sum(_estimate_tokens(samples[i]) for i in indices)
-            parts.append(_Part(request, indices, [samples[i] for i in indices], tokens, replica))
-        return parts
-
-    def _choose(self, key: str, tokens: int) -> int:
-        alive = [i for i, ok in enumerate(self._alive) if ok] or list(range(self.num_replicas))
-        least = min(alive, key=lambda i: self._outstanding[i])
-        sticky = self._affinity.get(key)
-        if sticky in alive and self._outstanding[sticky] <= 2 * self._outstanding[least] + tokens:
-            return sticky
-        if len(self._affinity) > 100_000:
-            self._affinity.clear()
-        self._affinity[key] = least
-        return least
-
-    def _send(self, part: _Part) -> None:
-        if part.replica < 0 or not self._alive[part.replica]:
-            with self._cond:
-                part.replica = self._choose("", part.tokens)
-                self._outstanding[part.replica] += part.tokens
-        part.attempts += 1
-        part.ref = self._actors[part.replica].score.remote(part.samples)
-        self._parts.add(part)
-        part.ref.future().add_done_callback(lambda f, p=part, ref=part.ref: self._on_done(p, ref, f))
-
-    def _on_done(self, part: _Part, ref, future) -> None:
-        import ray
-
-        if part.ref is not ref:  # a retry superseded this call
-            return
-        with self._cond:  # the replica is done with this work, whatever became of the request
-            self._outstanding[part.replica] = max(0, self._outstanding[part.replica] - part.tokens)
-        if part.done:  # already timed out
-            return
-        try:
-            scores, errors = future.result()
-        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
-            self._replica_failed(part, e)
-            return
-        except Exception as e:  # noqa: BLE001 - a failure inside the replica: report it for these samples
-            self._settle(part, error=RewardPlugError(f"replica {part.replica} failed: {_cause(e)}"))
-            return
-        self._settle(part, scores=scores, errors=errors)
-
-    def _replica_failed(self, part: _Part, error: BaseException) -> None:
-        if self._closed:
-            self._settle(part, error=ReplicaError("the pool was shut down"))
-            return
-        replica = part.replica
-        with self._cond:
-            if self._alive[replica]:
-                self._alive[replica] = False
-                self._counts["replica_failures"] += 1
-                logger.warning("replica %d died (%s); re-running its requests elsewhere", replica, _cause(error))
-                threading.Thread(target=self._probe, args=(replica,), daemon=True).start()
-            self._counts["retries"] += 1
-        if part.attempts > self.num_replicas + 2:
-            self._settle(part, error=ReplicaError(f"gave up after {part.attempts} attempts: {_cause(error)}"))
-            return
-        part.replica = -1
-        self._queue.put(part)
-
-    def _probe(self, replica: int) -> None:
-        """Wait for Ray to restart a dead replica, then route to it again."""
-        import ray
-
-        while not self._closed:
-            try:
-                ray.get(self._actors[replica].ready.remote(), timeout=30)
-                with self._cond:
-                    self._alive[replica] = True
-                logger.info("replica %d is back", replica)
-                return
-            except Exception:  # noqa: BLE001 - still restarting
-                time.sleep(1.0)
-
-    def _watch_loop(self) -> None:
-        import ray
-
-        while not self._closed:
-            time.sleep(0.2)
-            now = time.monotonic()
-            for part in list(self._parts):
-                if not part.done and now > part.request.deadline:
-                    with self._cond:
-                        self._counts["timeouts"] += 1
-                    try:
-                        ray.cancel(part.ref)
-                    except Exception:  # noqa: BLE001
-                        pass
-                    limit = self._config["request_timeout_s"]
-                    self._settle(part, error=PoolTimeoutError(f"no answer from replica {part.replica} within {limit}s"))
-
-    # ---- resolution -----------------------------------------------------------------------------
-
-    def _settle(self, part: _Part, *, scores: list | None = None, errors: dict | None = None,
-                error: BaseException | None = None) -> None:  # fmt: skip
-        """Record a part's outcome (its scores, or the error that ends its request), once."""
-        request = part.request
-        with request.lock:
-            if part.done:
-                return
-            part.done = True
-            self._parts.discard(part)
-            if error is not None:
-                request.failed = request.failed or error
-            else:
-                for k, i in enumerate(part.indices):
-                    request.scores[i] = scores[k]
-                    if k in errors:
-                        request.errors[i] = errors[k]
-            request.remaining -= len(part.indices)
-            finished = request.remaining == 0
-        if finished:
-            self._finish_request(request)
-
-    def _fail_request(self, request: _Request, error: BaseException) -> None:
-        with request.lock:
-            if request.remaining == 0:
-                return
-            request.failed, request.remaining = error, 0
-        self._finish_request(request)
-
-    def _finish_request(self, request: _Request) -> None:
-        with self._cond:
-            self._inflight -= len(request.samples)
-            self._cond.notify_all()
-        if request.failed is not None:
-            request.future.set_exception(request.failed)
-        elif request.errors and request.on_invalid == "raise":
-            request.future.set_exception(InvalidSampleError(request.errors, scores=request.scores))
+        if self.owner:
+            self.shutdown()
         else:
-            request.future.set_result(request.scores)
+            self.close()
 
 
-_HANDLES: dict[str, RewardPool] = {}  # live handles of this process, by pool name
+# ---- helpers ----------------------------------------------------------------------------------------
+
+_HANDLES: dict[str, RewardPool] = {}  # this process's handles, by pool name (unpickling reuses them)
 _HANDLES_LOCK = threading.Lock()
+_LOOP: asyncio.AbstractEventLoop | None = None
+_LOOP_LOCK = threading.Lock()
 
 
-def _reattach(name: str, config: dict) -> RewardPool:
-    """Unpickle a pool handle: the live one of this process, or a new one that connects to the
-    cluster and finds the replicas (one per process: each has its dispatcher threads)."""
+def _loop() -> asyncio.AbstractEventLoop:
+    """One event loop thread per process drives the requests of every pool handle."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None or _LOOP.is_closed():
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="rewardplug-pool", daemon=True).start()
+            _LOOP = loop
+        return _LOOP
+
+
+async def _result(response):
+    return await response
+
+
+def _reattach(name: str, address: str, options: dict) -> RewardPool:
     with _HANDLES_LOCK:
         pool = _HANDLES.get(name)
-        if pool is None or pool._closed:
-            pool = _HANDLES[name] = _attach_new(name, config)
+    if pool is not None and not pool._closed:
         return pool
-
-
-def _attach_new(name: str, config: dict) -> RewardPool:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=config["address"], namespace=NAMESPACE)
-    pool = RewardPool.__new__(RewardPool)
-    pool.name, pool._config, pool._pg = name, config, None
-    pool._attach()
-    return pool
+        ray.init(address=address, namespace="rewardplug", log_to_driver=False)
+    return RewardPool.connect(name, **options)
 
 
-def _split_options(options: dict) -> tuple[dict, dict]:
+def _connect(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=address, namespace="rewardplug", log_to_driver=False)
+
+
+def _directory_call(method: str, *args):
+    import ray
+
+    from .directory import directory
+
+    return ray.get(getattr(directory(), method).remote(*args), timeout=60)
+
+
+def _app_running(name: str) -> bool:
+    from ray import serve
+
+    status = serve.status().applications.get(name)
+    return status is not None and status.status in ("RUNNING", "DEPLOYING", "UNHEALTHY")
+
+
+def _wait_ready(name: str, deadline: float) -> dict:
+    while True:
+        entry = _directory_call("get", name)
+        if entry is None:
+            raise PoolNotFoundError(f"pool {name!r} was removed while this process waited for it")
+        if entry["state"] == "ready":
+            return entry["deployed"]
+        if entry["state"] == "failed":
+            raise ReplicaError(f"pool {name!r} failed to start in the process that created it: {entry['error']}")
+        if time.monotonic() > deadline:
+            raise ReplicaError(f"pool {name!r} was not ready within the timeout (another process is deploying it)")
+        time.sleep(0.2)
+
+
+def _comparable(settings: dict) -> dict:
+    """Settings as they are compared between processes (the API key only as present or not)."""
+    http = dict(settings.get("http", {}))
+    if http.get("api_key"):
+        http["api_key"] = "<set>"
+    return {**settings, "http": http}
+
+
+def _check_same(name: str, existing: dict, asked: dict) -> None:
+    diffs = []
+
+    def walk(a, b, path):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+        elif a != b and not (path == "num_replicas" and b is None):
+            diffs.append(f"{path}: running {a!r}, asked {b!r}")
+
+    walk(existing, asked, "")
+    if diffs:
+        raise PoolConfigError(f"pool {name!r} already runs with other options: " + "; ".join(diffs)
+                              + " (use another name, or RewardPool.connect(name) to use it as it is)")  # fmt: skip
+
+
+def _default_replicas(gpus_per_replica: float, autoscale) -> int:
+    import ray
+
+    if gpus_per_replica <= 0:
+        return 1
+    free = ray.available_resources().get("GPU", 0)
+    return max(1, int(free // gpus_per_replica))
+
+
+def _check_resources(replicas: int, gpus_per_replica: float, cpus_per_replica: float) -> None:
+    """Fail at once when the cluster cannot ever place the replicas, instead of waiting."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    need_gpus = replicas * gpus_per_replica
+    if gpus_per_replica > 0 and total.get("GPU", 0) == 0:
+        raise ReplicaError(
+            f"the pool asks for {gpus_per_replica} GPU per replica but the Ray cluster has no GPUs "
+            f"(it has {_resources(total)}); pass gpus_per_replica=0 to run on CPUs, or start Ray on GPU nodes"
+        )
+    if gpus_per_replica > 0 and need_gpus > free.get("GPU", 0) + 1e-9:
+        raise ReplicaError(
+            f"the pool needs {need_gpus:g} GPUs ({replicas} replicas x {gpus_per_replica:g}) but the cluster has "
+            f"{free.get('GPU', 0):g} free of {total.get('GPU', 0):g}; lower num_replicas or gpus_per_replica"
+        )
+    if replicas * cpus_per_replica > total.get("CPU", 0) + 1e-9:
+        raise ReplicaError(f"the pool needs {replicas * cpus_per_replica:g} CPUs but the cluster has {total.get('CPU', 0):g}")
+
+
+def _resources(resources: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU", "memory") or k.startswith("accelerator"))
+
+
+def _application(settings: ReplicaSettings, deploy: dict, replicas: int, user_config: dict, name: str):
+    """The pool's Serve application: the replica deployment with its placement, router and limits."""
+    from ray import serve
+
+    from .replica import RewardReplica
+    from .router import PromptGroupRouter
+
+    options: dict[str, Any] = dict(
+        name=DEPLOYMENT,
+        ray_actor_options={"num_cpus": deploy["cpus_per_replica"], "num_gpus": deploy["gpus_per_replica"]},
+        max_ongoing_requests=deploy["max_ongoing_requests"],
+        health_check_period_s=10.0,
+        health_check_timeout_s=60.0,
+        max_constructor_retry_count=1,
+        request_router_config={"request_router_class": PromptGroupRouter, "request_routing_stats_period_s": 1.0,
+                               "request_routing_stats_timeout_s": 10.0},
+        user_config=user_config,
+    )  # fmt: skip
+    if deploy["autoscale"]:
+        low, high = deploy["autoscale"]
+        options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high, "initial_replicas": max(low, 1),
+                                         "target_ongoing_requests": 2}  # fmt: skip
+    else:
+        options["num_replicas"] = replicas
+    if deploy["placement"] == "spread":
+        options["max_replicas_per_node"] = 1
+    # A version fixed by everything but user_config: Serve then applies a new user_config to the running
+    # replicas (reconfigure) instead of replacing them (it picks a random version otherwise).
+    # (Serve's public API no longer takes a version; its deploy path still reads this attribute.)
+    fixed = {k: v for k, v in options.items() if k not in ("user_config", "request_router_config")}
+    version = hashlib.blake2b(repr((asdict(settings), sorted(fixed.items()), name)).encode(), digest_size=8).hexdigest()
+    deployment = serve.deployment(RewardReplica).options(**options)
+    deployment._version = version
+    return deployment.bind(asdict(settings), name)
+
+
+def _run(app, name: str, deploy: dict) -> None:
+    from ray import serve
+
+    route = "/" if deploy["http_port"] is not None else None
+    serve.run_many([serve.RunTarget(app, name=name, route_prefix=route)],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)  # fmt: skip
+
+
+def _first_error(status) -> str:
+    for deployment in status.deployments.values():
+        if deployment.message:
+            return _cause_text(deployment.message)
+    return _cause_text(status.message or "unknown reason")
+
+
+def _plain(error: BaseException, kind: type) -> BaseException:
+    """A replica's error as the user sees it: its own type and message, not Ray's wrapper."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, kind):
+        return cause
+    plain = kind(_cause(error))
+    plain.__cause__ = error
+    return plain
+
+
+def split_options(options: dict) -> tuple[dict, dict]:
     from ..engine import RewardEngine
     from ..model import RewardModel
 
@@ -696,23 +617,14 @@ def _split_options(options: dict) -> tuple[dict, dict]:
     return ({k: v for k, v in options.items() if k in model_keys}, {k: v for k, v in options.items() if k in engine_keys})
 
 
-def _bundle_strategy(pg, index: int):
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
-
-
-def _wait(ref, timeout: float) -> bool:
-    import ray
-
-    ready, _ = ray.wait([ref], timeout=timeout)
-    return bool(ready)
-
-
 def _cause(error: BaseException) -> str:
     """The replica-side reason inside a Ray error, in one line ("CheckpointError: ...")."""
     cause = getattr(error, "cause", None)
     if isinstance(cause, BaseException) and cause is not error:
         return f"{type(cause).__name__}: {cause}".splitlines()[0]
-    lines = re.findall(r"^\s*(?:[\w]+\.)*(\w+(?:Error|Exception): .+)$", str(error), flags=re.M)
-    return lines[-1].strip() if lines else f"{type(error).__name__}: {error}".splitlines()[0]
+    return _cause_text(f"{type(error).__name__}: {error}")
+
+
+def _cause_text(text: str) -> str:
+    lines = re.findall(r"^\s*(?:[\w]+\.)*(\w+(?:Error|Exception): .+)$", text, flags=re.M)
+    return lines[-1].strip() if lines else text.splitlines()[0] if text else text

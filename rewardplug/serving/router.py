@@ -1,0 +1,62 @@
+"""Serve request router of the pool: prompt-group affinity, else least outstanding tokens.
+
+Each call carries ``route_key`` (a content digest of its prompt group) and ``tokens`` (its estimated
+cost) as keyword arguments. The preferred replica of a key is chosen by rendezvous hashing over the
+live replicas' ids, so every process (every trainer rank) prefers the same replica for the same group
+without sharing any state, and a replica that leaves moves only its own keys. The preference holds
+while that replica is not overloaded: its outstanding tokens (reported by every replica through Serve's
+routing stats, plus what this router has sent since) stay within ``imbalance`` times the least loaded
+replica's plus the request itself. Otherwise the request goes to the least loaded replica.
+Requests without a key (HTTP requests) go by least outstanding tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+
+def _weight(key: str, replica_id: Any) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{key}|{replica_id}".encode(), digest_size=8).digest(), "big")
+
+
+class PromptGroupRouter(FIFOMixin, RequestRouter):
+    def initialize_state(self, imbalance: float = 2.0, **kwargs) -> None:
+        self.imbalance = imbalance
+        self._sent: dict[str, tuple[ReplicaID, int]] = {}  # request id -> (replica, tokens) not yet completed
+        self._sent_tokens: dict[ReplicaID, int] = {}
+
+    def _load(self, replica: RunningReplica) -> int:
+        reported = (replica.routing_stats or {}).get("outstanding_tokens", 0)
+        return int(reported) + self._sent_tokens.get(replica.replica_id, 0)
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        kwargs = pending_request.kwargs if pending_request is not None else {}
+        key, tokens = kwargs.get("route_key"), int(kwargs.get("tokens") or 0)
+        by_load = sorted(candidate_replicas, key=self._load)
+        if key:
+            preferred = max(candidate_replicas, key=lambda r: _weight(key, r.replica_id.unique_id))
+            if self._load(preferred) <= self.imbalance * self._load(by_load[0]) + tokens:
+                return [[preferred], [r for r in by_load if r is not preferred]]
+        return [[r] for r in by_load]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        tokens = int(pending_request.kwargs.get("tokens") or 0)
+        request_id = pending_request.metadata.internal_request_id
+        self._sent[request_id] = (replica_id, tokens)
+        self._sent_tokens[replica_id] = self._sent_tokens.get(replica_id, 0) + tokens
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        sent = self._sent.pop(internal_request_id, None)
+        if sent is not None:
+            left = self._sent_tokens.get(sent[0], 0) - sent[1]
+            if left > 0:
+                self._sent_tokens[sent[0]] = left
+            else:
+                self._sent_tokens.pop(sent[0], None)
