@@ -12,6 +12,10 @@ proportions (benchmarks/common.py), fp32.
 (b) naive batched: one processor call per group of G (right padding), one forward of the inner model
     (no logits), no sharing;
 (c) RewardEngine: one call with all samples (vision once per image, prompt prefix once per group).
+
+No cache carries over into a timed run: the pixel cache lives on the model and survives across engines,
+so every warm-up and every repeated timing of (c) uses images of its own (same shapes, other seeds).
+(a) and (b) keep no cache at all, so they score the same samples as (c) and their scores are compared.
 """
 
 from __future__ import annotations
@@ -53,12 +57,15 @@ def card_way(path: Path):
         content = [{"type": "image", "image": im} for im in s["images"]] + [{"type": "text", "text": s["prompt"]}]
         return [{"role": "user", "content": content}, {"role": "assistant", "content": s["completion"]}]
 
-    @torch.inference_mode()
-    def score_one(s):
+    def encode_one(s):
         msgs = messages(s)
         text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
         image_inputs, video_inputs = process_vision_info(msgs)
-        inputs = processor(text=[text], images=image_inputs, videos=video_inputs, padding=True, return_tensors="pt")
+        return processor(text=[text], images=image_inputs, videos=video_inputs, padding=True, return_tensors="pt")
+
+    @torch.inference_mode()
+    def score_one(s):
+        inputs = encode_one(s)
         out = model(**inputs, output_hidden_states=True, return_dict=True)
         values = head(out.hidden_states[-1].float()).squeeze(-1)
         return values.gather(-1, inputs["attention_mask"].sum(-1, keepdim=True) - 1).item()
@@ -73,7 +80,7 @@ def card_way(path: Path):
         values = head(hidden.float()).squeeze(-1)
         return values.gather(-1, inputs["attention_mask"].sum(-1, keepdim=True) - 1).squeeze(-1).tolist()
 
-    return score_one, score_batch
+    return score_one, score_batch, encode_one
 
 
 def timed(fn):
@@ -95,10 +102,13 @@ def run(args) -> None:
 
     samples = grpo_workload(args.prompts, args.group)
     card_subset = samples[: args.card_samples]
-    score_one, score_batch = card_way(path)
+    score_one, score_batch, encode_one = card_way(path)
     mem = PeakRSS()
 
-    score_one(samples[0])  # warm up
+    def fresh(seed: int) -> list:  # same shapes, images no run has seen
+        return grpo_workload(args.prompts, args.group, seed=seed)
+
+    score_one(fresh(101)[0])  # warm up
     with mem.measure():
         ref_a, t_a = timed(lambda: [score_one(s) for s in card_subset])
     mem_a = mem.peak
@@ -107,29 +117,30 @@ def run(args) -> None:
                                     for v in score_batch(samples[k : k + args.group])])  # fmt: skip
     mem_b = mem.peak
 
-    def engine_run():
-        with RewardEngine(rm) as engine:  # fresh caches each time
-            scores = engine.score(samples)
+    def engine_run(work=samples):
+        with RewardEngine(rm) as engine:  # a fresh engine: fresh vision cache (the pixel cache is the model's)
+            scores = engine.score(work)
             return scores, engine.stats()
 
-    def direct():
+    def direct(work=samples):
         """Same encoding and same batches as the engine, without its threads, queues and futures."""
-        encoded, _ = rm.encode_many(samples)
+        encoded, _ = rm.encode_many(work)
         im_start = rm.processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
         items = [make_item(e, im_start) for e in encoded]
         runner = ModelRunner(rm, VisionCache(2**30), Stats())
         return [r for plan in plan_batches(make_units(items, True), 16384, 64) for r in runner.run(plan.units)]
 
-    engine_run()  # warm up
+    engine_run(fresh(102))  # warm up on other images
     with mem.measure():
         (got_c, stats), t_c = timed(engine_run)
     mem_c = mem.peak
-    # Engine against direct calls, alternated and best of 3 each (this machine is noisy).
+    # Engine against direct calls, alternated and best of 3 each (this machine is noisy), each on new images.
     t_engine, t_direct = [t_c], []
-    for _ in range(3):
-        t_direct.append(timed(direct)[1])
-        t_engine.append(timed(engine_run)[1])
-    flops_c = count_flops(direct)
+    for k in range(3):
+        work_d, work_e = fresh(200 + 2 * k), fresh(201 + 2 * k)
+        t_direct.append(timed(lambda: direct(work_d))[1])
+        t_engine.append(timed(lambda: engine_run(work_e))[1])
+    flops_c = count_flops(lambda: direct(fresh(300)))
 
     n = len(samples)
     diff_a = max(abs(x - y) for x, y in zip(ref_a, got_c))
@@ -150,11 +161,27 @@ def run(args) -> None:
     print(f"engine FLOPs executed {flops_c / 1e9:.0f} GFLOP -> {flops_c / t_c / 1e9:.0f} GFLOP/s = "
           f"{flops_c / t_c / peak_flops:.0%} of dense matmul")  # fmt: skip
 
+    reference = rm.score(samples, batch_size=1)  # the model alone, untimed
+    print(f"max |score diff| of (c) vs the model alone (RewardModel.score, batch of one): "
+          f"{max(abs(x - y) for x, y in zip(reference, got_c)):.1e}")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    print("\nhost encoding on one thread, fresh images, G=8 (ms per sample):")
+    print(f"{'image':>7}{'rewardplug':>12}{'processor 1 by 1':>18}")
+    for side in (448, 1024):
+        work = grpo_workload(4, 8, side=side, seed=5000 + side)
+        t_rp = timed(lambda: rm.encode_many(work))[1] / len(work)
+        card_work = grpo_workload(1, 8, side=side, seed=6000 + side)
+        t_card = timed(lambda: [encode_one(s) for s in card_work])[1] / len(card_work)
+        print(f"{side:>7}{t_rp * 1e3:>12.2f}{t_card * 1e3:>18.2f}")
+    torch.set_num_threads(threads)
+
     if args.scaling:
         print("\nscaling (engine vs naive batched, same run):")
         print(f"{'G':>4}{'image':>7}{'(b) s/s':>10}{'(c) s/s':>10}{'(c)/(b)':>9}")
         for group, side in [(1, 448), (4, 448), (8, 448), (16, 448), (8, 224), (8, 672)]:
-            work = grpo_workload(max(2, 32 // group), group, side=side, seed=group + side)
+            work = grpo_workload(max(2, 32 // group), group, side=side, seed=1000 + group + side)  # unseen images
             _, tb = timed(lambda: [v for k in range(0, len(work), group) for v in score_batch(work[k : k + group])])
             with RewardEngine(rm) as eng:
                 _, tc = timed(lambda: eng.score(work))

@@ -140,8 +140,8 @@ class ExactPixels:
         # Table index of every value (channel offset added), moved into patch order while still 2 bytes
         # wide, then one lookup; the temporal copies are a broadcast, written once by the final reshape.
         index = np.asarray(image).astype(np.int16) + self.offsets
-        index = index.reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)[:, :, :, :, :, None]
-        values = np.take(self.table, index)
+        index = np.ascontiguousarray(index.reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5))
+        values = np.take(self.table, index)[:, :, :, :, :, None]
         values = np.broadcast_to(values, (*values.shape[:5], t, p, p)).reshape(gh * gw, 3 * t * p * p)
         return torch.from_numpy(values), torch.tensor([[1, gh, gw]], dtype=torch.long)
 
