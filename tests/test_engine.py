@@ -767,3 +767,25 @@ def test_stats_since_gives_each_consumer_its_own_deltas(make_engine, model):
     assert idle["samples"] == 0 and idle["latency_p50_ms"] == 0.0 and idle["padding_efficiency"] == 1.0
     assert engine.stats(since="other")["samples"] == 5  # another consumer: since start
     assert engine.stats()["samples"] == 5  # cumulative unchanged
+
+
+def test_ray_metrics_sink_records_through_rays_api(model, caplog):
+    """metrics="ray" (for Serve replicas): Ray's Counter/Histogram accept every name, tag and value the
+    engine sends (a sink failure would be logged, never raised, so the log is what is checked).
+    Starts Ray: run under the shared Ray lock."""
+    import logging
+
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        engine = RewardEngine(model, metrics="ray", name="ray-metrics-test")
+        with caplog.at_level(logging.WARNING, logger="rewardplug.engine.stats"):
+            assert_scores(engine.score(TEXTS[:3]), independent(model, TEXTS[:3]))
+            engine.score([{"prompt": "Hi"}], on_invalid="none")
+        engine.close(timeout=30)
+        assert not [r for r in caplog.records if "metrics sink failed" in r.getMessage()]
+        from rewardplug.engine import metrics
+
+        assert set(metrics._ray) >= {"samples", "invalid_samples", "request_latency_seconds", "batch_padded_tokens"}
+    finally:
+        ray.shutdown()
