@@ -37,12 +37,12 @@ def torchvision_model(tiny_path):
 def test_pixels_equal_qwen_vl_utils_then_pil_processor(model, tiny_path, size):
     image = random_image(*size, seed=7)
     encoded = model.encode(one_image_sample(image))
-    assert type(model.processor.image_processor.inner).__name__ == "Qwen2VLImageProcessorPil"  # behind the pixel cache
+    assert type(model.encoder.pixel_cache.image_processor).__name__ == "Qwen2VLImageProcessorPil"  # behind the pixel cache
     assert torch.equal(encoded.pixel_values, original_pixels(tiny_path, image, "pil"))
 
 
 def test_torchvision_backend_uses_the_torchvision_processor(torchvision_model, tiny_path):
-    processor = torchvision_model.processor.image_processor.inner  # behind the pixel cache
+    processor = torchvision_model.encoder.pixel_cache.image_processor  # behind the pixel cache
     assert type(processor).__name__ == "Qwen2VLImageProcessor"
     assert "TorchvisionBackend" in [c.__name__ for c in type(processor).__mro__]
     image = random_image(333, 177, seed=7)
@@ -183,7 +183,7 @@ def test_line_wrapped_base64_data_uri_is_accepted(model):
 def test_shared_images_are_preprocessed_once_with_the_same_pixels(model):
     """A GRPO group: G completions over copies of one picture (new objects each, as datasets hands
     them out) are preprocessed once; pixels equal those of a fresh processor call."""
-    cache = model.processor.image_processor
+    cache = model.encoder.pixel_cache
     image = random_image(120, 90, seed=11)
     samples = [{"prompt": "What is it?", "completion": "x" * (k + 1), "images": [image.copy()]} for k in range(6)]
     hits, misses = cache.hits, cache.misses
@@ -191,5 +191,5 @@ def test_shared_images_are_preprocessed_once_with_the_same_pixels(model):
     assert cache.misses - misses <= 1 and cache.hits - hits >= 5
     from qwen_vl_utils import fetch_image
 
-    expected = cache.inner([fetch_image({"image": image})], return_tensors="pt")["pixel_values"]
+    expected = cache.image_processor([fetch_image({"image": image})], return_tensors="pt")["pixel_values"]
     assert all(torch.equal(e.pixel_values, expected) for e in encoded)
