@@ -70,9 +70,10 @@ class RewardEngine:
         max_kv_tokens: prefix sharing expands each prompt's key/value cache once per completion row;
             the planner keeps ``suffix rows x (longest prefix + longest suffix)`` of a batch under this
             many tokens (default ``max_batch_tokens``), i.e. at most ``max_kv_tokens x kv_bytes_per_token``
-            bytes (``stats()["kv_budget_bytes"]``: 57 KiB per token for the 7B in bf16, 0.9 GiB at the
+            bytes (``stats()["kv_budget_bytes"]``: 56 KiB per token for the 7B in bf16, 0.875 GiB at the
             default). Decided before running, never found by running out of memory.
-        The pixel cache in front of the image processor is the encoder's (``rewardplug.encoding``).
+        The pixel cache in front of the image processor belongs to the model's encoder
+        (``RewardModel.from_pretrained(pixel_cache_mb=...)``, default 256 MiB).
         Stats keep at most 10,000 latencies and 64 ``stats(since=...)`` consumers.
 
     Threads:
