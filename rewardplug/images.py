@@ -152,7 +152,10 @@ def _data_uri_bytes(uri: str) -> bytes:
 
 
 def _read_local(path: str, policy: ImagePolicy) -> Image.Image:
-    resolved = Path(policy.base_dir or ".", Path(path).expanduser()).resolve()
+    try:
+        resolved = Path(policy.base_dir or ".", Path(path).expanduser()).resolve()
+    except (RuntimeError, OSError, ValueError):  # "~nobody/x.png": no such user; NUL bytes; loops
+        raise SampleError(f"image path {path[:200]!r} cannot be resolved") from None
     if policy.local_roots is not None and not any(
         resolved.is_relative_to(root) for root in policy.local_roots
     ):

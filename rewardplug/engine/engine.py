@@ -383,7 +383,10 @@ class RewardEngine:
                     self._encode(job)
                 except Exception as error:  # noqa: BLE001 - fail the request at hand, never the thread
                     logger.exception("encoding a request failed")
-                    _fail(job.pending, f"encoding a request of {len(job.samples)} samples failed", error)
+                    if isinstance(error, ScoringError):  # already says what failed (the encoder's own)
+                        _fail(job.pending, str(error), error.__cause__ or error)
+                    else:
+                        _fail(job.pending, f"encoding a request of {len(job.samples)} samples failed", error)
         finally:
             with self._cond:
                 self._encoders_done += 1
