@@ -2,32 +2,45 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import threading
 
 import torch
+from cachetools import LRUCache
+
+
+def _nbytes(features: torch.Tensor) -> int:
+    return features.numel() * features.element_size()
 
 
 class VisionCache:
+    """``max_bytes`` bounds the tensors kept (the runner stores copies with their own storage, so the
+    bound is real memory); a tensor larger than the whole budget is not kept; 0 keeps nothing."""
+
     def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.bytes = 0
+        self.max_bytes = int(max_bytes)
+        self._entries = LRUCache(maxsize=max(self.max_bytes, 1), getsizeof=_nbytes)
+        self._lock = threading.Lock()  # the model thread writes; stats() reads from any thread
+
+    @property
+    def bytes(self) -> int:
+        with self._lock:
+            return int(self._entries.currsize)
 
     def get(self, digest: str) -> torch.Tensor | None:
-        value = self._entries.get(digest)
-        if value is not None:
-            self._entries.move_to_end(digest)
-        return value
+        with self._lock:
+            return self._entries.get(digest)  # a hit becomes the most recently used
 
     def put(self, digest: str, features: torch.Tensor) -> None:
-        size = features.numel() * features.element_size()
-        if size > self.max_bytes or digest in self._entries:
+        if _nbytes(features) > self.max_bytes:
             return
-        self._entries[digest] = features
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, old = self._entries.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+        with self._lock:
+            if digest not in self._entries:
+                self._entries[digest] = features  # evicts the least recently used until it fits
+
+    def values(self) -> list[torch.Tensor]:
+        with self._lock:
+            return list(self._entries.values())
 
     def __len__(self) -> int:
-        return len(self._entries)
+        with self._lock:
+            return len(self._entries)
