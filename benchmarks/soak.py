@@ -114,6 +114,8 @@ def soak(engine: RewardEngine, *, seconds: float, threads: int, size: int, group
     rec.stop.set()
     rec.thread.join()
     after = [r for t, r in rec.rss if t >= warmup_s] or [warm_rss]
+    half = warmup_s + (seconds - warmup_s) / 2  # RSS still rising in the second half would be a leak
+    second_half = [r for t, r in rec.rss if t >= half] or [warm_rss]
     latencies = np.array([lat for _, lat, _ in rec.done])
     return {
         "recorder": rec,
@@ -122,6 +124,7 @@ def soak(engine: RewardEngine, *, seconds: float, threads: int, size: int, group
         "rss_start": warm_rss,
         "rss_peak": max(after),
         "rss_end": rec.process.memory_info().rss,
+        "rss_second_half": (second_half[0], max(second_half)),
         "p50_s": float(np.percentile(latencies, 50)) if len(latencies) else 0.0,
         "p99_s": float(np.percentile(latencies, 99)) if len(latencies) else 0.0,
         "seconds": seconds,
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vision-cache-mb", type=float, default=64)
     parser.add_argument("--pixel-cache-mb", type=float, default=64)
     parser.add_argument("--max-queued-samples", type=int, default=256)
-    parser.add_argument("--warmup-s", type=float, default=20.0)
+    parser.add_argument("--warmup-s", type=float, default=60.0, help="long enough for the caches to fill")
     parser.add_argument("--out", type=Path, default=Path("soak.png"))
     args = parser.parse_args(argv)
 
@@ -191,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"RSS start (after {args.warmup_s:.0f} s warm-up) {result['rss_start'] / mib:.0f} MiB  "
           f"peak {result['rss_peak'] / mib:.0f} MiB  end {result['rss_end'] / mib:.0f} MiB  "
           f"growth {growth:.0f} MiB (cache budgets {budgets:.0f} MiB)")  # fmt: skip
+    h0, h1 = result["rss_second_half"]
+    print(f"RSS over the second half of the timed part: {h0 / mib:.0f} -> peak {h1 / mib:.0f} MiB "
+          f"(+{(h1 - h0) / mib:.0f} MiB)")
     print(f"latency p50 {result['p50_s'] * 1e3:.0f} ms  p99 {result['p99_s'] * 1e3:.0f} ms  "
           f"throughput {result['requests'] / result['seconds']:.2f} requests/s")  # fmt: skip
     print(f"vision cache {stats['vision_cache_bytes'] / mib:.1f} MiB in {stats['vision_cache_entries']} entries")
