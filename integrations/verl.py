@@ -322,12 +322,16 @@ class RewardPlugManager(RewardManagerBase):
             self.options = VerlRewardOptions(backend="engine", model="<given scorer>")
         else:
             self.options = VerlRewardOptions.from_mapping(options)
-        self.scorer = scorer if scorer is not None else scorer_for(self.options)
+        # A pool's constructor waits on Serve with blocking calls, which Serve refuses on an event loop
+        # (verl's reward workers are async Ray actors): there the scorer is built on first use, off the loop.
+        self.scorer = scorer if scorer is not None or _in_event_loop() else scorer_for(self.options)
         self.eos_token_ids = set(self.options.eos_token_ids or _end_ids(tokenizer))
         self._batchers: dict[int, MicroBatcher] = {}
 
-    def batcher(self) -> MicroBatcher:
+    async def batcher(self) -> MicroBatcher:
         """The batcher of the running event loop (verl runs a worker's calls on one loop)."""
+        if self.scorer is None:
+            self.scorer = await asyncio.to_thread(scorer_for, self.options)
         loop = asyncio.get_running_loop()
         if id(loop) not in self._batchers:
             self._batchers[id(loop)] = MicroBatcher(self.scorer, self.options.batch_wait_ms / 1e3,
@@ -352,7 +356,7 @@ class RewardPlugManager(RewardManagerBase):
         """Score one rollout: ``{"reward_score": float, "reward_extra_info": {...}}``."""
         item = data[-1:][0]  # multi-sequence outputs: the last sequence carries the answer (as verl's naive)
         sample, truncated = self.sample_of(item)
-        raw, reason = await self.batcher().score(sample)
+        raw, reason = await (await self.batcher()).score(sample)
         return {"reward_score": self._reward(raw, reason, truncated),
                 "reward_extra_info": logged_fields(raw, truncated)}  # fmt: skip
 
@@ -365,6 +369,14 @@ class RewardPlugManager(RewardManagerBase):
         if truncated and self.options.truncated_score is not None:
             return float(self.options.truncated_score)
         return float(raw)
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def logged_fields(raw: float | None, truncated: bool | None) -> dict:
@@ -413,7 +425,7 @@ async def compute_score(data_source: Any, solution_str: str, ground_truth: Any, 
     """
     known = {f.name for f in fields(VerlRewardOptions)}
     options = VerlRewardOptions.from_env(**{k: v for k, v in kwargs.items() if k in known})
-    scorer = scorer_for(options)
+    scorer = await asyncio.to_thread(scorer_for, options)  # off the loop: a pool's constructor blocks
     key = (options.scorer_key(), id(asyncio.get_running_loop()))
     if key not in _fn_batchers:
         _fn_batchers[key] = MicroBatcher(scorer, options.batch_wait_ms / 1e3, options.max_batch)
