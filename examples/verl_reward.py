@@ -1,29 +1,43 @@
-"""verl custom reward functions that score rollouts with a rewardplug HTTP service.
+"""Synchronous verl custom reward functions that score rollouts with a rewardplug HTTP service.
+
+For verl 0.9 (rewards computed in ``verl.experimental.reward_loop``) prefer rewardplug's own doors in
+``rewardplug.integrations.verl`` (see docs/verl.md and examples/verl_grpo_vl.sh):
+
+- the reward manager, which reads each rollout's raw prompt messages and images itself and batches a
+  worker's concurrent items into one request (a GRPO group together)::
+
+      reward.reward_manager.source=importlib \\
+      reward.reward_manager.module.path=pkg://rewardplug.integrations.verl \\
+      reward.reward_manager.name=RewardPlugManager \\
+      +reward.rewardplug.url=http://rm-host:8000     # or +reward.rewardplug.model=... +reward.rewardplug.pool_name=...
+
+- or its ``async`` compute_score for verl's naive manager (awaited on the worker's loop, no thread per
+  sample)::
+
+      reward.custom_reward_function.path=pkg://rewardplug.integrations.verl \\
+      reward.custom_reward_function.name=compute_score \\
+      +reward.custom_reward_function.reward_kwargs.url=http://rm-host:8000
+
+verl 0.9's reward loop has no ``batch`` reward manager (its registry holds naive, dapo, gdpo, limited and
+remote), so ``compute_score_batch`` below only serves older verl releases that still have
+``reward_model.reward_manager=batch``. ``compute_score`` here is the blocking per-sample form: verl 0.9 runs
+it in a thread per sample.
 
 Start the service where the reward model's GPU is (loopback by default; give it a key when it listens
 on another address):
 
     REWARDPLUG_API_KEY=secret rewardplug serve --model Skywork/Skywork-VL-Reward-7B --host 0.0.0.0
 
-and point verl at this file (one call per sample, for verl's default "naive" reward manager):
+and point verl at this file:
 
-    custom_reward_function.path=examples/verl_reward.py \\
-    custom_reward_function.name=compute_score
+    reward.custom_reward_function.path=examples/verl_reward.py \\
+    reward.custom_reward_function.name=compute_score
 
-or, better, one HTTP request per batch with verl's "batch" reward manager (the service then batches
-and shares the prompt and the image across the G responses of a group):
-
-    reward_model.reward_manager=batch \\
-    custom_reward_function.path=examples/verl_reward.py \\
-    custom_reward_function.name=compute_score_batch
-
-(verl versions that group the reward settings under ``reward.`` spell these
-``reward.custom_reward_function.path`` and ``reward.custom_reward_function.name``.) The service's
-address and key come from the environment of the processes that run the reward function:
+The service's address and key come from the environment of the processes that run the reward function:
 
     export REWARDPLUG_URL=http://rm-host:8000 REWARDPLUG_API_KEY=secret
 
-or from ``+custom_reward_function.reward_kwargs.url=...`` / ``...reward_kwargs.api_key=...``.
+or from ``+reward.custom_reward_function.reward_kwargs.url=...`` / ``...reward_kwargs.api_key=...``.
 
 What is scored: the reward model sees [user(images, question), assistant(solution_str)]. verl hands the
 reward function only ``data_source``, ``solution_str`` (the decoded response), ``ground_truth`` and the
@@ -123,7 +137,8 @@ def compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_
 def compute_score_batch(data_sources: Sequence[str], solution_strs: Sequence[str], ground_truths: Sequence[Any],
                         extra_infos: Sequence[dict | None] | None = None, *, url: str | None = None,
                         api_key: str | None = None, **kwargs: Any) -> list[float]:  # fmt: skip
-    """verl's batched reward function (``reward_manager=batch``): one score per response, in order.
+    """Older verl's batched reward function (``reward_model.reward_manager=batch``; verl 0.9 has no batch
+    manager): one score per response, in order.
 
     verl passes numpy object arrays; any sequence works."""
     solution_strs = list(solution_strs)
