@@ -13,7 +13,7 @@ import pytest
 
 from rewardplug.offline.cli import main as offline_main
 from rewardplug.offline.dataset import plan_blocks, read_block, read_scores, score_dataset
-from rewardplug.testing import make_completion_set
+from rewardplug.testing import make_completion_set, make_preference_set
 
 TOL = 1e-4
 
@@ -106,3 +106,28 @@ def test_ray_score_command_on_parquet_writes_jsonl_parts_with_row_errors(tmp_pat
     for g, want in zip(got, reference):
         if want is not None:
             assert g["score"] == pytest.approx(want, abs=TOL)
+
+
+def test_eval_and_pairs_through_a_named_pool_equal_engine_scores(tmp_path, model, tiny_path, ray_cluster):
+    from rewardplug import RewardEngine, RewardPool
+    from rewardplug.offline import evaluate, make_pairs
+
+    data = make_preference_set(tmp_path / "bench.jsonl", n_pairs=8, seed=3)
+    src = make_completion_set(tmp_path / "in" / "c.jsonl", n_prompts=2, per_prompt=3)
+    with RewardEngine(model) as engine:
+        local = evaluate(data, tmp_path / "local", scorer=engine, progress=False, report=False)
+        make_pairs(src, tmp_path / "local.jsonl", scorer=engine, progress=False)
+    pool = RewardPool(str(tiny_path), name="offline-test", num_replicas=1, gpus_per_replica=0, cpus_per_replica=1,
+                      dtype="float32", image_roots=None, ready_timeout_s=240)  # fmt: skip
+    try:
+        remote = evaluate(data, tmp_path / "pool", pool="offline-test", progress=False, report=False)
+        make_pairs(src, tmp_path / "pool.jsonl", pool="offline-test", progress=False)
+    finally:
+        pool.shutdown()
+    assert (remote.correct, remote.ties, remote.pairs) == (local.correct, local.ties, local.pairs)
+    for a, b in zip(jsonl_rows(tmp_path / "local" / "pairs.jsonl"), jsonl_rows(tmp_path / "pool" / "pairs.jsonl")):
+        assert b["chosen_score"] == pytest.approx(a["chosen_score"], abs=TOL)
+        assert b["rejected_score"] == pytest.approx(a["rejected_score"], abs=TOL)
+    local_pairs, pool_pairs = jsonl_rows(tmp_path / "local.jsonl"), jsonl_rows(tmp_path / "pool.jsonl")
+    assert [p["chosen"] for p in pool_pairs] == [p["chosen"] for p in local_pairs]
+    assert [p["margin"] for p in pool_pairs] == pytest.approx([p["margin"] for p in local_pairs], abs=TOL)
