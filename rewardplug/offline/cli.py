@@ -44,7 +44,7 @@ def _source(args) -> dict:
     if args.pool and args.model:
         raise SystemExit("give --model or --pool, not both")
     if args.pool:
-        return {"pool": args.pool}
+        return {"pool": args.pool, "address": args.address}
     return {"model": args.model or DEFAULT_MODEL, "model_options": _model_options(args),
             "engine_options": {"max_batch_size": args.max_batch_size}}  # fmt: skip
 
@@ -147,21 +147,26 @@ def add_ray_score_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_ray_score(args) -> int:
-    """``rewardplug score IN OUT --ray``: score_dataset with the parsed flags. Reads --model, --dtype,
-    --device, --max-length, --batch-size (or --max-batch-size) and --image-root when the parser has them."""
+    """``rewardplug score IN OUT --ray``: score_dataset with the parsed flags. Also reads --model, --dtype,
+    --device, --max-length, --batch-size (or --max-batch-size), --max-batch-tokens, --image-root and
+    --allow-url-host when the parser has them."""
     from .dataset import score_dataset
 
     options = {k: v for k, v in (("dtype", getattr(args, "dtype", None)), ("device", getattr(args, "device", None)),
                                  ("max_length", getattr(args, "max_length", None))) if v is not None}  # fmt: skip
     if getattr(args, "image_root", None):
         options["image_roots"] = list(args.image_root)
-    batch = getattr(args, "max_batch_size", None) or getattr(args, "batch_size", None) or 64
+    if getattr(args, "allow_url_host", None):
+        options["image_url_hosts"] = list(args.allow_url_host)
+    engine_options = {"max_batch_size": getattr(args, "max_batch_size", None) or getattr(args, "batch_size", None) or 64}
+    if getattr(args, "max_batch_tokens", None):
+        engine_options["max_batch_tokens"] = args.max_batch_tokens
     result = score_dataset(
         args.input, args.output, model=args.model or DEFAULT_MODEL, format=args.format,
         rows_per_block=args.rows_per_block, concurrency=args.actors, num_gpus=args.gpus_per_actor,
         num_cpus=args.cpus_per_actor, keep_columns=args.keep_column, address=args.ray_address,
         resume=not args.no_resume, progress=not getattr(args, "no_progress", False), model_options=options,
-        engine_options={"max_batch_size": batch},
+        engine_options=engine_options,
     )  # fmt: skip
     print(f"{result.blocks} blocks ({result.blocks_skipped} already done), {result.rows_scored} rows scored now, "
           f"{result.errors} could not be scored -> {result.output}", file=sys.stderr)  # fmt: skip

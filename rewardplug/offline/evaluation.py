@@ -161,6 +161,7 @@ def evaluate(
     model: str | None = None,
     pool: str | None = None,
     scorer: Any = None,
+    address: str | None = None,
     columns: PreferenceColumns | None = None,
     split: str | None = None,
     pairs_per_request: int = 16,
@@ -179,7 +180,8 @@ def evaluate(
         default: found (VL-RewardBench's layout or chosen/rejected).
     model / pool / scorer: where scores come from, exactly one: a checkpoint (a RewardEngine is
         built here with ``model_options`` / ``engine_options``), the name of a running RewardPool, or an
-        object with the engine's ``submit`` (a RewardEngine or RewardPool you own).
+        object with the engine's ``submit`` (a RewardEngine or RewardPool you own). address: the Ray
+        cluster of the pool (default: the running one).
     pairs_per_request: pairs sent per request (2 samples each); up to ``max_requests_in_flight``
         requests are outstanding at once, so a pool's replicas all stay busy.
     resume: skip pairs already in ``output_dir/pairs.jsonl`` (from an interrupted run of the same model
@@ -204,7 +206,7 @@ def evaluate(
     if done:
         logger.info("resuming: %d of %d pairs already scored in %s", len(rows) - len(todo), len(rows), out)
 
-    with open_scorer(model=model, pool=pool, scorer=scorer, base_dir=rows.base_dir,
+    with open_scorer(model=model, pool=pool, scorer=scorer, address=address, base_dir=rows.base_dir,
                      model_options=model_options, engine_options=engine_options) as source, \
             (out / PAIRS_FILE).open("a") as log, \
             tqdm(total=len(rows), initial=len(rows) - len(todo), desc="pairs", unit="pair", disable=not progress) as bar:  # fmt: skip

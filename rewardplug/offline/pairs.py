@@ -126,6 +126,7 @@ def make_pairs(
     model: str | None = None,
     pool: str | None = None,
     scorer: Any = None,
+    address: str | None = None,
     samples_per_request: int = 64,
     progress: bool = True,
     model_options: dict | None = None,
@@ -135,7 +136,8 @@ def make_pairs(
 
     input: JSONL, parquet or a saved datasets folder (or a list of dicts) with prompt, completion,
         images and ``score_column``. Rows without a score (or all rows, with ``rescore``) are scored
-        through ``model`` / ``pool`` / ``scorer``; rows that cannot be scored are left out (counted).
+        through ``model`` / ``pool`` (on the Ray cluster at ``address``) / ``scorer``; rows that cannot
+        be scored are left out (counted).
     output: ``.jsonl``, ``.parquet``, or any other path: a datasets folder (``save_to_disk``) with the
         images as an Image feature (PIL on load), the form TRL's DPOTrainer takes directly.
     Returns the metadata written next to the output (rule, counts, sources).
@@ -152,7 +154,7 @@ def make_pairs(
         if model is None and pool is None and scorer is None:
             raise ValueError(f"{len(missing)} rows have no {score_column!r}: pass model=, pool= or scorer= to score them")
         unscorable = _score_rows(rows, missing, score_column, samples_per_request, progress,
-                                 dict(model=model, pool=pool, scorer=scorer, base_dir=rows_in.base_dir,
+                                 dict(model=model, pool=pool, scorer=scorer, address=address, base_dir=rows_in.base_dir,
                                       model_options=model_options, engine_options=engine_options))  # fmt: skip
 
     groups: dict[str, list[int]] = {}
