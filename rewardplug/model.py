@@ -242,6 +242,15 @@ class RewardModel:
     # ---- scoring -------------------------------------------------------------------------------
 
     @property
+    def prefers_unpadded_batches(self) -> bool:
+        """True on a CPU: there a row of a few hundred tokens already keeps the matmuls busy, so batching
+        rows of different lengths only adds padding and SDPA's masked path (measured: a padded batch of
+        G=1 samples about 0.7x the same rows run alone on this 2-core machine). A planner should then put
+        plain samples of different lengths in separate passes; prompt groups still share their prefix.
+        False on GPUs, where batching is what fills the device."""
+        return self.device.type == "cpu"
+
+    @property
     def image_processor(self):
         """The image processor that makes the pixels (the PIL one by default; see ``image_backend``)."""
         return self.encoder.image_processor
@@ -331,10 +340,10 @@ class RewardModel:
         from transformers import DynamicCache
 
         to = self.to_device
+        mask = to(torch.cat([prefix_mask.cpu()[rows.cpu()], suffixes.attention_mask.cpu()], dim=1))  # built on the host: no sync
         rows = to(rows)
         selected = DynamicCache([(k.index_select(0, rows.to(k.device)), v.index_select(0, rows.to(v.device)))
                                  for k, v, *_ in cache])  # fmt: skip
-        mask = torch.cat([to(prefix_mask)[rows], to(suffixes.attention_mask)], dim=1)
         lm = self.backbone.language_model
         out = lm(
             inputs_embeds=lm.embed_tokens(to(suffixes.input_ids)),
