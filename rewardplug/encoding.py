@@ -234,14 +234,18 @@ class _RequestImages:
         normalization then reports the failure with its usual message)."""
         if source is None or isinstance(source, Image.Image):
             return source
-        key = _source_key(source)
+        try:
+            key = _source_key(source)
+            hash(key)
+        except Exception:  # noqa: BLE001 - an odd source: no sharing; the sample's normalization judges it
+            return source
         if key is None:
             return source
         if key not in self._decoded:
             try:
                 decoded = load_image(source, self.encoder.policy)
                 self.encoder._count(images_decoded=1)
-            except SampleError:
+            except Exception:  # noqa: BLE001 - left as it was: to_conversation reports it as usual
                 decoded = source
             self._decoded[key] = (source, decoded)
         return self._decoded[key][1]
@@ -309,7 +313,8 @@ def _source_key(source: Any) -> Any:
         return ("str", os.fspath(source))
     if isinstance(source, dict):
         if source.get("bytes") is not None:
-            return ("bytes", bytes(source["bytes"]))
+            data = source["bytes"]
+            return ("bytes", bytes(data)) if isinstance(data, (bytes, bytearray, memoryview)) else None
         for k in ("path", "url"):
             if isinstance(source.get(k), str) and source[k]:
                 return ("str", source[k])
@@ -407,7 +412,8 @@ class Encoder:
 
     def _encode(self, sample: Any, images: _RequestImages, groups: dict) -> EncodedSample:
         if isinstance(sample, dict) and "input_ids" in sample:
-            return self._encode_tokens(sample["input_ids"], sample.get("images") or [], images)
+            found = sample.get("images")
+            return self._encode_tokens(sample["input_ids"], [] if found is None else found, images)
         conv = to_conversation(images.predecode(sample), self.policy)
         prepared = [images.prepare(im, i, size) for i, (im, size) in enumerate(zip(conv.images, conv.sizes))]
         answer = conv.messages[-1]

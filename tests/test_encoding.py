@@ -318,3 +318,15 @@ def test_exact_pixel_table_declines_what_it_does_not_reproduce(model, tiny_path)
     assert fast(random_image(100, 150, seed=1)) is None  # the processor would resize it (not multiples of 28)
     assert fast(random_image(56, 56, seed=1, mode="RGBA")) is None
     assert not ExactPixels(AutoImageProcessor.from_pretrained(tiny_path, backend="torchvision")).enabled
+
+
+def test_odd_image_sources_are_the_samples_errors_not_system_failures(model):
+    import numpy as np
+
+    samples = [{"prompt": "q", "completion": "a", "images": [{"bytes": [None]}]},
+               {"input_ids": [97, 98], "images": np.zeros((28, 28, 3), dtype=np.uint8)},
+               {"prompt": "q", "completion": "a", "images": [[1, 2]]},
+               {"prompt": "q", "completion": "fine"}]  # fmt: skip
+    encoded, errors = model.encode_many(samples)
+    assert sorted(errors) == [0, 1, 2] and encoded[3] is not None
+    assert "image placeholders" in errors[1]
