@@ -23,6 +23,7 @@ never depend on its batch or its neighbours.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import numbers
 import os
@@ -226,7 +227,8 @@ class _RequestImages:
     def __init__(self, encoder: "Encoder"):
         self.encoder = encoder
         self._decoded: dict[Any, tuple[Any, Any]] = {}  # source key -> (source, decoded image or source)
-        self._resized: dict[tuple, _Image] = {}  # (id(decoded), size options) -> _Image
+        self._resized: dict[tuple, _Image] = {}  # (content digest, size options) -> _Image
+        self._by_object: dict[tuple, _Image] = {}  # (id(decoded), size options) -> _Image
         self._keep: list = []  # objects whose id() is a key stay alive for the request
 
     def decode(self, source: Any) -> Any:
@@ -251,13 +253,22 @@ class _RequestImages:
         return self._decoded[key][1]
 
     def prepare(self, image: Image.Image, index: int, size: dict | None) -> _Image:
-        key = (id(image), tuple(sorted((size or {}).items())))
-        found = self._resized.get(key)
+        """The image resized and digested: once per object, and once per content (copies of one picture,
+        as a dataset hands out a new object per row, hash their pixels but are resized once)."""
+        options = tuple(sorted((k, repr(v)) for k, v in (size or {}).items()))
+        by_object = (id(image), options)
+        found = self._by_object.get(by_object)
         if found is None:
-            resized = self.encoder._resize(image, index, size)
-            found = self._resized[key] = _Image(resized, image_digest(resized))
+            content = image_digest(image)
+            found = self._resized.get((content, options))
+            if found is None:
+                resized = self.encoder._resize(image, index, size)
+                # Resizing is deterministic: the picture's content and the resize settings identify the result.
+                found = _Image(resized, _digest(content, options, self.encoder._resize_settings))
+                self._resized[(content, options)] = found
+                self.encoder._count(images_resized=1)
+            self._by_object[by_object] = found
             self._keep.append(image)
-            self.encoder._count(images_resized=1)
         if found.pixels is None:
             found.pixels, found.grid = self.encoder.pixel_cache.get(found.image, found.digest)
         return found
@@ -301,6 +312,10 @@ class _RequestImages:
                     item = {**{k: v for k, v in item.items() if k != "image_url"}, "type": "image", "image": decoded}
             items.append(item)
         return {**message, "content": items}
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
 
 
 def _source_key(source: Any) -> Any:
@@ -585,6 +600,10 @@ class Encoder:
     def _check_length(self, n: int) -> None:
         if self.max_length is not None and n > self.max_length:
             raise SampleError(f"sample has {n} tokens, over max_length={self.max_length}")
+
+    @property
+    def _resize_settings(self) -> tuple:
+        return ("qwen-vl-utils", self.min_pixels, self.max_pixels, self.patch_size)
 
     def _resize(self, image: Image.Image, index: int, size: dict | None = None) -> Image.Image:
         """qwen-vl-utils' own step: RGB (RGBA on white) and smart resize to multiples of 28, with the

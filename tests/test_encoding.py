@@ -169,17 +169,19 @@ def test_each_distinct_image_source_is_decoded_and_resized_once(model, tmp_path,
     decodes = []
     real_decode = rewardplug.images._decode
     monkeypatch.setattr(rewardplug.images, "_decode", lambda data, *a: decodes.append(len(data)) or real_decode(data, *a))
-    pictures = [random_image(90 + 10 * k, 70, seed=40 + k) for k in range(4)]
+    pictures = [random_image(90 + 10 * k, 70, seed=40 + k) for k in range(5)]
     path = tmp_path / "p.png"
     path.write_bytes(png_bytes(pictures[1]))
     uri = "data:image/png;base64," + base64.b64encode(png_bytes(pictures[2])).decode()
     raw = png_bytes(pictures[3])
-    sources = [pictures[0], str(path), uri, raw]
+    sources = [pictures[0], str(path), uri, raw, pictures[4]]
     samples = []
     for k, source in enumerate(sources):
         for g in range(8):
-            # a copy of the bytes object each time: same bytes, distinct objects, still one decode
+            # new objects with the same content each time (bytes copies; PIL copies, as datasets hands
+            # them out): one decode, one resize per content
             src = bytes(bytearray(source)) if isinstance(source, bytes) else source
+            src = src.copy() if k == 4 else src
             samples.append({"prompt": f"q{k}", "completion": f"answer {g}", "images": [src]})
     before = model.encoder.counters.snapshot()
     encoded, errors = model.encode_many(samples)
@@ -187,9 +189,9 @@ def test_each_distinct_image_source_is_decoded_and_resized_once(model, tmp_path,
     assert not errors
     assert len(decodes) == 3  # path, data URI, bytes; the PIL image needs no decoding
     assert after["images_decoded"] - before["images_decoded"] == 3
-    assert after["images_resized"] - before["images_resized"] == 4
-    assert after["prompts_rendered"] - before["prompts_rendered"] == 2 * 4  # once per group (answer + probe)
-    for k in range(4):
+    assert after["images_resized"] - before["images_resized"] == 5
+    assert after["prompts_rendered"] - before["prompts_rendered"] == 2 * 5  # once per group (answer + probe)
+    for k in range(5):
         group = encoded[8 * k : 8 * k + 8]
         assert all(e.pixel_values is group[0].pixel_values for e in group)  # shared, not copied
 
