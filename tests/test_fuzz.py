@@ -23,7 +23,7 @@ from rewardplug.images import ImagePolicy
 from rewardplug.samples import to_conversation
 
 SETTINGS = settings(
-    max_examples=150, deadline=10_000, derandomize=True, suppress_health_check=list(HealthCheck), database=None
+    max_examples=400, deadline=10_000, derandomize=True, suppress_health_check=list(HealthCheck), database=None
 )
 TIMEOUT = 60  # seconds per request: a hang fails the test instead of stalling it
 
@@ -83,7 +83,13 @@ def samples_strategy(tmp_png: str):
     messages = st.lists(message, max_size=4)
     images = st.one_of(st.lists(image, max_size=3), image)
     ids = st.one_of(st.lists(st.integers(-5, 160_000), max_size=30), garbage)
+    well_formed = st.fixed_dictionaries({  # near-valid samples, so the scoring paths get exercised too
+        "prompt": st.sampled_from(["What is it?", "Describe the picture."]) | text,
+        "completion": st.text(min_size=1, max_size=40),
+        "images": st.lists(st.sampled_from(IMAGES) | image, max_size=2),
+    })  # fmt: skip
     return st.one_of(
+        well_formed,
         st.fixed_dictionaries({"messages": messages}, optional={"images": images}),
         st.fixed_dictionaries(
             {"prompt": st.one_of(text, messages, garbage), "completion": st.one_of(text, messages, message, garbage)},
@@ -136,7 +142,7 @@ def test_fuzzed_samples_give_scores_or_invalid_sample_errors(engine, known, tmp_
     sample, score = known
     assert engine.score([sample], timeout=TIMEOUT)[0] == pytest.approx(score, abs=1e-4)  # alive and exact
     assert engine.stats()["scoring_errors"] == 0 and engine.stats()["healthy"]
-    assert tried["requests"] >= 100 and tried["invalid"] > 0
+    assert tried["requests"] >= 300 and tried["invalid"] > 0 and tried["scored"] > 0
     print(f"fuzz: {tried}")
 
 
