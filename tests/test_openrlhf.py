@@ -269,3 +269,30 @@ def test_example_launch_script_uses_only_flags_openrlhf_defines():
     source = Path(agent.__file__).resolve().parent.parent.joinpath("cli", "train_ppo_ray.py").read_text()
     defined = set(re.findall(r'"(--[\w.]+)"', source))
     assert flags and flags <= defined, flags - defined
+
+
+# ---- through a named pool, as the reward file finds it from the environment --------------------------------
+
+
+@pytest.mark.timeout(600)
+def test_reward_file_scores_through_named_pool_from_env(model, tiny_path, rows, monkeypatch):
+    ray = pytest.importorskip("ray")
+    from rewardplug import RewardPool
+
+    monkeypatch.setenv("REWARDPLUG_MODEL", str(tiny_path))
+    monkeypatch.setenv("REWARDPLUG_POOL", "openrlhf-test-pool")
+    monkeypatch.setenv("REWARDPLUG_POOL_OPTIONS", json.dumps({"num_replicas": 1, "gpus_per_replica": 0,
+                                                              "dtype": "float32", "device": "cpu"}))  # fmt: skip
+    rp_openrlhf.use_scorer(None)
+    ray.init(num_cpus=2, include_dashboard=False, namespace="rewardplug-openrlhf-test")
+    try:
+        executor = agent.SingleTurnAgentExecutor(remote_rm_url=str(REWARD_FILE))
+        for k, (row, images) in enumerate(rows[:2]):
+            out = rollout(executor, model.processor, row, f"Pool answer {k}.")
+            assert out["reward"] == pytest.approx([want(model, question_of(row), f"Pool answer {k}.", images)], abs=TOL)
+            assert out["extra_logs"]["rm_invalid"] == [0.0]
+        assert isinstance(rp_openrlhf._current_scorer(), RewardPool)
+        RewardPool.connect("openrlhf-test-pool").shutdown()
+    finally:
+        rp_openrlhf.use_scorer(None)
+        ray.shutdown()
