@@ -94,14 +94,17 @@ class VerlRewardOptions:
             raise ValueError(f"rewardplug backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.on_invalid not in ("fallback", "raise"):
             raise ValueError(f"rewardplug on_invalid must be 'fallback' or 'raise', got {self.on_invalid!r}")
+        if self.max_batch < 1 or self.batch_wait_ms < 0:
+            raise ValueError("rewardplug max_batch must be >= 1 and batch_wait_ms >= 0")
+
+    def check_source(self) -> None:
+        """Raise ValueError unless the options name where the scores come from."""
         if self.backend == "http" and not self.url:
             raise ValueError("rewardplug backend 'http' needs url")
         if self.backend == "engine" and not self.model:
             raise ValueError("rewardplug backend 'engine' needs model")
         if self.backend == "pool" and not (self.model or self.pool_name):
             raise ValueError("rewardplug needs model (and pool_name to share the pool) or pool_name")
-        if self.max_batch < 1 or self.batch_wait_ms < 0:
-            raise ValueError("rewardplug max_batch must be >= 1 and batch_wait_ms >= 0")
 
     @classmethod
     def from_mapping(cls, values: Any) -> "VerlRewardOptions":
@@ -139,6 +142,7 @@ _scorers_lock = threading.Lock()
 
 def scorer_for(options: VerlRewardOptions) -> Any:
     """The process's scorer for these options, built on first use."""
+    options.check_source()
     key = options.scorer_key()
     with _scorers_lock:
         if key not in _scorers:
@@ -318,10 +322,10 @@ class RewardPlugManager(RewardManagerBase):
                 raise ValueError("RewardPlugManager needs +reward.rewardplug.model=... (or .pool_name / .url)")
         if isinstance(options, VerlRewardOptions):
             self.options = options
-        elif options is None:  # a scorer given directly: only the defaults of what to do with scores
-            self.options = VerlRewardOptions(backend="engine", model="<given scorer>")
         else:
             self.options = VerlRewardOptions.from_mapping(options)
+        if scorer is None:
+            self.options.check_source()  # a config error shows when verl builds the worker
         # A pool's constructor waits on Serve with blocking calls, which Serve refuses on an event loop
         # (verl's reward workers are async Ray actors): there the scorer is built on first use, off the loop.
         self.scorer = scorer if scorer is not None or _in_event_loop() else scorer_for(self.options)
