@@ -124,6 +124,19 @@ def grpo_rows(model, group: int = 3) -> tuple[list[dict], list[dict]]:
     return rows, expected
 
 
+def test_engine_scores_like_model_under_verls_transformers(model):
+    """The root of every score below: under verl's transformers pin (<5.11) the engine's image-feature
+    path must give the model's own score (transformers 5.10 has no ``mm_encoder_outputs`` and drops it)."""
+    import transformers
+
+    from rewardplug import RewardEngine
+
+    sample = {"prompt": "What is it?", "completion": "Noise.", "images": [random_image(96, 72, seed=30)]}
+    with RewardEngine(model) as engine:
+        got = engine.score([sample])
+    assert got == pytest.approx(model.score([sample]), abs=TOL), transformers.__version__
+
+
 def test_reward_loop_worker_scores_like_model_in_one_request(model, tiny_path):
     cfg = compose_config(tiny_path, *MANAGER, *engine_options(tiny_path))
     worker = RewardLoopWorker(cfg)
