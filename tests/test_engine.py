@@ -325,7 +325,7 @@ def test_every_forward_pass_stays_in_budget(make_engine, model, grpo, mixed, max
     assert engine.stats()["padded_tokens"] == sum(r * n for r, n in shapes)
 
 
-def test_padding_efficiency_is_one_for_equal_lengths(make_engine, model):
+def test_padding_efficiency_is_one_for_equal_lengths(make_engine, model, monkeypatch):
     # distinct prompts of equal length (singles) and one group with equal-length completions
     singles = [{"prompt": f"Question {k}?", "completion": text_of_length(30, k)} for k in range(4)]
     group = [{"prompt": "What is it?", "completion": text_of_length(25, 10 + k), "images": [IMG_C]} for k in range(4)]
@@ -338,9 +338,18 @@ def test_padding_efficiency_is_one_for_equal_lengths(make_engine, model):
     assert stats["padding_efficiency"] == 1.0
     assert stats["real_tokens"] == stats["padded_tokens"] > 0
 
-    uneven = make_engine(share_prefix=False)
-    uneven.score([{"prompt": "Hi", "completion": "x"}, {"prompt": "Hi", "completion": text_of_length(100, 1)}])
-    assert 0 < uneven.stats()["padding_efficiency"] < 0.8
+    # Rows of different lengths: where the model prefers unpadded batches (a CPU) they run in separate
+    # passes with no padding; elsewhere they share a pass and the padding shows in the efficiency.
+    pair = [{"prompt": "Hi", "completion": "x"}, {"prompt": "Hi", "completion": text_of_length(100, 1)}]
+    for prefers in (True, False):
+        monkeypatch.setattr(type(model), "prefers_unpadded_batches", prefers)
+        uneven = make_engine(share_prefix=False)
+        assert_scores(uneven.score(pair), independent(model, pair), f"uneven, prefers_unpadded={prefers}")
+        stats = uneven.stats()
+        if prefers:
+            assert stats["padding_efficiency"] == 1.0 and stats["forward_passes"] == 2
+        else:
+            assert 0 < stats["padding_efficiency"] < 0.8 and stats["forward_passes"] == 1
 
 
 # ---- 5. bad input ---------------------------------------------------------------------------------

@@ -94,14 +94,25 @@ class ModelRunner:
         reps = [g.items[0].encoded for g in groups]
         embeds = self._image_embeds([i.encoded for i in singles] + reps, add)
         results: list[Result] = []
-        if singles:
-            batch = collate([i.encoded for i in singles], self.model.pad_token_id, "right")
-            scores = self.model.forward(batch, _flat(embeds[: len(singles)]))
-            add(forward_passes=1, real_tokens=sum(i.num_tokens for i in singles), padded_tokens=batch.padded_tokens)
-            results += list(zip(singles, scores.tolist()))
+        for part in self._single_passes(list(zip(singles, embeds[: len(singles)]))):
+            items = [i for i, _ in part]
+            batch = collate([i.encoded for i in items], self.model.pad_token_id, "right")
+            scores = self.model.forward(batch, _flat([e for _, e in part]))
+            add(forward_passes=1, real_tokens=sum(i.num_tokens for i in items), padded_tokens=batch.padded_tokens)
+            results += list(zip(items, scores.tolist()))
         if groups:
             results += self._run_groups(groups, embeds[len(singles) :], add)
         return results
+
+    def _single_passes(self, rows: list) -> list[list]:
+        """Plain samples in one pass, or, where the model prefers unpadded batches (a CPU, where padding
+        only costs), one pass per length: same rows and budgets, no padding."""
+        if not rows or not getattr(self.model, "prefers_unpadded_batches", False):
+            return [rows] if rows else []
+        by_length: dict[int, list] = {}
+        for row in rows:
+            by_length.setdefault(row[0].num_tokens, []).append(row)
+        return list(by_length.values())
 
     def _run_groups(self, groups: list[Unit], embeds: list[list[torch.Tensor]], add) -> list[Result]:
         pad = self.model.pad_token_id
