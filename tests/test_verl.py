@@ -6,7 +6,6 @@ verl pins transformers below 5.11, so these tests run in their own environment (
 
 from __future__ import annotations
 
-import asyncio
 import io
 import math
 import os
