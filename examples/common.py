@@ -41,7 +41,10 @@ def tiny_paths(work: Path, text_policy: bool = False) -> tuple[str, str]:
     """A tiny random policy (vision-language, or text-only) and a tiny reward model."""
     from rewardplug.testing import make_tiny_checkpoint, make_tiny_text_policy
 
-    policy = make_tiny_text_policy(work / "tiny-text-policy") if text_policy else make_tiny_checkpoint(work / "tiny-policy", seed=1)
+    if text_policy:
+        policy = make_tiny_text_policy(work / "tiny-text-policy")
+    else:
+        policy = make_tiny_checkpoint(work / "tiny-policy", seed=1)
     return str(policy), str(make_tiny_checkpoint(work / "tiny-reward", seed=0))
 
 

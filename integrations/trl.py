@@ -158,7 +158,7 @@ class RewardFunction:
         if self._owns_scorer:
             scorer = build_scorer(scorer, pool_name=pool_name, device=device, **options)
         elif options or device is not None or pool_name != AUTO:
-            given = sorted(options) + (["device"] if device is not None else []) + (["pool_name"] if pool_name != AUTO else [])
+            given = sorted(options) + ["device"] * (device is not None) + ["pool_name"] * (pool_name != AUTO)
             raise TypeError(f"options {given} apply only when scorer is a model id or path")
         self.scorer = scorer
         self.__name__ = name or "reward_model"

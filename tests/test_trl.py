@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from rewardplug import InvalidSampleError, RewardEngine, RewardModel
 from rewardplug.errors import ScoringError
@@ -242,7 +243,8 @@ def make_llama_style_policy(path: Path) -> tuple[Path, int, int]:
     tok.eos_token, tok.pad_token, tok.chat_template = "<|eot_id|>", "<|end_of_text|>", LLAMA3_TEMPLATE
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+                         bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)  # fmt: skip
     torch.manual_seed(3)
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -485,13 +487,68 @@ def test_pool_backed_grpo_and_pickle_round_trip(ray_cluster, paths, reference):
     reward.scorer.shutdown()
 
 
-def test_model_id_string_builds_a_pool(ray_cluster, paths, reference):
-    reward = RewardFunction(paths["reward"], num_replicas=1, gpus_per_replica=0, image_roots=None)
+def test_model_id_string_builds_one_named_pool(ray_cluster, paths, reference):
+    options = dict(num_replicas=1, gpus_per_replica=0, image_roots=None)
+    reward = RewardFunction(paths["reward"], **options)
     try:
+        assert reward.scorer.name == default_pool_name(paths["reward"], options)
         out = reward(prompts=["Sky?"], completions=["Blue."])
         assert out == pytest.approx(reference.score([{"prompt": "Sky?", "completion": "Blue."}]), abs=1e-4)
+        # A second function (as another rank would make) finds the same pool and its one replica.
+        again = RewardFunction(paths["reward"], **options)
+        assert again.scorer.name == reward.scorer.name
+        assert again(prompts=["Sky?"], completions=["Blue."]) == pytest.approx(out, abs=1e-6)
+        assert len(again.scorer.stats()["replicas"]) == 1
+        again.close()
     finally:
         reward.scorer.shutdown()
+
+
+class EventRecorder(TrainerCallback):
+    """Writes the trainer's step events into a shared list (to see where the pool calls fall)."""
+
+    def __init__(self, events):
+        self.events = events
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.events.append("step_begin")
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        self.events.append("pre_optimizer_step")
+
+    def on_optimizer_step(self, args, state, control, **kw):
+        self.events.append("optimizer_step")
+
+
+def test_colocation_callback_offloads_for_the_optimizer_step_only(ray_cluster, paths, reference):
+    from rewardplug import RewardPool
+    from rewardplug.integrations.trl import PoolColocationCallback
+
+    pool = RewardPool(paths["reward"], name="trl-colocation-test", num_replicas=1, gpus_per_replica=0,
+                      image_roots=None)  # fmt: skip
+    events = []
+    for method in ("offload", "onload"):
+        original = getattr(pool, method)
+        setattr(pool, method, lambda *a, _m=method, _f=original, **k: (events.append(_m), _f(*a, **k))[1])
+    try:
+        reward = RewardFunction(pool, name=NAME)
+        rec = Recording(reward)
+        scored = type(reward).__call__
+
+        def scoring(self, *a, **k):
+            events.append("score")
+            return scored(self, *a, **k)
+
+        type(reward).__call__ = scoring
+        trainer = _train("GRPO", paths["policy"], reward, common.image_dataset(), paths["work"],
+                         callbacks=[EventRecorder(events), PoolColocationCallback(pool)])  # fmt: skip
+        step = ["score", "pre_optimizer_step", "offload", "optimizer_step"]
+        assert events == ["step_begin", *step, "step_begin", "onload", *step, "onload"]
+        # Offloading and onloading the weights left the scores exactly the model's.
+        _check_logged_rewards(trainer, rec, reference)
+        assert all(r.get("offloaded") is False for r in pool.stats()["replicas"])
+    finally:
+        pool.shutdown()
 
 
 def test_examples_custom_loop_overlaps_and_scores_tokens(paths, reference):
