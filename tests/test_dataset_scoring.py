@@ -131,3 +131,37 @@ def test_eval_and_pairs_through_a_named_pool_equal_engine_scores(tmp_path, model
     local_pairs, pool_pairs = jsonl_rows(tmp_path / "local.jsonl"), jsonl_rows(tmp_path / "pool.jsonl")
     assert [p["chosen"] for p in pool_pairs] == [p["chosen"] for p in local_pairs]
     assert [p["margin"] for p in pool_pairs] == pytest.approx([p["margin"] for p in local_pairs], abs=TOL)
+
+
+def test_ray_scoring_killed_midway_resumes_without_rescoring_finished_blocks(tmp_path, model, tiny_path, ray_cluster):
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    src = make_completion_set(tmp_path / "in" / "c.jsonl", n_prompts=10, per_prompt=4)
+    out = tmp_path / "out"
+    args = dict(model=str(tiny_path), rows_per_block=1, progress=False, model_options={"dtype": "float32", "device": "cpu"})
+    driver = (f"import ray; ray.init(address={ray.get_runtime_context().gcs_address!r}, log_to_driver=False)\n"
+              "from rewardplug.offline.dataset import score_dataset\n"
+              f"score_dataset({str(src)!r}, {str(out)!r}, **{args!r})\n")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(out.glob("part-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        proc.kill()  # the crash: the driver dies while its actor is scoring
+        proc.wait()
+    time.sleep(3)  # let Ray reap the dead job's actor
+    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")}
+    assert 0 < len(finished) < 40, f"{len(finished)} of 40 blocks finished before the kill"
+
+    result = score_dataset(src, out, **args)
+    assert result.blocks_skipped == len(finished) and result.rows_scored == 40 - len(finished)
+    assert {name: (out / name).stat().st_mtime_ns for name in finished} == finished  # not rewritten
+    rows = with_absolute_images(jsonl_rows(src), src.parent)
+    got = read_scores(out)
+    assert [g["row"] for g in got] == list(range(40))
+    assert [g["score"] for g in got] == pytest.approx([model.score([r])[0] for r in rows], abs=TOL)
