@@ -401,6 +401,13 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as e:
         print(f"rewardplug {args.command}: error: {e}", file=sys.stderr)
         return e.code
+    except Exception as e:  # rewardplug's own errors and OS errors: a message, not a traceback (-v shows it)
+        from .errors import RewardPlugError, ScoringError
+
+        if not isinstance(e, (RewardPlugError, OSError)) or args.verbose:
+            raise
+        print(f"rewardplug {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE if isinstance(e, ScoringError) else EXIT_IO
     except KeyboardInterrupt:
         print(f"rewardplug {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -366,3 +366,10 @@ def test_other_packages_commands_are_wired(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     assert "--group-size" in capsys.readouterr().out
+
+
+def test_a_rewardplug_error_in_any_command_is_a_message_and_exit_1(tmp_path, capsys):
+    """Commands from other packages (here bench) get the same treatment: no traceback, exit 1."""
+    assert main(["bench", "--model", str(tmp_path / "no-such-checkpoint"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "rewardplug bench: error: " in err and "no-such-checkpoint" in err and "Traceback" not in err
