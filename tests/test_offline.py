@@ -293,3 +293,20 @@ def test_package_exports_the_functions_not_their_modules():
 
     assert callable(offline.evaluate) and callable(offline.make_pairs) and callable(offline.score_dataset)
     assert offline.evaluate is evaluate
+
+
+def test_eval_reads_a_saved_dataset_dict_split(tmp_path, engine):
+    import datasets
+
+    make_preference_set(tmp_path / "flat", n_pairs=4, fmt="dataset", images="pil")
+    datasets.DatasetDict({"test": datasets.load_from_disk(str(tmp_path / "flat"))}).save_to_disk(str(tmp_path / "dict"))
+    flat = evaluate(tmp_path / "flat", tmp_path / "o1", scorer=engine, progress=False, report=False)
+    split = evaluate(tmp_path / "dict", tmp_path / "o2", scorer=engine, progress=False, report=False)
+    assert (split.pairs, split.correct, split.ties) == (flat.pairs, flat.correct, flat.ties)
+
+
+def test_missing_preference_columns_are_named():
+    with pytest.raises(ValueError, match="chosen\\+rejected or response\\+human_ranking"):
+        PreferenceColumns().resolve(["prompt", "image", "answer"])
+    with pytest.raises(ValueError, match="'good' is not in the data"):
+        PreferenceColumns(chosen="good", rejected="rejected").resolve(["prompt", "rejected"])
