@@ -5,7 +5,8 @@ whole datasets (in one process or over Ray Data).
 >>> summary = evaluate("vl_rewardbench/", "eval-out/", model="Skywork/Skywork-VL-Reward-7B")  # doctest: +SKIP
 >>> summary.accuracy, summary.macro_average  # doctest: +SKIP
 
-Imports are lazy: ``import rewardplug.offline`` loads neither torch, Ray nor datasets.
+The names above load their module on first use; Ray, datasets, pyarrow and matplotlib load only when
+a function needs them (``pip install 'rewardplug[offline]'``).
 """
 
 from __future__ import annotations
