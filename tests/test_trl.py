@@ -277,6 +277,50 @@ def test_grpo_non_qwen_policy_truncation_judged_with_the_policys_end_ids(paths, 
     engine.close()
 
 
+def test_async_grpo_rollout_worker_scores_a_group_and_logs_without_log_metric(paths, reference):
+    """trl.experimental.async_grpo's own rollout loop scores a group with the function (no log_metric,
+    no trainer): rewards are the model's, and the figures go to log_to, truncation judged with the
+    policy's ids given as eos_token_ids."""
+    pytest.importorskip("aiohttp")
+    from transformers import AutoTokenizer
+    from trl.experimental.async_grpo.async_rollout_worker import RolloutGroup, TrainingSequence, _AsyncRolloutLoop
+
+    tok = AutoTokenizer.from_pretrained(paths["text_policy"])
+    tok.response_schema = {"type": "object"}  # only for parsing tool calls, which this group has none of
+    from accelerate.state import PartialState
+
+    PartialState()  # as TRL's rollout child does before building the loop (its logger needs it)
+    ctx = multiprocessing.get_context("spawn")
+    figures = []
+    engine = RewardEngine(RewardModel.from_pretrained(paths["reward"], image_roots=None))
+    reward = AsyncRewardFunction(engine, name=NAME, eos_token_ids=[tok.eos_token_id, tok.pad_token_id],
+                                 log_to=lambda k, v: figures.append((k, v)))  # fmt: skip
+    loop = _AsyncRolloutLoop(
+        model_name="policy", dataset=common.text_dataset(), reward_funcs=[reward], processing_class=tok,
+        eos_token_ids=[tok.eos_token_id], rollout_buffer=ctx.Queue(), model_version_value=ctx.Value("i", 0),
+        heartbeat_value=ctx.Value("d", 0.0), failed_event=ctx.Event(), exception_info_queue=ctx.Queue(maxsize=1),
+        metrics_queue=ctx.Queue(), num_generations=2,
+    )  # fmt: skip
+    answers = ["Blue.", "Green, I think"]
+    ids = [tok.encode(answers[0]) + [tok.eos_token_id], tok.encode(answers[1])]  # the second hit the limit
+    group = RolloutGroup(
+        prompts=[[{"role": "user", "content": "Sky?"}]] * 2, reward_kwargs={},
+        completions=[[{"role": "assistant", "content": a}] for a in answers], completions_ids=ids,
+        completions_sequences=[[TrainingSequence(i, [1] * len(i), [0.0] * len(i), f"r{k}")] for k, i in enumerate(ids)],
+        tool_call_counts=[0, 0], tool_failure_counts=[0, 0], model_version=0, group_id=0,
+        env_rewards=[None, None], rollout_rewards=[None, None],
+    )  # fmt: skip
+    try:
+        samples = loop._loop.run_until_complete(loop._score_group(group))
+    finally:
+        engine.close()
+    expected = reference.score([{"prompt": "Sky?", "completion": a} for a in answers])
+    assert [s.metrics[f"rewards/{NAME}"] for s in samples] == pytest.approx(expected, abs=1e-5)
+    logged = dict(figures)
+    assert logged[f"{NAME}/truncated_frac"] == 0.5 and logged[f"{NAME}/invalid_frac"] == 0.0
+    assert logged[f"{NAME}/raw_mean"] == pytest.approx(sum(expected) / 2, abs=1e-5)
+
+
 # ---- the call contract, with TRL-shaped arguments --------------------------------------------------
 
 
