@@ -443,8 +443,8 @@ def build_scorer(model: str | os.PathLike, *, pool_name: str | None = AUTO, devi
     if unknown:
         raise TypeError(f"unknown options {sorted(unknown)} for an in-process engine; model options: "
                         f"{sorted(model_keys)}; engine options: {sorted(engine_keys)}")  # fmt: skip
-    device = device or rank_device()
-    reward_model = RewardModel.from_pretrained(model, device=device,
+    placement = {} if options.get("device_map") is not None else {"device": device or rank_device()}
+    reward_model = RewardModel.from_pretrained(model, **placement,
                                                **{k: v for k, v in options.items() if k in model_keys})  # fmt: skip
     return RewardEngine(reward_model, **{k: v for k, v in options.items() if k in engine_keys})
 

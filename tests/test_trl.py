@@ -181,6 +181,20 @@ def test_grpo_device_error_fails_the_step_with_scoring_error(paths, scorer_kind)
         scorer.close()
 
 
+def test_async_function_device_error_raises_scoring_error(paths):
+    import asyncio
+
+    def broken_device(module, args, kwargs):
+        raise RuntimeError(CUDA_ERROR)
+
+    rm = RewardModel.from_pretrained(paths["reward"], image_roots=None)
+    rm.backbone.language_model.register_forward_pre_hook(broken_device, with_kwargs=True)
+    with RewardEngine(rm) as engine:
+        for scorer in (rm, engine):
+            with pytest.raises(ScoringError, match="CUDA error"):
+                asyncio.run(AsyncRewardFunction(scorer)(prompts=["a"], completions=["x"]))
+
+
 def _long_prompts(n: int = 8):
     from datasets import Dataset
 
