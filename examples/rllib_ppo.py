@@ -1,17 +1,23 @@
 """Ray RLlib PPO whose rewards come from a multimodal reward model, through a learner connector.
 
-    python examples/rllib_ppo.py --tiny           # CPU, tiny random reward model, one train() iteration
+    python examples/rllib_ppo.py --tiny                 # CPU, tiny random reward model, one train() iteration
+    python examples/rllib_ppo.py --tiny --in-returns    # score on the env runners: returns show the scores
+    python examples/rllib_ppo.py --tiny --num-learners 1  # a remote learner actor (the connector is pickled)
     python examples/rllib_ppo.py --reward Skywork/Skywork-VL-Reward-7B --iterations 20
 
 The environment is a toy "captioning" task: each episode shows an image and a question; the agent
 picks one of a few candidate answers (its action) and the episode ends. The environment's own reward
-is 0; RewardModelConnector replaces it with the reward model's score of (image, question, answer),
-batched over all finished episodes of the train batch, on a RewardPool.
+is 0; RewardModelConnector replaces it with the reward model's score of (image, question, answer), on
+a RewardPool: by default in the learner (batched over all finished episodes of the train batch), with
+--in-returns on the env runners (batched over the sub-environments of each vector step; the episode
+returns RLlib reports are then the scores). ``make_vector_env`` shows the gymnasium-side alternative,
+RewardModelVectorWrapper, as an RLlib vector env creator.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import gymnasium as gym
 import numpy as np
@@ -55,21 +61,37 @@ def to_sample(episode, t: int) -> dict:
     return {"prompt": info["prompt"], "completion": info["response"], "images": [Image.fromarray(info["image"])]}
 
 
-def build_config(scorer, train_batch: int = 32):
+def build_config(scorer, train_batch: int = 32, *, in_returns: bool = False, num_learners: int = 0,
+                 num_envs: int = 1, **options):  # fmt: skip
+    """PPO on CaptionEnv with the reward model's scores as rewards (options: RewardModelConnector's)."""
     from ray.rllib.algorithms.ppo import PPOConfig
 
-    from rewardplug.integrations.rllib import RewardModelConnector
+    from rewardplug.integrations.rllib import add_reward_model
 
-    return (
+    config = (
         PPOConfig()
         .environment(CaptionEnv)
-        .env_runners(num_env_runners=0)
-        .learners(num_learners=0)
-        .training(
-            train_batch_size_per_learner=train_batch, minibatch_size=train_batch, num_epochs=1,
-            learner_connector=lambda obs_space, act_space: RewardModelConnector(scorer=scorer, sample_fn=to_sample),
-        )  # fmt: skip
+        .env_runners(num_env_runners=0, num_envs_per_env_runner=num_envs)
+        .learners(num_learners=num_learners)
+        .training(train_batch_size_per_learner=train_batch, minibatch_size=train_batch, num_epochs=1)
     )
+    return add_reward_model(config, scorer=scorer, sample_fn=to_sample, in_returns=in_returns, **options)
+
+
+def make_vector_env(env_config: dict, scorer) -> gym.Env:
+    """An RLlib env creator: with "num_envs" in the config (gym_env_vectorize_mode="vector_entry_point"),
+    a vector env whose rewards are scores, one scorer call per vector step for all sub-environments."""
+    from PIL import Image
+
+    from rewardplug.integrations.rllib import RewardModelVectorWrapper, RewardModelWrapper
+
+    def sample(obs, info):
+        return {"prompt": info["prompt"], "completion": info["response"], "images": [Image.fromarray(info["image"])]}
+
+    if "num_envs" not in env_config:
+        return RewardModelWrapper(CaptionEnv(env_config), scorer=scorer, sample_fn=sample)
+    envs = gym.vector.SyncVectorEnv([lambda: CaptionEnv(env_config) for _ in range(env_config["num_envs"])])
+    return RewardModelVectorWrapper(envs, scorer=scorer, sample_fn=sample)
 
 
 def main(argv=None) -> dict:
@@ -77,6 +99,8 @@ def main(argv=None) -> dict:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--reward")
     p.add_argument("--iterations", type=int, default=1)
+    p.add_argument("--in-returns", action="store_true", help="score on the env runners (returns show scores)")
+    p.add_argument("--num-learners", type=int, default=0)
     args = p.parse_args(argv)
 
     import ray
@@ -89,13 +113,18 @@ def main(argv=None) -> dict:
     if reward is None:
         p.error("pass --tiny or --reward")
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # Remote learners unpickle the connector, whose sample_fn lives in this file: make it importable there.
+        here = os.path.dirname(os.path.abspath(__file__))
+        path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
     pool = RewardPool(reward, num_replicas=1, gpus_per_replica=0 if not torch.cuda.is_available() else 1)
-    algo = build_config(pool).build_algo()
+    algo = build_config(pool, in_returns=args.in_returns, num_learners=args.num_learners).build_algo()
     results = [algo.train() for _ in range(args.iterations)]
+    where = "env_runners" if args.in_returns else "learners"
     for i, r in enumerate(results):
-        score = r.get("learners", {}).get("reward_model/mean_score", float("nan"))
-        print(f"iteration {i}: mean reward-model score {float(score):.4f}")
+        score = r.get(where, {}).get("reward_model/mean_score", float("nan"))
+        returns = r.get("env_runners", {}).get("episode_return_mean", float("nan"))
+        print(f"iteration {i}: mean reward-model score {float(score):.4f}, episode_return_mean {float(returns):.4f}")
     return {"algo": algo, "pool": pool, "results": results}
 
 

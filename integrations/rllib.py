@@ -1,30 +1,49 @@
-"""Reward-model rewards in Ray RLlib (new API stack): a learner connector piece and a gymnasium wrapper.
+"""Reward-model rewards in Ray RLlib (new API stack, Ray 2.60): connector pieces and gymnasium wrappers.
 
-RLlib rewrites rewards in learner ConnectorV2 pieces (its count-based curiosity example does this).
+RLlib rewrites rewards in ConnectorV2 pieces (its count-based curiosity example does this).
 ``RewardModelConnector`` gathers the scoring inputs of the incoming episodes through your function,
-scores them in one batched call (a RewardPool: it pickles, so it reaches remote learners), and writes
-the scores back into the episodes before the train batch is built:
+scores them in one batched call, and writes the scores back into the episodes. ``add_reward_model``
+installs it where Ray 2.60 wants it:
 
 >>> from rewardplug import RewardPool
->>> from rewardplug.integrations.rllib import RewardModelConnector
+>>> from rewardplug.integrations.rllib import add_reward_model
 >>> pool = RewardPool("Skywork/Skywork-VL-Reward-7B")  # doctest: +SKIP
 >>> def to_sample(episode, t):  # the infos of step t carry image, prompt and response
 ...     info = episode.get_infos(t + 1)
 ...     return {"prompt": info["prompt"], "completion": info["response"], "images": [info["image"]]}
->>> config.training(learner_connector=lambda obs, act: RewardModelConnector(scorer=pool, sample_fn=to_sample))  # doctest: +SKIP
+>>> config = add_reward_model(PPOConfig().environment(MyEnv), scorer=pool, sample_fn=to_sample)  # doctest: +SKIP
 
-``RewardModelWrapper`` does the same on the environment side, one step at a time.
+- default: a learner connector piece (``config.learners(learner_connector=...)``; the older
+  ``config.training(learner_connector=...)`` is deprecated in Ray 2.60). It is pickled into each learner
+  (``num_learners >= 1``): the scorer must pickle (a RewardPool does), and ``sample_fn`` must be importable
+  there. Env-runner metrics (``episode_return_mean``) still show the environment's rewards.
+- ``in_returns=True``: an env-to-module piece on the env runners (``config.env_runners(
+  env_to_module_connector=...)``). It runs once per vector step over all sub-environments' episodes, so
+  one scorer call scores every sub-environment that stepped; the rewards are rewritten before RLlib
+  computes episode returns, so ``env_runners/episode_return_mean`` shows the reward model's scores, and
+  the learners train on them.
+
+Failures: a bad sample (InvalidSampleError) is handled as ``on_invalid`` says: "raise" (the step fails),
+"none" (the environment's reward is kept; counted in ``reward_model/invalid``) or a float (that reward).
+A system failure (``ScoringError`` and any other exception of the scorer) is never turned into a reward:
+it propagates and fails the training step.
+
+``RewardModelWrapper`` (one environment) and ``RewardModelVectorWrapper`` (a gymnasium vector env, one
+scorer call per vector step for all sub-environments) do the same on the environment side.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
 from ray.rllib.connectors.connector_v2 import ConnectorV2
+
+from ..errors import InvalidSampleError
 
 logger = logging.getLogger(__name__)
 
@@ -32,19 +51,76 @@ MODES = ("terminal", "per_step")
 COMBINE = ("replace", "add")
 
 
-class RewardModelConnector(ConnectorV2):
-    """Learner connector piece: rewrite episode rewards with reward-model scores.
+def _check_on_invalid(value: Any) -> None:
+    if value in ("raise", "none") or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return
+    raise ValueError(f"on_invalid must be 'raise', 'none' or a float fallback reward, got {value!r}")
 
-    scorer: anything with ``score(samples, on_invalid="none")`` (RewardPool, RewardEngine, RewardModel).
+
+class PoolByName:
+    """A RewardPool that travels by name: unpickled in another process (a learner actor, an env runner) it
+    connects to the named pool on its first ``score`` call, not while Ray deserializes the actor's
+    arguments (a blocking Serve call there times out). In the process that made it, the pool itself is used.
+    """
+
+    def __init__(self, pool: Any):
+        self.name, self._pool = pool.name, pool
+
+    def __getstate__(self):
+        return {"name": self.name}
+
+    def __setstate__(self, state):
+        self.name, self._pool = state["name"], None
+
+    def score(self, samples: list, **kwargs: Any) -> list:
+        if self._pool is None:
+            from ..serving.pool import RewardPool
+
+            self._pool = RewardPool.connect(self.name)
+        return self._pool.score(samples, **kwargs)
+
+
+def _travelling(scorer: Any) -> Any:
+    """RewardPools go by name (see PoolByName); other scorers as they are."""
+    from ..serving.pool import RewardPool
+
+    return PoolByName(scorer) if isinstance(scorer, RewardPool) else scorer
+
+
+def score_batch(scorer: Any, samples: list, on_invalid: Any) -> tuple[list[float | None], dict[int, str]]:
+    """Scores (None for bad samples) and {index: reason} of the bad ones; on_invalid="raise" raises
+    InvalidSampleError. Anything else the scorer raises (ScoringError: a system failure) propagates."""
+    try:
+        scores = scorer.score(samples, on_invalid="raise")
+        return list(scores), {}
+    except InvalidSampleError as e:
+        if on_invalid == "raise":
+            raise
+        scores = e.scores if e.scores is not None else scorer.score(samples, on_invalid="none")
+        return list(scores), dict(e.errors)
+
+
+class RewardModelConnector(ConnectorV2):
+    """Connector piece: rewrite episode rewards with reward-model scores (learner or env-to-module).
+
+    scorer: anything with ``score(samples, on_invalid=...)`` (RewardPool, RewardEngine, RewardModel).
     sample_fn: (episode, t) -> sample, or None to skip; t is the step to score (its action is
         ``episode.get_actions(t)``, the infos it returned ``episode.get_infos(t + 1)``). Episodes arrive
-        as SingleAgentEpisode; the artificial bootstrap step PPO's pipeline adds is never passed.
-    mode: "terminal" scores terminated episodes at their last real step (chunks that did not end are
-        left alone; with ``score_truncated=True`` also episodes the environment truncated, which after
-        PPO's bootstrap step cannot be told from chunk ends); "per_step" scores every real step.
+        as SingleAgentEpisode; the artificial bootstrap step PPO's learner pipeline adds is never passed.
+    mode: "terminal" scores finished episodes at their last real step; "per_step" every real step.
+        As a learner piece, terminal means terminated (chunks that did not end are left alone; with
+        ``score_truncated=True`` also truncated episodes, which after PPO's bootstrap step cannot be told
+        from chunk ends). On the env runner (``on_env_runner=True``) truncation is known exactly:
+        ``score_truncated`` then scores truncated episodes at their last step.
     combine: "replace" the environment's reward, or "add" ``coeff * score`` to it.
-    missing: reward written when a sample cannot be scored (default: keep the environment's reward;
-        the count is reported in the metrics).
+    on_invalid: what a sample that cannot be scored gets: "none" (default: the environment's reward is
+        kept; counted in ``reward_model/invalid``), "raise" (the step fails with InvalidSampleError), or a
+        float reward. ``missing=<float>`` is the old spelling of ``on_invalid=<float>``.
+    on_env_runner: set by ``add_reward_model(in_returns=True)``: the piece runs in the env-to-module
+        pipeline, once per vector step, and scores each newly taken step exactly once.
+
+    Metrics (per training iteration, not smoothed): ``reward_model/scored`` and ``/invalid`` (sums),
+    ``/mean_score`` (mean over the scored samples), ``/latency_ms`` (mean per scorer call).
     """
 
     def __init__(
@@ -53,12 +129,14 @@ class RewardModelConnector(ConnectorV2):
         input_action_space: gym.Space | None = None,
         *,
         scorer: Any,
-        sample_fn: Callable[[Any], Any],
+        sample_fn: Callable[[Any, int], Any],
         mode: str = "terminal",
         combine: str = "replace",
         coeff: float = 1.0,
-        missing: float | None = None,
+        on_invalid: str | float = "none",
         score_truncated: bool = False,
+        on_env_runner: bool = False,
+        missing: float | None = None,
         **kwargs: Any,
     ):
         super().__init__(input_observation_space, input_action_space, **kwargs)
@@ -66,13 +144,51 @@ class RewardModelConnector(ConnectorV2):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if combine not in COMBINE:
             raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
-        self.scorer, self.sample_fn = scorer, sample_fn
-        self.mode, self.combine, self.coeff, self.missing = mode, combine, coeff, missing
-        self.score_truncated = score_truncated
+        if missing is not None:
+            warnings.warn("missing=<float> is now on_invalid=<float>", DeprecationWarning, stacklevel=2)
+            on_invalid = float(missing)
+        _check_on_invalid(on_invalid)
+        self.scorer, self.sample_fn = _travelling(scorer), sample_fn
+        self.mode, self.combine, self.coeff, self.on_invalid = mode, combine, coeff, on_invalid
+        self.score_truncated, self.on_env_runner = score_truncated, on_env_runner
+        self._scored_up_to: dict[str, int] = {}  # env runner: episode id -> global steps already scored
 
     def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None, metrics=None, **kwargs):
-        targets: list[tuple[Any, int]] = []  # (episode, timestep index)
-        samples: list[Any] = []
+        targets = self._env_runner_targets(episodes) if self.on_env_runner else self._learner_targets(episodes, shared_data)
+        samples, kept = [], []
+        for episode, t in targets:
+            sample = self.sample_fn(episode, t)
+            if sample is not None:
+                kept.append((episode, t))
+                samples.append(sample)
+        if not samples:
+            return batch
+        start = time.perf_counter()
+        scores, errors = score_batch(self.scorer, samples, self.on_invalid)
+        seconds = time.perf_counter() - start
+        for (episode, t), score in zip(kept, scores):
+            if score is None:
+                if self.on_invalid == "none":
+                    continue
+                new = float(self.on_invalid)
+            else:
+                env_reward = float(episode.get_rewards(t))
+                new = self.coeff * score + (env_reward if self.combine == "add" else 0.0)
+            episode.set_rewards(new_data=new, at_indices=t)
+        if errors:
+            logger.warning("reward model: %d of %d samples could not be scored: %s", len(errors), len(samples),
+                           "; ".join(f"sample {i}: {r}" for i, r in list(errors.items())[:3]))  # fmt: skip
+        if metrics is not None:
+            valid = [s for s in scores if s is not None]
+            metrics.log_value("reward_model/scored", len(samples), reduce="sum")
+            metrics.log_value("reward_model/invalid", len(errors), reduce="sum")
+            metrics.log_value("reward_model/latency_ms", seconds * 1e3, reduce="mean")
+            for value in valid:  # one value per sample: the iteration's mean is over samples, not calls
+                metrics.log_value("reward_model/mean_score", float(value), reduce="mean")
+        return batch
+
+    def _learner_targets(self, episodes, shared_data) -> list[tuple[Any, int]]:
+        targets = []
         # PPO's pipeline appends one artificial timestep to each episode before this piece runs.
         extra = 1 if (shared_data or {}).get("_added_loss_mask_for_valid_episode_ts") else 0
         for episode in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
@@ -80,55 +196,84 @@ class RewardModelConnector(ConnectorV2):
             if steps <= 0:
                 continue
             if self.mode == "terminal":
-                if not (episode.is_terminated or (self.score_truncated and episode.is_truncated)):
-                    continue
-                indices = [steps - 1]
+                if episode.is_terminated or (self.score_truncated and episode.is_truncated):
+                    targets.append((episode, steps - 1))
             else:
-                indices = list(range(steps))
-            for t in indices:
-                sample = self.sample_fn(episode, t)
-                if sample is not None:
-                    targets.append((episode, t))
-                    samples.append(sample)
-        if not samples:
-            return batch
-        start = time.perf_counter()
-        scores = self.scorer.score(samples, on_invalid="none")
-        seconds = time.perf_counter() - start
-        for (episode, t), score in zip(targets, scores):
-            env_reward = float(episode.get_rewards(t))
-            if score is None:
-                if self.missing is None:
-                    continue
-                new = float(self.missing)
+                targets.extend((episode, t) for t in range(steps))
+        return targets
+
+    def _env_runner_targets(self, episodes) -> list[tuple[Any, int]]:
+        """The steps taken since the last call (one per sub-environment that stepped)."""
+        targets = []
+        for episode in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
+            steps = len(episode)
+            done_before = self._scored_up_to.get(episode.id_, episode.t_started)
+            first = max(0, done_before - episode.t_started)  # chunk-relative index of the first new step
+            if first >= steps:
+                continue
+            self._scored_up_to[episode.id_] = episode.t_started + steps
+            if self.mode == "terminal":
+                if episode.is_terminated or (self.score_truncated and episode.is_truncated):
+                    targets.append((episode, steps - 1))
             else:
-                new = self.coeff * score + (env_reward if self.combine == "add" else 0.0)
-            episode.set_rewards(new_data=new, at_indices=t)
-        if metrics is not None:
-            valid = [s for s in scores if s is not None]
-            metrics.log_value("reward_model/scored", len(samples), reduce="sum")
-            metrics.log_value("reward_model/invalid", len(samples) - len(valid), reduce="sum")
-            metrics.log_value("reward_model/latency_ms", seconds * 1e3)
-            if valid:
-                metrics.log_value("reward_model/mean_score", float(np.mean(valid)))
-        return batch
+                targets.extend((episode, t) for t in range(first, steps))
+            if episode.is_done:
+                self._scored_up_to.pop(episode.id_, None)
+        return targets
+
+
+def add_reward_model(config: Any, *, scorer: Any, sample_fn: Callable[[Any, int], Any], in_returns: bool = False,
+                     **options: Any) -> Any:  # fmt: skip
+    """Install a RewardModelConnector on an RLlib AlgorithmConfig and return the config.
+
+    in_returns=False: as the learner connector (``config.learners(learner_connector=...)``).
+    in_returns=True: as the env-to-module connector on the env runners, so episode returns (and what the
+        learners train on) are the scores; it replaces any env-to-module connector set before.
+    options: RewardModelConnector's (mode, combine, coeff, on_invalid, score_truncated).
+    A RewardPool scorer travels to learners and env runners by name (PoolByName).
+    """
+    scorer = _travelling(scorer)
+    if in_returns:
+        return config.env_runners(
+            env_to_module_connector=lambda env, spaces=None, device=None: RewardModelConnector(
+                scorer=scorer, sample_fn=sample_fn, on_env_runner=True, **options
+            )
+        )
+    return config.learners(
+        learner_connector=lambda obs_space, act_space: RewardModelConnector(scorer=scorer, sample_fn=sample_fn, **options)
+    )
+
+
+def _apply(score: float | None, error: str | None, reward: float, info: dict, combine: str, coeff: float,
+           on_invalid: Any) -> float:  # fmt: skip
+    """The reward of one step given its score or error; records both in info."""
+    if error is not None:
+        info["reward_model_error"] = error
+        return reward if on_invalid == "none" else float(on_invalid)
+    info["reward_model_score"] = score
+    return coeff * score + (reward if combine == "add" else 0.0)
 
 
 class RewardModelWrapper(gym.Wrapper):
-    """Environment-side variant: the reward of each step (or only of the last, with
+    """Environment-side variant for one environment: the reward of each step (or only of the last, with
     ``terminal_only=True``) becomes the reward model's score of ``sample_fn(obs, info)``.
 
     sample_fn: (observation, info) -> sample or None (keep the environment's reward).
-    The score and any error go into ``info["reward_model_score"]`` / ``info["reward_model_error"]``.
+    on_invalid: a bad sample: "none" (default: keep the environment's reward), "raise", or a float reward.
+    The score or the reason goes into ``info["reward_model_score"]`` / ``info["reward_model_error"]``.
+    A system failure of the scorer propagates out of ``step``. For vector envs use
+    RewardModelVectorWrapper (one scorer call per vector step).
     """
 
     def __init__(self, env: gym.Env, *, scorer: Any, sample_fn: Callable[[Any, dict], Any],
-                 terminal_only: bool = True, combine: str = "replace", coeff: float = 1.0):  # fmt: skip
+                 terminal_only: bool = True, combine: str = "replace", coeff: float = 1.0,
+                 on_invalid: str | float = "none"):  # fmt: skip
         super().__init__(env)
         if combine not in COMBINE:
             raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
+        _check_on_invalid(on_invalid)
         self.scorer, self.sample_fn = scorer, sample_fn
-        self.terminal_only, self.combine, self.coeff = terminal_only, combine, coeff
+        self.terminal_only, self.combine, self.coeff, self.on_invalid = terminal_only, combine, coeff, on_invalid
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
@@ -137,14 +282,88 @@ class RewardModelWrapper(gym.Wrapper):
         sample = self.sample_fn(obs, info)
         if sample is None:
             return obs, reward, terminated, truncated, info
-        from ..errors import InvalidSampleError
-
         info = dict(info)
-        try:
-            score = self.scorer.score([sample])[0]
-        except InvalidSampleError as e:
-            info["reward_model_error"] = e.errors.get(0, str(e))
-            return obs, reward, terminated, truncated, info
-        info["reward_model_score"] = score
-        reward = self.coeff * score + (reward if self.combine == "add" else 0.0)
+        scores, errors = score_batch(self.scorer, [sample], self.on_invalid)
+        reward = _apply(scores[0], errors.get(0), reward, info, self.combine, self.coeff, self.on_invalid)
         return obs, reward, terminated, truncated, info
+
+
+class RewardModelVectorWrapper(gym.vector.VectorWrapper):
+    """RewardModelWrapper for a gymnasium vector env: after each vector step, the sub-environments that
+    need a score are scored together in ONE scorer call.
+
+    sample_fn: (observation, info) -> sample or None, per sub-environment (info: that sub-environment's
+        info dict, unbatched). Options as RewardModelWrapper. Steps that only reset a sub-environment
+        (gymnasium's next-step autoreset) are never scored. Per sub-environment, the score or the reason
+        is in ``infos["reward_model_score"]`` / ``infos["reward_model_error"]`` (NaN / "" where absent).
+
+    In RLlib, return it from your env creator when ``"num_envs"`` is in the env config, with
+    ``config.env_runners(gym_env_vectorize_mode="vector_entry_point")``.
+    """
+
+    def __init__(self, env: gym.vector.VectorEnv, *, scorer: Any, sample_fn: Callable[[Any, dict], Any],
+                 terminal_only: bool = True, combine: str = "replace", coeff: float = 1.0,
+                 on_invalid: str | float = "none"):  # fmt: skip
+        super().__init__(env)
+        if combine not in COMBINE:
+            raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
+        mode = env.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP)
+        if mode != gym.vector.AutoresetMode.NEXT_STEP:
+            raise ValueError(f"RewardModelVectorWrapper needs next-step autoreset (RLlib's), got {mode}")
+        _check_on_invalid(on_invalid)
+        self.scorer, self.sample_fn = scorer, sample_fn
+        self.terminal_only, self.combine, self.coeff, self.on_invalid = terminal_only, combine, coeff, on_invalid
+        self._resetting = np.zeros(self.num_envs, bool)  # sub-envs whose next step is an autoreset
+
+    def reset(self, **kwargs):
+        self._resetting[:] = False
+        return self.env.reset(**kwargs)
+
+    def step(self, actions):
+        obs, rewards, terminated, truncated, infos = self.env.step(actions)
+        rewards = np.array(rewards, dtype=np.float64)
+        rows, samples = [], []
+        for i in range(self.num_envs):
+            if self._resetting[i] or (self.terminal_only and not (terminated[i] or truncated[i])):
+                continue
+            sample = self.sample_fn(_row(obs, i), _info_row(infos, i))
+            if sample is not None:
+                rows.append(i)
+                samples.append(sample)
+        self._resetting = np.logical_or(terminated, truncated)
+        if samples:
+            scores, errors = score_batch(self.scorer, samples, self.on_invalid)
+            col_score = np.full(self.num_envs, np.nan)
+            col_error = np.full(self.num_envs, "", dtype=object)
+            for k, i in enumerate(rows):
+                info: dict = {}
+                rewards[i] = _apply(scores[k], errors.get(k), float(rewards[i]), info, self.combine, self.coeff,
+                                    self.on_invalid)  # fmt: skip
+                col_score[i] = info.get("reward_model_score", np.nan)
+                col_error[i] = info.get("reward_model_error", "")
+            mask = np.zeros(self.num_envs, bool)
+            mask[rows] = True
+            infos = {**infos, "reward_model_score": col_score, "_reward_model_score": mask,
+                     "reward_model_error": col_error, "_reward_model_error": mask}  # fmt: skip
+        return obs, rewards, terminated, truncated, infos
+
+
+def _row(batched: Any, i: int) -> Any:
+    if isinstance(batched, dict):
+        return {k: _row(v, i) for k, v in batched.items()}
+    if isinstance(batched, tuple):
+        return tuple(_row(v, i) for v in batched)
+    return batched[i]
+
+
+def _info_row(infos: dict, i: int) -> dict:
+    """Sub-environment i's info dict from gymnasium's batched infos (values with "_key" masks)."""
+    out = {}
+    for key, value in infos.items():
+        if key.startswith("_"):
+            continue
+        mask = infos.get("_" + key)
+        if mask is not None and not mask[i]:
+            continue
+        out[key] = _info_row(value, i) if isinstance(value, dict) else value[i]
+    return out
