@@ -41,8 +41,9 @@ pytest.importorskip("tenacity")
 
 import rewardplug  # noqa: E402
 from rewardplug import InvalidSampleError  # noqa: E402
+from rewardplug import RewardPool  # noqa: E402
 from rewardplug.serving.client import RewardClient, ServiceError  # noqa: E402
-from rewardplug.serving.http import ServiceSettings, deployment  # noqa: E402
+from rewardplug.serving.http import HttpSettings  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -128,12 +129,10 @@ def server(tiny_path, tmp_path_factory):
              include_dashboard=False, log_to_driver=False)  # fmt: skip
     port = free_port()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        settings = ServiceSettings(
-            model=str(tiny_path), api_key=API_KEY, max_body_bytes=MAX_BODY, max_samples=MAX_SAMPLES,
-            image_roots=[str(root)], model_options={"dtype": "float32"},
-        )  # fmt: skip
-        serve.run(deployment(settings), name="rewardplug", route_prefix="/")
+        http = HttpSettings(api_key=API_KEY, max_body_bytes=MAX_BODY, max_samples=MAX_SAMPLES, image_roots=[str(root)])
+        # The HTTP door of a pool: the same replicas as the Python door, with the door's own limits and roots.
+        RewardPool(tiny_path, name="rewardplug", num_replicas=1, gpus_per_replica=0, http_port=port, http=http,
+                   dtype="float32")  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
         while True:
@@ -259,8 +258,9 @@ def test_get_reward_openrlhf_protocol_matches_v1_score(server, api, model):
     ]
     queries = [openrlhf_query(model, q, a, len(i)) for q, a, i in cases]
     assert "<|vision_start|><|image_pad|><|vision_end|>" in queries[0] and queries[0].endswith("<|im_end|>\n")
-    body = {"query": queries, "prompts": [q for q, _, _ in cases], "labels": ["" for _ in cases],
-            "images": [[data_uri(im) for im in i] for _, _, i in cases]}  # fmt: skip
+    # OpenRLHF sends no images: they come in the labels (rewardplug.serving.get_reward)
+    body = {"query": queries, "prompts": [q for q, _, _ in cases],
+            "labels": [json.dumps({"images": [data_uri(im) for im in i]}) for _, _, i in cases]}  # fmt: skip
     r = api.post("/get_reward", json=body)
     assert r.status_code == 200, r.text
     data = r.json()
@@ -275,7 +275,7 @@ def test_get_reward_openrlhf_protocol_matches_v1_score(server, api, model):
     assert close(data["rewards"], model.score(samples))
 
     # A policy's sequence ends at its eos (<|im_end|>) without the template's trailing newline, and
-    # text-only requests may leave "images" out: same rewards.
+    # text-only rows may have empty labels: same rewards.
     body2 = {"query": [queries[3].rstrip("\n"), queries[3]], "prompts": ["", ""], "labels": ["", ""]}
     r2 = api.post("/get_reward", json=body2)
     assert r2.status_code == 200, r2.text
@@ -290,7 +290,8 @@ def test_get_reward_ignores_openrlhf_padding(server, api, model):
     q = openrlhf_query(model, "What is in the picture?", "Colored noise.", 1)
     pad, eos = "<|endoftext|>", "<|im_end|>"
     queries = [q, pad * 3 + q, q.rstrip("\n") + pad * 2, pad * 2 + q.rstrip("\n") + eos + pad]
-    r = api.post("/get_reward", json={"query": queries, "images": [[data_uri(im)]] * len(queries)})
+    r = api.post("/get_reward", json={"query": queries, "prompts": [""] * len(queries),
+                                      "labels": [{"images": [data_uri(im)]}] * len(queries)})
     assert r.status_code == 200, r.text
     rewards = r.json()["rewards"]
     want = model.score([{"prompt": "What is in the picture?", "completion": "Colored noise.", "images": [im]}])
@@ -440,7 +441,7 @@ def test_wrong_shapes_are_422(server, api):
                     {"samples": [{"prompt": "Hi", "completion": "x"}], "on_invalid": "ignore"}):  # fmt: skip
         r = api.post("/v1/score", json=payload)
         assert r.status_code == 422, (payload, r.status_code, r.text)
-    for payload in ({"query": "x"}, {"query": [1, 2]}, {}, {"query": ["a", "b"], "images": [[]]}):
+    for payload in ({"query": "x"}, {}, {"query": ["a"], "labels": "x"}, {"query": ["a"], "prompts": 3}):
         r = api.post("/get_reward", json=payload)
         assert r.status_code == 422, (payload, r.status_code, r.text)
 
@@ -469,11 +470,16 @@ def test_per_sample_errors(server, api, model):
         got = client.score(samples, on_invalid="none")
         assert got[1:] == [None, None, None] and close(got[:1], model.score([good]))
 
-    # OpenRLHF cannot mask a reward: one bad query fails the request, with the reasons.
+    # OpenRLHF cannot mask a reward: a bad query gets the fallback reward and a flag; the others are scored.
+    im = random_image(64, 64)
     q = openrlhf_query(model, "What is it?", "A cat.", 1)
-    r = api.post("/get_reward", json={"query": [q, q], "images": [[data_uri(random_image(64, 64))], []]})
-    assert r.status_code == 422, r.text
-    assert list(r.json()["detail"]["errors"]) == ["1"]
+    r = api.post("/get_reward", json={"query": [q, q], "prompts": ["", ""], "labels": [{"images": [data_uri(im)]}, {}]})
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert list(data["errors"]) == ["1"] and "image" in data["errors"]["1"], data["errors"]
+    assert data["extra_logs"]["rm_invalid"] == [0.0, 1.0]
+    assert data["rewards"][1] == 0.0
+    assert close(data["rewards"][:1], model.score([{"prompt": "What is it?", "completion": "A cat.", "images": [im]}]))
 
 
 # ---- 4. security -----------------------------------------------------------------------------------------
@@ -526,8 +532,8 @@ def test_image_urls_are_not_fetched(server, api):
         assert "fetching URLs is off" in r.json()["errors"]["0"]
         query = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>?<|im_end|>\n"
                  "<|im_start|>assistant\nx<|im_end|>\n")
-        r = api.post("/get_reward", json={"query": [query], "images": [[urls[1]]]})
-        assert r.status_code == 422 and "fetching URLs is off" in r.text
+        r = api.post("/get_reward", json={"query": [query], "labels": [{"images": [urls[1]]}]})
+        assert r.status_code == 200 and "fetching URLs is off" in r.json()["errors"]["0"], r.text
         time.sleep(0.5)
         assert listener.accepted == 0
     finally:
@@ -805,7 +811,7 @@ def test_cli_serve_defaults_to_loopback():
 
     args = build_parser().parse_args(["serve"])
     assert args.host == "127.0.0.1"
-    assert args.api_key is None and args.image_root is None and args.allow_url_host is None
+    assert args.api_key is None and not args.image_root and not args.allow_url_host
     exe = shutil.which("rewardplug", path=str(Path(sys.executable).parent))
     cmd = [exe] if exe else [sys.executable, "-m", "rewardplug.cli"]
     out = subprocess.run([*cmd, "serve", "--help"], capture_output=True, text=True, timeout=120)

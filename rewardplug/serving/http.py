@@ -6,7 +6,9 @@ Endpoints:
 - ``POST /v1/score``: ``{"samples": [...], "on_invalid": "none"}`` -> ``{"scores": [...], "errors": {...}}``.
   Samples use the Python API's schema; images as base64 data URIs, or paths/URLs the server allows.
   A sample that cannot be scored gets a null score and its reason in ``errors``; the others are scored.
-- ``POST /get_reward``: OpenRLHF's remote reward model protocol (see ``rewardplug.serving.get_reward``).
+- ``POST /get_reward``: OpenRLHF's remote reward model protocol (see ``rewardplug.serving.get_reward``):
+  images come from the labels; a query that cannot be scored gets ``invalid_reward`` and a flag in
+  ``extra_logs``, never a 4xx for the whole request.
 - ``GET /healthz``: 200 once the model is loaded (Serve routes nothing to a replica before that).
 - ``GET /metrics``: this replica's counters in the Prometheus text format (the cluster-wide figures are
   Ray's metrics export: one target per node for all replicas).
@@ -44,6 +46,7 @@ class HttpSettings:
     max_samples: int = 4096
     image_roots: list[str] = field(default_factory=list)  # none: no local files
     image_url_hosts: list[str] = field(default_factory=list)  # none: no URL fetches
+    invalid_reward: float = 0.0  # /get_reward: the reward of a query that cannot be scored (flagged)
 
     def policy(self) -> ImagePolicy:
         return ImagePolicy(local_roots=tuple(self.image_roots), url_hosts=tuple(self.image_url_hosts))

@@ -76,6 +76,7 @@ class RewardPool:
     autoscale: None (fixed size) or (min_replicas, max_replicas): Serve scales on ongoing requests, each
         at most ``part_samples`` samples, so on queued samples.
     http_port: also open the HTTP door on this port (``http``: its HttpSettings: API key, limits, roots).
+    runtime_env: Ray runtime environment of the replicas (env vars such as HF_HOME, pip packages).
     options: RewardModel.from_pretrained options (dtype, min_pixels, max_length, ...) and RewardEngine
         options (max_batch_tokens, vision_cache_mb, ...).
     Failures: a bad sample -> InvalidSampleError (or None with ``on_invalid="none"``); a system failure
@@ -103,6 +104,7 @@ class RewardPool:
         http: HttpSettings | dict | None = None,
         part_samples: int = DEFAULT_PART_SAMPLES,
         max_pending_samples: int = 65536,
+        runtime_env: dict | None = None,
         **options: Any,
     ):
         if placement not in ("pack", "spread"):
@@ -117,7 +119,8 @@ class RewardPool:
                                    asdict(http_settings))  # fmt: skip
         deploy = dict(num_replicas=num_replicas, gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
                       placement=placement, max_ongoing_requests=max_ongoing_requests,
-                      autoscale=list(autoscale) if autoscale else None, http_port=http_port, http_host=http_host)  # fmt: skip
+                      autoscale=list(autoscale) if autoscale else None, http_port=http_port, http_host=http_host,
+                      runtime_env=runtime_env)  # fmt: skip
         self._options = HandleOptions(busy, request_timeout_s, part_samples, max_pending_samples)
         _connect(address)
         self.owner = name is None
@@ -134,12 +137,11 @@ class RewardPool:
         _connect(address)
         entry = _directory_call("get", name)
         if entry is None or entry["state"] != "ready" or not _app_running(name):
-            running = [n for n in _directory_call("names") if _app_running(n)]
+            running = pool_names()
             raise PoolNotFoundError(f"no pool named {name!r} runs on this Ray cluster (running pools: {running or 'none'})")
         pool = cls.__new__(cls)
         pool.name, pool.owner = name, False
         pool._options = HandleOptions(**handle_options)
-        pool._request, pool._deployed = entry["request"], entry["deployed"]
         pool._attach()
         return pool
 
@@ -149,20 +151,18 @@ class RewardPool:
         while True:
             claim = _directory_call("claim", self.name, request, asdict(settings))
             if claim["role"] == "create":
-                self._request = request
                 try:
                     self._deploy(settings, deploy, deadline)
                 except BaseException as e:
                     _directory_call("set_state", self.name, "failed", str(e))
                     raise
-                _directory_call("set_state", self.name, "ready", None, self._deployed)
+                _directory_call("set_state", self.name, "ready", None, self._deployed)  # noqa: the creator's figures
                 break
             _check_same(self.name, claim["request"], request)
-            self._request = claim["request"]
             if claim["state"] == "ready" and not _app_running(self.name):
                 _directory_call("remove", self.name)  # removed behind the directory's back: make it again
                 continue
-            self._deployed = _wait_ready(self.name, deadline)
+            _wait_ready(self.name, deadline)
             break
         self._attach()
 
@@ -196,6 +196,11 @@ class RewardPool:
         """Per-process state of a handle: Serve's handle, the event loop that drives requests."""
         from ray import serve
 
+        entry = _directory_call("get", self.name)
+        if entry is None:
+            raise PoolNotFoundError(f"no pool named {self.name!r} runs on this Ray cluster")
+        self._request, self._deployed = entry["request"], entry["deployed"]
+        self._lazy = None
         self._handle = serve.get_deployment_handle(DEPLOYMENT, app_name=self.name)
         self._tokens = TokenFormat(**self._handle.token_format.remote().result(timeout_s=120))
         self._loop = _loop()
@@ -204,14 +209,28 @@ class RewardPool:
         self._room = threading.Condition()
         self._counts = {"requests": 0, "samples": 0, "retries": 0, "timeouts": 0, "failed_requests": 0}
         with _HANDLES_LOCK:
-            _HANDLES.setdefault(self.name, self)
+            if self.name not in _HANDLES or _HANDLES[self.name]._closed:
+                _HANDLES[self.name] = self
 
     # ---- handles that travel ------------------------------------------------------------------------
+
+    def _ready(self) -> None:
+        """Attach a handle that was unpickled (connecting to its cluster first), on its first use."""
+        if getattr(self, "_lazy", None) is None:
+            return
+        with self._attach_lock:
+            if self._lazy is not None:
+                import ray
+
+                if not ray.is_initialized():
+                    ray.init(address=self._lazy, namespace="rewardplug", log_to_driver=False)
+                self._attach()
 
     def __reduce__(self):
         import ray
 
-        return (_reattach, (self.name, ray.get_runtime_context().gcs_address, asdict(self._options)))
+        address = self._lazy if getattr(self, "_lazy", None) else ray.get_runtime_context().gcs_address
+        return (_reattach, (self.name, address, asdict(self._options)))
 
     # ---- scoring ------------------------------------------------------------------------------------
 
@@ -219,6 +238,7 @@ class RewardPool:
     def num_replicas(self) -> int:
         from ray import serve
 
+        self._ready()
         status = serve.status().applications.get(self.name)
         if status is None:
             return 0
@@ -235,6 +255,7 @@ class RewardPool:
             raise TypeError("submit() takes a list of samples; wrap a single sample in a list")
         if self._closed:
             raise RuntimeError("this RewardPool handle is closed")
+        self._ready()
         samples = list(samples)
         n = len(samples)
         self._reserve(n, timeout)
@@ -338,6 +359,7 @@ class RewardPool:
     def stats(self) -> dict:
         """This handle's counters and each replica's latest report (at most ~1 s old): engine stats,
         samples held, peak held, device."""
+        self._ready()
         replicas = list(_directory_call("replicas", self.name).values())
         with self._room:
             out = dict(self._counts, pending_samples=self._pending_samples, replicas=replicas)
@@ -350,6 +372,7 @@ class RewardPool:
         """Each live replica's state as Serve and its own last report see it."""
         from ray import serve
 
+        self._ready()
         status = serve.status().applications.get(self.name)
         states = dict(status.deployments[DEPLOYMENT].replica_states) if status else {}
         reports = _directory_call("replicas", self.name)
@@ -365,6 +388,7 @@ class RewardPool:
         self._set_user_config({"offloaded": False}, timeout_s)
 
     def _set_user_config(self, user_config: dict, timeout_s: float) -> None:
+        self._ready()
         request = self._request
         settings = ReplicaSettings(**_directory_call("get", self.name)["settings"])
         _run(_application(settings, request, self._deployed["num_replicas"], user_config, self.name), self.name, request)
@@ -380,9 +404,10 @@ class RewardPool:
 
     def close(self) -> None:
         """Detach this handle (its requests in flight still resolve); the pool keeps running."""
-        with self._room:
-            self._closed = True
-            self._room.notify_all()
+        self._closed = True
+        if getattr(self, "_room", None) is not None:
+            with self._room:
+                self._room.notify_all()
         with _HANDLES_LOCK:
             if _HANDLES.get(self.name) is self:
                 del _HANDLES[self.name]
@@ -438,15 +463,19 @@ async def _result(response):
 
 
 def _reattach(name: str, address: str, options: dict) -> RewardPool:
+    """Unpickle a handle: this process's live one, or one that attaches on first use (never while
+    unpickling: Ray deserializes task arguments where blocking on other calls can deadlock)."""
     with _HANDLES_LOCK:
         pool = _HANDLES.get(name)
-    if pool is not None and not pool._closed:
+        if pool is not None and not pool._closed:
+            return pool
+        pool = RewardPool.__new__(RewardPool)
+        pool.name, pool.owner, pool._closed = name, False, False
+        pool._options = HandleOptions(**options)
+        pool._lazy = address
+        pool._attach_lock = threading.Lock()
+        _HANDLES[name] = pool
         return pool
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, namespace="rewardplug", log_to_driver=False)
-    return RewardPool.connect(name, **options)
 
 
 def _connect(address: str | None) -> None:
@@ -465,6 +494,11 @@ def _directory_call(method: str, *args):
     return ray.get(getattr(directory(), method).remote(*args), timeout=60)
 
 
+def pool_names() -> list[str]:
+    """Named pools running on the connected cluster."""
+    return [n for n in _directory_call("names") if _app_running(n)]
+
+
 def _app_running(name: str) -> bool:
     from ray import serve
 
@@ -472,13 +506,13 @@ def _app_running(name: str) -> bool:
     return status is not None and status.status in ("RUNNING", "DEPLOYING", "UNHEALTHY")
 
 
-def _wait_ready(name: str, deadline: float) -> dict:
+def _wait_ready(name: str, deadline: float) -> None:
     while True:
         entry = _directory_call("get", name)
         if entry is None:
             raise PoolNotFoundError(f"pool {name!r} was removed while this process waited for it")
         if entry["state"] == "ready":
-            return entry["deployed"]
+            return
         if entry["state"] == "failed":
             raise ReplicaError(f"pool {name!r} failed to start in the process that created it: {entry['error']}")
         if time.monotonic() > deadline:
@@ -552,7 +586,8 @@ def _application(settings: ReplicaSettings, deploy: dict, replicas: int, user_co
 
     options: dict[str, Any] = dict(
         name=DEPLOYMENT,
-        ray_actor_options={"num_cpus": deploy["cpus_per_replica"], "num_gpus": deploy["gpus_per_replica"]},
+        ray_actor_options={"num_cpus": deploy["cpus_per_replica"], "num_gpus": deploy["gpus_per_replica"],
+                           **({"runtime_env": deploy["runtime_env"]} if deploy.get("runtime_env") else {})},
         max_ongoing_requests=deploy["max_ongoing_requests"],
         health_check_period_s=10.0,
         health_check_timeout_s=60.0,

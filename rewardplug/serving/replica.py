@@ -7,8 +7,7 @@ reconfiguration (``reconfigure``: offload/onload). What it adds: a bound on the 
 (``max_inflight_samples``), counted whoever sends, and its stats reported to the pool directory.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the routes' parameter types at class creation.
 import asyncio
 import logging
 import os
@@ -19,6 +18,7 @@ from fastapi.responses import PlainTextResponse
 from ray import serve
 
 from ..errors import InvalidSampleError, PoolBusyError
+from .get_reward import GetRewardRequestError, get_reward
 from .http import HttpSettings, app, authorize, check_count, read_json, resolve_images
 from .transport import internalize
 
@@ -78,7 +78,8 @@ class RewardReplica:
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id if context else f"pid{os.getpid()}"
         self.model = load_on_assigned_gpus(s.model, self.gpu_ids, **s.model_options)
-        self.engine = RewardEngine(self.model, on_invalid="none", **s.engine_options)
+        engine_options = {"metrics": "ray", "name": pool_name or "replica", **s.engine_options}  # one scrape target per node
+        self.engine = RewardEngine(self.model, on_invalid="none", **engine_options)
         self.inflight = 0
         self.outstanding_tokens = 0
         self.peak_inflight = 0
@@ -223,23 +224,17 @@ class RewardReplica:
 
     @app.post("/get_reward")
     async def http_get_reward(self, request: Request) -> dict:
+        """OpenRLHF's remote reward protocol; images come from the labels (see ``get_reward``)."""
         authorize(request, self.http.api_key)
         data = await read_json(request, self.http.max_body_bytes)
-        queries = data.get("query")
-        if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
-            raise HTTPException(422, "'query' must be a list of strings")
-        check_count(len(queries), self.http.max_samples)
-        images = data.get("images") or [[] for _ in queries]
-        if not isinstance(images, list) or len(images) != len(queries):
-            raise HTTPException(422, "'images' must hold one list of images per query")
-        tok = self.model.processor.tokenizer
-        samples = [{"input_ids": tok.encode(q, add_special_tokens=False), "images": ims or []}
-                   for q, ims in zip(queries, images)]  # fmt: skip
-        scores, errors = await self._score_http(samples)
+        if isinstance(data.get("query"), list):
+            check_count(len(data["query"]), self.http.max_samples)
+        try:
+            out = await get_reward(data, self._score_http, fallback=self.http.invalid_reward)
+        except GetRewardRequestError as e:
+            raise HTTPException(422, str(e)) from None
         self.requests["get_reward"] += 1
-        if errors:
-            raise HTTPException(422, {"errors": errors})
-        return {"rewards": scores, "scores": scores, "extra_logs": {"reward_model_score": scores}}
+        return out
 
     async def _score_http(self, samples: list) -> tuple[list, dict]:
         """Images loaded under the HTTP policy, then scored like a pool request (same admission)."""
