@@ -373,3 +373,19 @@ def test_a_rewardplug_error_in_any_command_is_a_message_and_exit_1(tmp_path, cap
     assert main(["bench", "--model", str(tmp_path / "no-such-checkpoint"), "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert "rewardplug bench: error: " in err and "no-such-checkpoint" in err and "Traceback" not in err
+
+
+def test_stats_table_shows_every_engine_counter(model):
+    """``rewardplug.tables.stats_table`` (used by ``pool status``) hides nothing an engine reports."""
+    from rewardplug import RewardEngine
+    from rewardplug.tables import stats_table
+
+    with RewardEngine(model) as engine:
+        engine.score([{"prompt": "Hi", "completion": "Hello."}, {"prompt": "Hi", "completion": "Hey."}])
+        stats = engine.stats()
+    table = stats_table(stats)
+    assert re.search(r"^traffic\s+samples\s+2$", table, re.M), table
+    assert re.search(r"^batches\s+padding efficiency\s+\d+\.\d%$", table, re.M), table
+    assert len(table.splitlines()) - 2 == len(stats), "one row per counter, under the header"
+    extra = stats_table({**stats, "replica_restarts": 3})
+    assert re.search(r"^other\s+replica_restarts\s+3$", extra, re.M), "unknown keys are shown, not dropped"
