@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from .bench import add_command as add_bench_command
+from .serving.cli import add_commands as add_serving_commands
 from .offline.cli import add_commands as add_offline_commands
 from .offline.cli import add_ray_score_arguments
 
@@ -34,6 +35,7 @@ exit codes:
   3    score: some samples could not be scored (each row's "error" says why; the others are scored)
   4    system failure while scoring (device error, a bug, a lost replica): the run stopped with the
        cause; the rows written before it are kept
+  5    pool status/stop: no pool of that name on the cluster
   130  interrupted (Ctrl-C)"""
 
 DESCRIPTION = "Score (images, question, answer) samples with a multimodal reward model; try it, serve it, measure it.\n\n" + EXIT_CODES
@@ -291,30 +293,6 @@ def cmd_score_on_ray(args) -> int:
     return EXIT_INVALID if run_ray_score(args) != 0 else EXIT_OK
 
 
-# ---- serve (until rewardplug.serving.cli provides it) ------------------------------------------------
-
-
-def cmd_serve(args) -> int:
-    from .serving.http import ServiceSettings, serve_forever
-
-    api_key = args.api_key or os.environ.get("REWARDPLUG_API_KEY")
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        logger.warning("serving on %s without an API key: anyone who reaches this port can use it", args.host)
-    gpus = args.gpus_per_replica
-    if gpus is None:
-        import torch
-
-        gpus = 1 if torch.cuda.is_available() else 0
-    settings = ServiceSettings(
-        model=_model_path(args.model), api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20),
-        max_samples=args.max_samples, image_roots=args.image_root or [], image_url_hosts=args.allow_url_host or [],
-        model_options={"dtype": args.dtype, "max_length": args.max_length},
-    )  # fmt: skip
-    serve_forever(settings, host=args.host, port=args.port, replicas=args.replicas,
-                  gpus_per_replica=gpus, cpus_per_replica=args.cpus_per_replica, address=args.address)  # fmt: skip
-    return EXIT_OK
-
-
 # ---- parser -------------------------------------------------------------------------------------------
 
 
@@ -370,21 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ray_score_arguments(s)
     s.set_defaults(func=cmd_score)
 
-    v = sub.add_parser("serve", help="serve the model over HTTP on Ray Serve (loopback by default)",
-                       formatter_class=_Formatter)  # fmt: skip
-    model_args(v)
-    v.add_argument("--replicas", type=int, default=1, help="model copies")
-    v.add_argument("--gpus-per-replica", type=float, default=None, help="GPUs per replica (default: 1 if this machine has a GPU, else 0)")
-    v.add_argument("--cpus-per-replica", type=float, default=1, help="CPUs reserved per replica")
-    v.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only by default)")
-    v.add_argument("--port", type=int, default=8000, help="port to bind")
-    v.add_argument("--api-key", help="require this key (Authorization: Bearer or X-API-Key); or set REWARDPLUG_API_KEY")
-    v.add_argument("--image-root", action="append", metavar="DIR", help="folder local image paths may be read from (repeatable)")
-    v.add_argument("--allow-url-host", action="append", metavar="HOST", help="host whose image URLs may be fetched ('*' for any)")
-    v.add_argument("--max-body-mb", type=float, default=64, help="largest request body")
-    v.add_argument("--max-samples", type=int, default=4096, help="samples per request")
-    v.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting one")
-    v.set_defaults(func=cmd_serve)
+    add_serving_commands(sub)  # pool start/status/stop, serve
 
     add_offline_commands(sub)  # eval, pairs
     add_bench_command(sub)  # bench

@@ -361,11 +361,14 @@ def test_other_packages_commands_are_wired(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for command in ("demo", "score", "serve", "eval", "pairs", "bench"):
+    for command in ("demo", "score", "pool", "serve", "eval", "pairs", "bench"):
         assert re.search(rf"^\s+{command}\s", out, re.M), command
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     assert "--group-size" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["pool", "start", "--help"])
+    assert "--gpus-per-replica" in capsys.readouterr().out
 
 
 def test_a_rewardplug_error_in_any_command_is_a_message_and_exit_1(tmp_path, capsys):
