@@ -333,17 +333,22 @@ def test_help_shows_defaults_formats_and_exit_codes(capsys):
 
 
 def test_building_the_parser_imports_no_heavy_library():
-    """--help must stay fast: the CLI adds no torch/transformers/Ray import of its own."""
+    """--help must stay fast: the CLI and every command module it wires import no torch/transformers/Ray.
+
+    The package's __init__ (not the CLI's) imports torch today, so it is left out: the package is an
+    empty namespace here, and only what building the parser imports is measured."""
     import subprocess
     import sys
+    from pathlib import Path
 
     code = (
-        "import sys, rewardplug\n"
-        "before = set(sys.modules)\n"
+        "import sys, types\n"
+        f"pkg = types.ModuleType('rewardplug'); pkg.__path__ = [{str(Path(__file__).parents[1] / 'rewardplug')!r}]\n"
+        "sys.modules['rewardplug'] = pkg\n"
         "import rewardplug.cli as cli\n"
         "cli.build_parser().format_help()\n"
-        "new = {m.split('.')[0] for m in set(sys.modules) - before}\n"
-        "heavy = new & {'torch', 'transformers', 'ray', 'accelerate', 'trl', 'deepspeed'}\n"
+        "heavy = {m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'ray', 'accelerate', 'trl', "
+        "'deepspeed', 'datasets', 'PIL', 'numpy'}\n"
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
