@@ -41,6 +41,7 @@ from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
+from cachetools import LRUCache
 from ray.rllib.connectors.connector_v2 import ConnectorV2
 
 from ..errors import InvalidSampleError
@@ -48,6 +49,7 @@ from ..errors import InvalidSampleError
 logger = logging.getLogger(__name__)
 
 MODES = ("terminal", "per_step")
+TRACKED_EPISODES = 4096  # env-runner piece: episodes whose scored steps it remembers (LRU)
 COMBINE = ("replace", "add")
 
 
@@ -151,7 +153,9 @@ class RewardModelConnector(ConnectorV2):
         self.scorer, self.sample_fn = _travelling(scorer), sample_fn
         self.mode, self.combine, self.coeff, self.on_invalid = mode, combine, coeff, on_invalid
         self.score_truncated, self.on_env_runner = score_truncated, on_env_runner
-        self._scored_up_to: dict[str, int] = {}  # env runner: episode id -> global steps already scored
+        # Env runner: episode id -> global steps already scored. Bounded: an env runner holds one ongoing
+        # episode per sub-environment, and a finished one is dropped after the next vector step.
+        self._scored_up_to: LRUCache = LRUCache(maxsize=TRACKED_EPISODES)
 
     def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None, metrics=None, **kwargs):
         targets = self._env_runner_targets(episodes) if self.on_env_runner else self._learner_targets(episodes, shared_data)
@@ -217,8 +221,6 @@ class RewardModelConnector(ConnectorV2):
                     targets.append((episode, steps - 1))
             else:
                 targets.extend((episode, t) for t in range(first, steps))
-            if episode.is_done:
-                self._scored_up_to.pop(episode.id_, None)
         return targets
 
 

@@ -285,3 +285,29 @@ def test_vector_wrapper_system_failure_propagates():
     env.reset(seed=0)
     with pytest.raises(ScoringError):
         env.step(np.array([0, 1]))
+
+
+def test_env_runner_piece_scores_each_new_step_once_in_per_step_mode(model):
+    """RLlib's own SingleAgentEpisode, driven as the env runner drives it: the piece is called after every
+    env step (and may be called again with nothing new); each step is scored exactly once."""
+    from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+
+    from rewardplug.integrations.rllib import RewardModelConnector
+
+    env = rllib_ppo.CaptionEnv()
+    scorer = CountingScorer(model)
+    piece = RewardModelConnector(scorer=scorer, sample_fn=rllib_ppo.to_sample, mode="per_step", on_env_runner=True)
+    obs, info = env.reset(seed=0)
+    episode = SingleAgentEpisode(observation_space=env.observation_space, action_space=env.action_space)
+    episode.add_env_reset(observation=obs, infos=info)
+    piece(rl_module=None, batch={}, episodes=[episode])  # just reset: nothing to score
+    expected = []
+    for action in (0, 2, 1):
+        step_info = {"image": info["image"], "prompt": rllib_ppo.QUESTION, "response": rllib_ppo.ANSWERS[action]}
+        episode.add_env_step(observation=obs, action=action, reward=0.0, infos=step_info, terminated=action == 1)
+        piece(rl_module=None, batch={}, episodes=[episode])
+        piece(rl_module=None, batch={}, episodes=[episode])  # called again: nothing new
+        expected.append(model.score([rllib_ppo.to_sample(episode, len(episode) - 1)])[0])
+    assert scorer.calls == [1, 1, 1]
+    assert list(episode.get_rewards()) == pytest.approx(expected, abs=1e-6)
+    assert episode.get_return() == pytest.approx(sum(expected), abs=1e-5)
