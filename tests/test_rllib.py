@@ -23,7 +23,6 @@ import rllib_recording  # noqa: E402
 from ray.rllib.core.columns import Columns  # noqa: E402
 from rllib_recording import SEEN, RecordingLearner  # noqa: E402
 
-from rewardplug import RewardModel  # noqa: E402
 from rewardplug.errors import InvalidSampleError, ScoringError  # noqa: E402
 from rewardplug.integrations.rllib import RewardModelVectorWrapper, RewardModelWrapper, add_reward_model  # noqa: E402
 
