@@ -47,8 +47,11 @@ def main(argv=None) -> dict:
 
         callbacks = [PoolColocationCallback(reward.scorer)]
     dataset = text_dataset() if args.text_only else image_dataset()
-    return train("GRPO", policy, reward, dataset, work, args.steps, rules=[names_a_color] if args.mix else (),
-                 reward_weights=[1.0, 0.5] if args.mix else None, callbacks=callbacks)  # fmt: skip
+    result = train("GRPO", policy, reward, dataset, work, args.steps, rules=[names_a_color] if args.mix else (),
+                   reward_weights=[1.0, 0.5] if args.mix else None, callbacks=callbacks)  # fmt: skip
+    if args.pool:  # a named pool outlives the trainer on a cluster started with `ray start`
+        print(f"reward pool {reward.scorer.name!r}; remove it with: rewardplug pool stop {reward.scorer.name}")
+    return result
 
 
 if __name__ == "__main__":
