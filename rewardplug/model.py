@@ -277,8 +277,6 @@ class RewardModel:
         return list(out.pooler_output)
 
     def _inputs(self, batch: Batch, image_embeds: Sequence[torch.Tensor] | None) -> dict[str, Any]:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         if batch.position_ids is None:
             raise ValueError("batch has no position_ids: encode samples with RewardModel.encode")
         to = self.to_device
@@ -291,8 +289,13 @@ class RewardModel:
         if batch.image_grid_thw is not None:
             inputs["image_grid_thw"] = to(batch.image_grid_thw)
             if image_embeds is not None:
-                pooled = BaseModelOutputWithPooling(pooler_output=tuple(image_embeds))
-                inputs["mm_encoder_outputs"] = {"image": pooled}
+                # The image features scattered into the token embeddings, as the model itself does: every
+                # transformers 5.x honours inputs_embeds (5.10, verl's pin, silently ignores mm_encoder_outputs).
+                ids = inputs.pop("input_ids")
+                embeds = self.backbone.get_input_embeddings()(ids)
+                mask = (ids == self.backbone.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+                features = torch.cat([f.to(embeds.device) for f in image_embeds]).to(embeds.dtype)
+                inputs["inputs_embeds"] = embeds.masked_scatter(mask, features)
             else:
                 inputs["pixel_values"] = to(batch.pixel_values)
         return inputs

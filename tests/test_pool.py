@@ -318,10 +318,11 @@ def _score_in_child(blob, samples, out, address):
     """Spawned process: unpickle the pool handle (it connects to the running cluster) and score."""
     try:
         os.environ.pop("RAY_ADDRESS", None)
-        pool = pickle.loads(blob)  # no ray.init here: the handle connects
+        pool = pickle.loads(blob)  # no ray.init here: the handle connects on first use
+        scores = pool.submit(samples).result(timeout=120)
         if ray.get_runtime_context().gcs_address != address:
             raise RuntimeError(f"connected to {ray.get_runtime_context().gcs_address}, not {address}")
-        out.put(("ok", pool.submit(samples).result(timeout=120)))
+        out.put(("ok", scores))
     except BaseException as e:  # noqa: BLE001 - reported to the test
         out.put(("error", f"{type(e).__name__}: {e}"))
 
@@ -363,13 +364,14 @@ def test_flooding_processes_never_exceed_the_replica_bound(tiny_path, model, clu
         assert report["engine"]["samples"] >= 3 * 8 * 4
 
         busy = RewardPool.connect("flood", busy="raise")
-        first = pool.submit(heavy_samples(6, seed=9))
+        full = [pool.submit(heavy_samples(6, seed=9 + k)) for k in range(4)]  # keeps the replica full for seconds
         deadline = time.monotonic() + 30
-        while fresh_replicas(pool)[0]["inflight_samples"] < 6:
-            assert time.monotonic() < deadline
+        while pool.stats()["replicas"][0]["inflight_samples"] < 6:
+            assert time.monotonic() < deadline, "the replica never filled up"
+            time.sleep(0.05)
         with pytest.raises(PoolBusyError, match="bound 6"):
             busy.score([{"prompt": "Hi", "completion": "x"}])
-        assert len(first.result(timeout=WAIT)) == 6
+        assert all(len(f.result(timeout=WAIT)) == 6 for f in full)
     finally:
         pool.shutdown()
 

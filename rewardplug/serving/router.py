@@ -5,8 +5,9 @@ cost) as keyword arguments. The preferred replica of a key is chosen by rendezvo
 live replicas' ids, so every process (every trainer rank) prefers the same replica for the same group
 without sharing any state, and a replica that leaves moves only its own keys. The preference holds
 while that replica is not overloaded: its outstanding tokens (reported by every replica through Serve's
-routing stats, plus what this router has sent since) stay within ``imbalance`` times the least loaded
-replica's plus the request itself. Otherwise the request goes to the least loaded replica.
+routing stats, plus what this router has sent since) exceed the least loaded replica's by at most
+``imbalance_tokens`` (default 16384, about one batch of the engine). Otherwise the request goes to the
+least loaded replica: balance wins over cache hits only when the gap is worth more than a batch.
 Requests without a key (HTTP requests) go by least outstanding tokens.
 """
 
@@ -23,8 +24,8 @@ def _weight(key: str, replica_id: Any) -> int:
 
 
 class PromptGroupRouter(FIFOMixin, RequestRouter):
-    def initialize_state(self, imbalance: float = 2.0, **kwargs) -> None:
-        self.imbalance = imbalance
+    def initialize_state(self, imbalance_tokens: int = 16384, **kwargs) -> None:
+        self.imbalance_tokens = imbalance_tokens
         self._sent: dict[str, tuple[ReplicaID, int]] = {}  # request id -> (replica, tokens) not yet completed
         self._sent_tokens: dict[ReplicaID, int] = {}
 
@@ -38,11 +39,11 @@ class PromptGroupRouter(FIFOMixin, RequestRouter):
         if not candidate_replicas:
             return []
         kwargs = pending_request.kwargs if pending_request is not None else {}
-        key, tokens = kwargs.get("route_key"), int(kwargs.get("tokens") or 0)
+        key = kwargs.get("route_key")
         by_load = sorted(candidate_replicas, key=self._load)
         if key:
             preferred = max(candidate_replicas, key=lambda r: _weight(key, r.replica_id.unique_id))
-            if self._load(preferred) <= self.imbalance * self._load(by_load[0]) + tokens:
+            if self._load(preferred) - self._load(by_load[0]) <= self.imbalance_tokens:
                 return [[preferred], [r for r in by_load if r is not preferred]]
         return [[r] for r in by_load]
 

@@ -1,8 +1,8 @@
 """What a pool request carries to a replica: its samples cut into parts by prompt group, each distinct
 in-memory image put once in the object store, a routing key and a token estimate per part.
 
-A prompt group (the G completions of a GRPO prompt) stays in one part, so it lands on one replica and
-its vision and prefix caches hit. The routing key is a content digest: the same prompt and images give
+A prompt group (the G completions of a GRPO prompt) is one part, so it lands on one replica and its
+vision and prefix caches hit. The routing key is a content digest: the same prompt and images give
 the same key in every process, so every rank of a training job sends a group to the same replica.
 """
 
@@ -199,25 +199,26 @@ def estimate_tokens(sample: Any, tokens: TokenFormat | None = None) -> int:
 
 
 def split(samples: list, max_samples: int, tokens: TokenFormat | None = None) -> list[Part]:
-    """Cut externalized samples into parts of at most ``max_samples``, prompt groups kept whole where
-    they fit; a part is routed by the key of its largest group."""
+    """Cut externalized samples into parts of at most ``max_samples``.
+
+    A prompt group of two or more samples is a part of its own (cut only when larger than
+    ``max_samples``), routed by its key: it lands on the replica that has, or will keep, its vision and
+    prefix caches, whichever request or process sends it. Samples alone in their group share nothing;
+    they are packed together and go to the least loaded replica (no key).
+    """
     groups: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
         groups.setdefault(group_key(s, tokens), []).append(i)
     parts: list[Part] = []
-    current: list[int] = []
-    current_key, current_size = "", 0
-    for key, indices in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+    singles: list[int] = []
+    for key, indices in groups.items():
+        if len(indices) == 1:
+            singles += indices
+            continue
         for start in range(0, len(indices), max_samples):
-            chunk = indices[start : start + max_samples]
-            if current and len(current) + len(chunk) > max_samples:
-                parts.append(_part(samples, current, current_key, tokens))
-                current, current_size = [], 0
-            if len(chunk) > current_size:
-                current_key, current_size = key, len(chunk)
-            current += chunk
-    if current:
-        parts.append(_part(samples, current, current_key, tokens))
+            parts.append(_part(samples, indices[start : start + max_samples], key, tokens))
+    for start in range(0, len(singles), max_samples):
+        parts.append(_part(samples, singles[start : start + max_samples], "", tokens))
     return parts
 
 
