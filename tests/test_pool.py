@@ -402,23 +402,21 @@ def test_replicas_land_only_on_gpus_the_trainer_left(tiny_path):
 def test_replica_killed_under_load_resolves_every_request_once(tiny_path, model):
     pool = make_pool(tiny_path, num_replicas=2, gpus_per_replica=0.5)
     try:
-        requests = [grpo_groups(2, 8, seed=300 + r, side=224) for r in range(10)]
+        requests = [grpo_groups(2, 4, seed=300 + r, lo=1500, hi=2500) for r in range(10)]  # about 16 s of work
         expected = [model.score(r) for r in requests]  # fault-free scores
         victim = fresh_replicas(pool)[0]
         resolved = [0] * len(requests)
         futures = [pool.submit(r) for r in requests]
         for k, f in enumerate(futures):
             f.add_done_callback(lambda _, k=k: resolved.__setitem__(k, resolved[k] + 1))
-        deadline = time.monotonic() + 30
-        while not any(r["inflight_samples"] for r in pool.stats()["replicas"] if r["pid"] == victim["pid"]):
-            assert time.monotonic() < deadline, "the victim replica never got work"
-            time.sleep(0.05)
+        time.sleep(2.0)  # both replicas are busy by now
+        assert not all(f.done() for f in futures)
         os.kill(victim["pid"], signal.SIGKILL)
         for k, f in enumerate(futures):
             assert_scores(f.result(timeout=WAIT), expected[k], f"request {k} after the kill")
         time.sleep(1.0)  # a second resolution would show up here
         assert resolved == [1] * len(requests), f"times each future resolved: {resolved}"
-        assert pool.stats()["retries"] >= 1
+        assert pool.stats()["retries"] >= 1  # the kill hit work in flight, which was re-sent
         # Serve replaces the dead replica; the pool serves on
         deadline = time.monotonic() + 120
         while pool.num_replicas < 2 or victim["pid"] in live_pids(pool) or len(live_pids(pool)) < 2:

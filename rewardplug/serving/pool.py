@@ -174,8 +174,7 @@ class RewardPool:
         replicas = deploy["num_replicas"] or _default_replicas(gpus, deploy["autoscale"])
         _check_resources(replicas if not deploy["autoscale"] else deploy["autoscale"][0] or 1, gpus,
                          deploy["cpus_per_replica"])  # fmt: skip
-        if deploy["http_port"] is not None:
-            serve.start(http_options={"host": deploy["http_host"], "port": deploy["http_port"]})
+        _start_serve(deploy)
         self._deployed = {"num_replicas": replicas}
         logger.info("deploying pool %r: %s replicas of %s", self.name, deploy["autoscale"] or replicas, settings.model)
         _run(_application(settings, deploy, replicas, {"offloaded": False}, self.name), self.name, deploy)
@@ -575,6 +574,22 @@ def _check_resources(replicas: int, gpus_per_replica: float, cpus_per_replica: f
 
 def _resources(resources: dict) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU", "memory") or k.startswith("accelerator"))
+
+
+def _start_serve(deploy: dict) -> None:
+    """Start Serve on the cluster (its HTTP proxy where the pool has an HTTP door). Processes that make
+    different pools at once race to start Serve's controller; the loser finds it running."""
+    from ray import serve
+
+    http = {"http_options": {"host": deploy["http_host"], "port": deploy["http_port"]}} if deploy["http_port"] else {}
+    for attempt in range(5):
+        try:
+            serve.start(**http)
+            return
+        except Exception as e:  # noqa: BLE001 - ActorAlreadyExistsError and friends from the race
+            if "already" not in str(e).lower() or attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def _application(settings: ReplicaSettings, deploy: dict, replicas: int, user_config: dict, name: str):
