@@ -1,4 +1,5 @@
-"""RewardPool side by side: 2 replicas against 1, the pool against the in-process engine, submit latency.
+"""RewardPool (on Ray Serve) side by side: 2 replicas against 1, the pool against the in-process engine,
+submit latency, and two trainer ranks sharing one replica against each rank alone.
 
     python benchmarks/bench_pool.py            # about 3-4 minutes on 2 cores
     python benchmarks/bench_pool.py --quick    # 8 prompts, 2 rounds
@@ -15,6 +16,9 @@ round to the next), the same one for (a), (b) and (c), which run one after the o
 the table shows the best round of each. The target on this 2-core machine: (c) at least 1.7x (b), which
 needs both cores free: each round prints the load average (other processes on the machine count).
 Submit latency: 50 calls of ``submit`` with 1,000 samples (20 prompts x 50 completions, images) on (c).
+Two ranks: two Ray tasks (two processes, as two trainer ranks) each score their own GRPO step on the
+1-replica pool (b), first one after the other (each rank alone), then at the same time (sharing): the
+replica's batches per sample and padding efficiency, from its engine's counters.
 """
 
 from __future__ import annotations
@@ -86,8 +90,9 @@ def run(args) -> None:
     n = args.prompts * args.group
     best = {k: min(v) for k, v in times.items()}
     rate = {k: n / t for k, t in best.items()}
+    time.sleep(1.5)  # replicas report their counters about once a second
     stats = two.stats()
-    per_replica = [r["samples"] for r in stats["replicas"]]
+    per_replica = [r["engine"]["samples"] for r in stats["replicas"]]
     print(f"\nworkload: {args.prompts} prompts x G={args.group}, {args.side}x{args.side} image per prompt, "
           f"completions 16-256 tokens; {n} samples per round, best of {args.rounds} rounds")  # fmt: skip
     print(f"{'':44}{'samples/s':>10}{'best s':>9}")
@@ -115,12 +120,45 @@ def run(args) -> None:
     p50, p99 = (float(np.percentile(lat, q)) * 1e3 for q in (50, 99))
     print(f"submit latency, 1,000 samples with images, {args.submits} calls on (c): "
           f"p50 {p50:.3f} ms, p99 {p99:.3f} ms, max {max(lat) * 1e3:.3f} ms")  # fmt: skip
-    one.shutdown()
     two.shutdown()  # the queued requests are dropped
-    # shutdown() does not wait for the pool's dispatcher thread, which still works through the queue
-    # (ray.put): let it finish before ray.shutdown(), or its next Ray call would start a new cluster.
-    two._dispatcher.join(timeout=120)
+    two_ranks(one, args)
+    one.shutdown()
     ray.shutdown()
+
+
+def two_ranks(pool, args) -> None:
+    """Two processes (trainer ranks) on one replica: alone (one after the other) vs sharing (at once)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def rank(pool, samples):
+        return pool.score(samples)
+
+    def counters():
+        time.sleep(1.5)  # the replica's next report
+        (r,) = pool.stats()["replicas"]
+        return r["engine"]
+
+    def run_step(seed: int, together: bool) -> dict:
+        steps = [grpo_workload(args.prompts // 2, args.group, side=args.side, seed=seed + k) for k in range(2)]
+        before = counters()
+        if together:
+            ray.get([rank.remote(pool, s) for s in steps])
+        else:
+            for s in steps:
+                ray.get(rank.remote(pool, s))
+        after = counters()
+        d = {k: after[k] - before[k] for k in ("samples", "batches", "real_tokens", "padded_tokens", "forward_passes")}
+        return {"batches_per_sample": d["batches"] / d["samples"], "passes_per_sample": d["forward_passes"] / d["samples"],
+                "padding_efficiency": d["real_tokens"] / d["padded_tokens"], "samples": d["samples"]}  # fmt: skip
+
+    ray.get(rank.remote(pool, grpo_workload(1, 2, side=args.side, seed=777)))  # the tasks' first-call costs
+    rows = [("each rank alone", run_step(5000, False)), ("two ranks sharing", run_step(6000, True))]
+    print(f"\ntwo ranks, each {args.prompts // 2} prompts x G={args.group}, one replica:")
+    print(f"{'':24}{'samples':>8}{'batches/sample':>16}{'passes/sample':>15}{'padding eff.':>14}")
+    for name, r in rows:
+        print(f"{name:24}{r['samples']:>8}{r['batches_per_sample']:>16.3f}{r['passes_per_sample']:>15.3f}"
+              f"{r['padding_efficiency']:>14.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -102,16 +102,15 @@ class HTTPBackend:
     """The Serve application on a free loopback port; one RewardClient per client thread."""
 
     def __init__(self, path: Path):
-        from ray import serve
-
+        from rewardplug import RewardPool
         from rewardplug.serving.client import RewardClient
-        from rewardplug.serving.http import ServiceSettings, deployment
+        from rewardplug.serving.http import HttpSettings
 
         port, key = free_port(), "bench-key"
         t0 = time.perf_counter()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        settings = ServiceSettings(model=str(path), api_key=key, model_options={"dtype": "float32"})
-        serve.run(deployment(settings, cpus_per_replica=1), name="rewardplug-bench", route_prefix="/")
+        # the HTTP door of a pool: the same replica class as the Python door
+        self.pool = RewardPool(path, num_replicas=1, gpus_per_replica=0, cpus_per_replica=1, http_port=port,
+                               http=HttpSettings(api_key=key), dtype="float32")  # fmt: skip
         print(f"  Serve application up in {time.perf_counter() - t0:.1f}s on http://127.0.0.1:{port}", flush=True)
         self.url, self.key, self._client_cls = f"http://127.0.0.1:{port}", key, RewardClient
         self._local = threading.local()
@@ -122,9 +121,7 @@ class HTTPBackend:
         return self._local.client.score(samples)
 
     def close(self) -> None:
-        from ray import serve
-
-        serve.shutdown()
+        self.pool.shutdown()
 
 
 class PoolBackend:

@@ -514,3 +514,53 @@ def test_pool_larger_than_the_cluster_fails_at_once(tiny_path):
     with pytest.raises(ReplicaError, match=r"needs 8 GPUs \(1 replicas x 8\) but the cluster has 4 free of 4"):
         RewardPool(tiny_path, gpus_per_replica=8, num_replicas=1, **OPTS)
     assert time.perf_counter() - t0 < 10
+
+
+def test_soak_through_two_replicas_with_one_killed_midway(tiny_path, model):
+    """Threads x requests over distinct images through a 2-replica pool with small cache budgets; one
+    replica is SIGKILLed midway. Every request resolves exactly once with its fault-free scores, and the
+    surviving replica's resident memory grows after warm-up by less than its budgets plus a stated slack."""
+    psutil = pytest.importorskip("psutil")
+    budgets_mb, slack_mb = 32 + 32, 200  # vision cache + pixel cache; slack: allocator and Serve's own
+    pool = make_pool(tiny_path, num_replicas=2, gpus_per_replica=0, vision_cache_mb=32, pixel_cache_mb=32)
+    try:
+        threads, per_thread = 4, 12
+        requests = [[grpo_groups(2, 4, seed=1000 + 100 * t + k, side=112) for k in range(per_thread)] for t in range(threads)]
+        resolved: dict[tuple, int] = {}
+        failures: list = []
+        warm = threading.Barrier(threads + 1)
+        killed = threading.Event()
+
+        def client(t):
+            for k, samples in enumerate(requests[t]):
+                if k == 2:
+                    warm.wait(timeout=WAIT)
+                future = pool.submit(samples)
+                future.add_done_callback(lambda _, key=(t, k): resolved.__setitem__(key, resolved.get(key, 0) + 1))
+                try:
+                    assert_scores(future.result(timeout=WAIT), model.score(samples), f"thread {t} request {k}")
+                except BaseException as e:  # noqa: BLE001 - reported below
+                    failures.append(e)
+                if k == per_thread // 2 and t == 0:
+                    killed.wait(timeout=WAIT)
+
+        workers = [threading.Thread(target=client, args=(t,)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        warm.wait(timeout=WAIT)  # every thread has two requests done: warm-up over
+        reports = fresh_replicas(pool)
+        victim, survivor = reports[0]["pid"], reports[1]["pid"]
+        rss_warm = psutil.Process(survivor).memory_info().rss
+        time.sleep(1.0)
+        os.kill(victim, signal.SIGKILL)
+        killed.set()
+        for w in workers:
+            w.join(timeout=4 * WAIT)
+        assert not failures, failures[:3]
+        assert resolved == {(t, k): 1 for t in range(threads) for k in range(per_thread)}, resolved
+        growth_mb = (psutil.Process(survivor).memory_info().rss - rss_warm) / 2**20
+        print(f"\nsoak: {threads * per_thread} requests, retries {pool.stats()['retries']}, "
+              f"survivor RSS growth after warm-up {growth_mb:.0f} MiB (limit {budgets_mb + slack_mb})")  # fmt: skip
+        assert growth_mb < budgets_mb + slack_mb
+    finally:
+        pool.shutdown()

@@ -864,3 +864,70 @@ def test_verl_example(server, api, model, monkeypatch, tmp_path):
                                     extra_infos=column(3))  # fmt: skip
     assert isinstance(batch, list) and all(isinstance(x, float) for x in batch)
     assert close(batch, v1_scores), (batch, v1_scores)
+
+
+# ---- 8. fuzzing and disconnects ------------------------------------------------------------------------
+
+
+def test_fuzzed_bodies_get_clean_answers_never_500(server, api, model):
+    """Random JSON bodies (garbage, and sample-shaped dicts with odd fields and images) on both scoring
+    routes: every answer is a 200 with per-sample reasons or a clean 4xx, within its timeout; never a 500.
+    The service scores a known sample exactly afterwards."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    png = data_uri(random_image(28, 28, seed=5))
+    scalars = st.none() | st.booleans() | st.integers(-(2**31), 2**31) | st.floats(allow_nan=False) | st.text(max_size=12)
+    junk = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                        max_leaves=8)  # fmt: skip
+    image = st.sampled_from([png, "data:image/png;base64,!!", "/etc/passwd", "http://127.0.0.1:9/x.png", "", "x.png"]) | junk
+    content = st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image", "audio", "video"]),
+                                              "text": junk, "image": image}), max_size=3)  # fmt: skip
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", 3]),
+                                     "content": st.text(max_size=20) | content | junk})  # fmt: skip
+    sample = st.fixed_dictionaries({}, optional={"prompt": st.text(max_size=20) | st.lists(message, max_size=2) | junk,
+                                                 "completion": st.text(max_size=20) | junk,
+                                                 "images": st.lists(image, max_size=2) | junk,
+                                                 "messages": st.lists(message, max_size=3)})  # fmt: skip
+    score_body = st.fixed_dictionaries({"samples": st.lists(sample | junk, max_size=4)},
+                                       optional={"on_invalid": st.sampled_from(["none", "raise", "x"])}) | junk  # fmt: skip
+    query = st.sampled_from([openrlhf_query(model, "What is it?", "A cat.", 1), openrlhf_query(model, "Hi", "Hello", 0)])
+    reward_body = st.fixed_dictionaries({"query": st.lists(query | st.text(max_size=30) | junk, max_size=3)},
+                                        optional={"prompts": junk | st.lists(st.text(max_size=10), max_size=3),
+                                                  "labels": junk | st.lists(junk | st.fixed_dictionaries({"images": st.lists(image, max_size=2)}), max_size=3)})  # fmt: skip
+    seen = {}
+
+    @settings(max_examples=120, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @given(path_body=st.tuples(st.just("/v1/score"), score_body) | st.tuples(st.just("/get_reward"), reward_body))
+    def check(path_body):
+        path, body = path_body
+        r = api.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"}, timeout=60)
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        assert r.status_code in (200, 400, 413, 422), (path, body, r.status_code, r.text)
+
+    check()
+    print(f"\nfuzzed bodies, answers by status: {dict(sorted(seen.items()))}")
+    assert seen.get(200, 0) > 10 and seen.get(422, 0) > 0, seen  # both kinds of answer were exercised
+    good = {"prompt": "Hi", "completion": "Hello"}
+    assert close(api.post("/v1/score", json={"samples": [good]}).json()["scores"], model.score([good]))
+
+
+def test_client_disconnecting_mid_request_leaves_the_service_whole(server, api, model):
+    """A client that goes away with its body half sent, or while its samples are being scored: the
+    service answers the next request normally and the replica holds no samples afterwards."""
+    host, port = "127.0.0.1", server.port
+    with socket.create_connection((host, port), timeout=10) as sock:  # body cut off
+        sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {API_KEY}\r\nContent-Length: 100000\r\n\r\n".encode() + b'{"samples": [')
+    long = [{"prompt": "Essay", "completion": "word " * 2500 + str(k)} for k in range(6)]  # seconds of work
+    with pytest.raises(httpx.TimeoutException):
+        api.post("/v1/score", json={"samples": long}, timeout=0.5)  # the client gives up while scoring
+    good = {"prompt": "Hi", "completion": "Hello"}
+    r = api.post("/v1/score", json={"samples": [good]}, timeout=120)
+    assert r.status_code == 200 and close(r.json()["scores"], model.score([good])), r.text
+    pool = RewardPool.connect("rewardplug")
+    deadline = time.monotonic() + 60
+    while pool.stats()["inflight_samples"] != 0 or any(r["age_s"] > 2 for r in pool.stats()["replicas"]):
+        assert time.monotonic() < deadline, pool.stats()
+        time.sleep(0.5)
+    pool.close()
