@@ -23,6 +23,23 @@ def model(tiny_path):
     return RewardModel.from_pretrained(tiny_path, dtype="float32", device="cpu", image_roots=None)
 
 
+@pytest.fixture
+def make_engine(model):
+    """Build RewardEngines over the session's model; each is closed (with a timeout) after the test."""
+    from rewardplug import RewardEngine
+
+    engines = []
+
+    def make(**kwargs):
+        engine = RewardEngine(model, **kwargs)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.close(timeout=30)
+
+
 def random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
     rng = np.random.default_rng(seed)
     channels = {"RGB": 3, "RGBA": 4}[mode]

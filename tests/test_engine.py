@@ -43,20 +43,6 @@ def assert_scores(got, expected, what=""):
         assert abs(g - e) <= TOL, f"{what} sample {k}: engine {g} vs independent {e}"
 
 
-@pytest.fixture
-def make_engine(model):
-    engines = []
-
-    def make(**kwargs) -> RewardEngine:
-        engine = RewardEngine(model, **kwargs)
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.close(timeout=30)
-
-
 IMG_A = random_image(100, 150, seed=11)
 IMG_B = random_image(150, 100, seed=12)
 IMG_C = random_image(56, 56, seed=13)

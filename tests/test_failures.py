@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import random_image, text_of_length
 
-from rewardplug import InvalidSampleError, RewardEngine
+from rewardplug import InvalidSampleError
 from rewardplug.errors import EngineClosedError, ScoringError
 
 TOL = 1e-4
@@ -39,21 +39,6 @@ def samples() -> list[dict]:
 @pytest.fixture(scope="module")
 def expected(model):
     return [model.score([s])[0] for s in samples()]
-
-
-@pytest.fixture
-def make_engine(model):
-    engines = []
-
-    def make(**kwargs) -> RewardEngine:
-        kwargs.setdefault("metrics", None)
-        engine = RewardEngine(model, **kwargs)
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.close(timeout=30)
 
 
 def assert_scores(got, expected, what=""):
