@@ -183,7 +183,7 @@ def _fetch_url(url: str, policy: ImagePolicy) -> Image.Image:
     if "*" not in policy.url_hosts and host not in policy.url_hosts:
         raise SampleError(
             f"image URL host {host!r} is not allowed; fetching URLs is off unless you list hosts "
-            "in url_hosts (or '*')"
+            "in image_url_hosts=[...] (CLI: --allow-url-host), or '*' for any host"
         )
     import requests  # a dependency of qwen-vl-utils; imported here since most runs never fetch
 

@@ -97,7 +97,7 @@ def test_ray_score_command_on_parquet_writes_jsonl_parts_with_row_errors(tmp_pat
     rc = offline_main(["score", str(tmp_path / "in" / "rows.parquet"), str(tmp_path / "out"), "--ray",
                        "--model", str(tiny_path), "--dtype", "float32", "--device", "cpu", "--rows-per-block", "4",
                        "--format", "jsonl", "--keep-column", "completion", "--no-progress"])  # fmt: skip
-    assert rc == 2  # one row could not be scored
+    assert rc == 3  # one row could not be scored (exit code 3, as `rewardplug score`)
     got = read_scores(tmp_path / "out")
     assert sorted(os.listdir(tmp_path / "out"))[:2] == ["_SUCCESS.json", "_plan.json"]
     assert [g["id"] for g in got] == [r["id"] for r in rows]

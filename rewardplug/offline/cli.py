@@ -170,7 +170,7 @@ def run_ray_score(args) -> int:
     )  # fmt: skip
     print(f"{result.blocks} blocks ({result.blocks_skipped} already done), {result.rows_scored} rows scored now, "
           f"{result.errors} could not be scored -> {result.output}", file=sys.stderr)  # fmt: skip
-    return 0 if result.errors == 0 else 2
+    return 0 if result.errors == 0 else 3  # exit code 3: some rows could not be scored (docs/cli.md)
 
 
 def add_commands(subparsers) -> None:
