@@ -564,3 +564,33 @@ def test_soak_through_two_replicas_with_one_killed_midway(tiny_path, model):
         assert growth_mb < budgets_mb + slack_mb
     finally:
         pool.shutdown()
+
+
+def test_autoscaling_adds_a_replica_under_queued_load(tiny_path, model):
+    """autoscale=(1, 2): one replica when idle; a steady queue of prompt groups makes Serve add the second."""
+    pool = make_pool(tiny_path, num_replicas=None, gpus_per_replica=0, autoscale=(1, 2))
+    try:
+        assert pool.num_replicas == 1
+        stop = threading.Event()
+
+        def load(seed):
+            k = 0
+            while not stop.is_set():
+                samples = grpo_groups(4, 4, seed=seed + k, lo=800, hi=1200)  # 4 parts per request
+                assert_scores(pool.score(samples), model.score(samples), "under autoscaling")
+                k += 1
+
+        workers = [threading.Thread(target=load, args=(5000 + 100 * t,)) for t in range(3)]
+        for w in workers:
+            w.start()
+        deadline = time.monotonic() + 120
+        try:
+            while pool.num_replicas < 2:
+                assert time.monotonic() < deadline, "Serve never added a replica under load"
+                time.sleep(1.0)
+        finally:
+            stop.set()
+            for w in workers:
+                w.join(timeout=WAIT)
+    finally:
+        pool.shutdown()

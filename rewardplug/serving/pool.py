@@ -221,8 +221,7 @@ class RewardPool:
             if self._lazy is not None:
                 import ray
 
-                if not ray.is_initialized():
-                    ray.init(address=self._lazy, namespace="rewardplug", log_to_driver=False)
+                _connect(self._lazy)
                 self._attach()
 
     def __reduce__(self):
@@ -480,9 +479,25 @@ def _reattach(name: str, address: str, options: dict) -> RewardPool:
 def _connect(address: str | None) -> None:
     import ray
 
-    if ray.is_initialized():
-        return
-    ray.init(address=address, namespace="rewardplug", log_to_driver=False)
+    if not ray.is_initialized():
+        ray.init(address=address, namespace="rewardplug", log_to_driver=False)
+    _forget_serve_of_other_clusters()
+
+
+_SERVE_CLUSTER: str | None = None
+
+
+def _forget_serve_of_other_clusters() -> None:
+    """Serve caches its controller's handle per process and tells sessions apart by job id, which a new
+    cluster started in the same process can repeat: drop the cache when the cluster changed."""
+    import ray
+    from ray.serve import context
+
+    global _SERVE_CLUSTER
+    address = ray.get_runtime_context().gcs_address
+    if _SERVE_CLUSTER is not None and _SERVE_CLUSTER != address and hasattr(context, "_set_global_client"):
+        context._set_global_client(None)
+    _SERVE_CLUSTER = address
 
 
 def _directory_call(method: str, *args):
@@ -613,8 +628,10 @@ def _application(settings: ReplicaSettings, deploy: dict, replicas: int, user_co
     )  # fmt: skip
     if deploy["autoscale"]:
         low, high = deploy["autoscale"]
+        # Each ongoing request is one part (a prompt group, or up to part_samples samples): scaling on
+        # ongoing requests is scaling on queued samples. RL load comes in bursts: scale up fast, down slowly.
         options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high, "initial_replicas": max(low, 1),
-                                         "target_ongoing_requests": 2}  # fmt: skip
+                                         "target_ongoing_requests": 2, "upscale_delay_s": 5, "downscale_delay_s": 60}  # fmt: skip
     else:
         options["num_replicas"] = replicas
     if deploy["placement"] == "spread":
