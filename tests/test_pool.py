@@ -228,7 +228,8 @@ class TestSharedPool:
     def test_group_returns_to_its_replica_from_another_process(self, pool, model):
         """The same prompt group sent later, by another process, goes to the replica with its image cached."""
         samples = grpo_groups(4, 4, seed=200)
-        pool.score(samples)
+        for p in range(4):  # each group alone: it lands on its preferred replica (nothing else is queued)
+            pool.score(samples[4 * p : 4 * p + 4])
         again = grpo_groups(4, 4, seed=200, lo=130, hi=200)  # same prompts and images, new completions
 
         @ray.remote(num_cpus=0)

@@ -6,8 +6,8 @@ live replicas' ids, so every process (every trainer rank) prefers the same repli
 without sharing any state, and a replica that leaves moves only its own keys. The preference holds
 while that replica is not overloaded: its outstanding tokens (reported by every replica through Serve's
 routing stats, plus what this router has sent since) exceed the least loaded replica's by at most
-``imbalance_tokens`` (default 16384, about one batch of the engine). Otherwise the request goes to the
-least loaded replica: balance wins over cache hits only when the gap is worth more than a batch.
+``imbalance_tokens`` (default 2048, about what a group's cached image and prompt save). Otherwise the
+request goes to the least loaded replica: a bigger gap costs more time than the cache hits save.
 Requests without a key (HTTP requests) go by least outstanding tokens.
 """
 
@@ -24,7 +24,7 @@ def _weight(key: str, replica_id: Any) -> int:
 
 
 class PromptGroupRouter(FIFOMixin, RequestRouter):
-    def initialize_state(self, imbalance_tokens: int = 16384, **kwargs) -> None:
+    def initialize_state(self, imbalance_tokens: int = 2048, **kwargs) -> None:
         self.imbalance_tokens = imbalance_tokens
         self._sent: dict[str, tuple[ReplicaID, int]] = {}  # request id -> (replica, tokens) not yet completed
         self._sent_tokens: dict[ReplicaID, int] = {}
