@@ -156,7 +156,7 @@ class RewardPool:
                 except BaseException as e:
                     _directory_call("set_state", self.name, "failed", str(e))
                     raise
-                _directory_call("set_state", self.name, "ready", None, self._deployed)  # noqa: the creator's figures
+                _directory_call("set_state", self.name, "ready", None, self._deployed)
                 break
             _check_same(self.name, claim["request"], request)
             if claim["state"] == "ready" and not _app_running(self.name):
@@ -171,7 +171,7 @@ class RewardPool:
         from ray import serve
 
         gpus = deploy["gpus_per_replica"]
-        replicas = deploy["num_replicas"] or _default_replicas(gpus, deploy["autoscale"])
+        replicas = deploy["num_replicas"] or _default_replicas(gpus)
         _check_resources(replicas if not deploy["autoscale"] else deploy["autoscale"][0] or 1, gpus,
                          deploy["cpus_per_replica"])  # fmt: skip
         _start_serve(deploy)
@@ -206,7 +206,7 @@ class RewardPool:
         self._closed = False
         self._pending_samples = 0
         self._room = threading.Condition()
-        self._counts = {"requests": 0, "samples": 0, "retries": 0, "timeouts": 0, "failed_requests": 0}
+        self._counts = {"requests": 0, "samples": 0, "retries": 0, "timeouts": 0}
         with _HANDLES_LOCK:
             if self.name not in _HANDLES or _HANDLES[self.name]._closed:
                 _HANDLES[self.name] = self
@@ -558,7 +558,7 @@ def _check_same(name: str, existing: dict, asked: dict) -> None:
                               + " (use another name, or RewardPool.connect(name) to use it as it is)")  # fmt: skip
 
 
-def _default_replicas(gpus_per_replica: float, autoscale) -> int:
+def _default_replicas(gpus_per_replica: float) -> int:
     import ray
 
     if gpus_per_replica <= 0:

@@ -66,6 +66,7 @@ def _move_home(homes: list) -> None:
 class RewardReplica:
     def __init__(self, settings: dict, pool_name: str = ""):
         import ray
+        import torch
 
         from ..engine import RewardEngine
         from .placement import load_on_assigned_gpus
@@ -77,8 +78,13 @@ class RewardReplica:
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id if context else f"pid{os.getpid()}"
+        # Host threads as many as the CPUs Ray gave this replica: replicas sharing a node must not each
+        # run a thread per core of the machine (they would slow each other down).
+        cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+        torch.set_num_threads(cpus)
         self.model = load_on_assigned_gpus(s.model, self.gpu_ids, **s.model_options)
-        engine_options = {"metrics": "ray", "name": pool_name or "replica", **s.engine_options}  # one scrape target per node
+        engine_options = {"metrics": "ray", "name": pool_name or "replica", "encode_workers": cpus,
+                          **s.engine_options}  # metrics through Ray: one scrape target per node
         self.engine = RewardEngine(self.model, on_invalid="none", **engine_options)
         self.inflight = 0
         self.outstanding_tokens = 0
