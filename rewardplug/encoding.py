@@ -57,10 +57,16 @@ class EncodedSample:
 
     input_ids: torch.Tensor  # [L] int64
     mm_token_type_ids: torch.Tensor  # [L] 0 text, 1 image, 2 video
-    pixel_values: torch.Tensor | None = None  # [patches, C*T*P*P]; shared (not copied) within a group
+    pixels: "torch.Tensor | PixelCodes | None" = None  # shared (not copied) within a group; see pixel_values
     image_grid_thw: torch.Tensor | None = None  # [images, 3]
     image_digests: list[str] = field(default_factory=list)
     position_ids: torch.Tensor | None = None  # [3, L] M-RoPE positions (set when the encoder has a rope_index)
+
+    @property
+    def pixel_values(self) -> torch.Tensor | None:
+        """The image processor's pixels [patches, C*T*P*P] float32 (made on the host from ``pixels``,
+        which the model expands on its own device instead)."""
+        return pixel_values(self.pixels)
 
     @property
     def num_tokens(self) -> int:
@@ -68,7 +74,7 @@ class EncodedSample:
 
     @property
     def num_patches(self) -> int:
-        return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
+        return 0 if self.pixels is None else int(self.pixels.shape[0])
 
 
 @dataclass
@@ -94,6 +100,62 @@ def token_type_ids(input_ids: torch.Tensor, image_id: int, video_id: int | None)
     return mm
 
 
+class PixelCodes:
+    """An image's pixels as its uint8 values in patch order, with the processor's arithmetic as a table.
+
+    ``values(move)`` gives the image processor's float32 pixels bitwise: a lookup of each value in a
+    3 x 256 table, then the temporal copies (a broadcast). Kept this way from the encoder to the device,
+    the host copies, caches and ships 1 byte per value instead of 4 x temporal_patch_size (8x less), and
+    the lookup runs where the pixels are used (on a GPU, for free).
+    """
+
+    __slots__ = ("codes", "table", "temporal")
+
+    def __init__(self, codes: torch.Tensor, table: torch.Tensor, temporal: int):
+        self.codes = codes  # [patches, 3, P, P] uint8
+        self.table = table  # [3 * 256] float32
+        self.temporal = temporal
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, c, p, q = self.codes.shape
+        return (n, c * self.temporal * p * q)
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() + self.table.numel() * 4
+
+    def split(self, sizes: list[int]) -> list["PixelCodes"]:
+        return [PixelCodes(c, self.table, self.temporal) for c in self.codes.split(sizes)]
+
+    def values(self, move: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The float32 pixels [patches, C*T*P*P], computed after ``move`` (e.g. to the model's device)."""
+        codes, table = (move(self.codes), move(self.table)) if move else (self.codes, self.table)
+        offsets = torch.arange(0, 3 * 256, 256, device=codes.device).view(1, 3, 1, 1)
+        looked_up = table[codes.long() + offsets]  # [n, 3, P, P]
+        n, c, p, q = looked_up.shape
+        return looked_up.unsqueeze(2).expand(n, c, self.temporal, p, q).reshape(n, c * self.temporal * p * q)
+
+
+def pixel_values(pixels: "torch.Tensor | PixelCodes | None", move: Callable | None = None) -> torch.Tensor | None:
+    """Float pixels of an encoded sample's or a batch's ``pixels``, made after ``move`` for codes."""
+    if isinstance(pixels, PixelCodes):
+        return pixels.values(move)
+    return move(pixels) if move is not None and pixels is not None else pixels
+
+
+def cat_pixels(parts: list) -> "torch.Tensor | PixelCodes | None":
+    """Concatenate several images' pixels: codes stay codes when they share a table, else floats."""
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    if all(isinstance(p, PixelCodes) and p.table is first.table and p.temporal == first.temporal for p in parts):
+        return PixelCodes(torch.cat([p.codes for p in parts]), first.table, first.temporal)
+    return torch.cat([pixel_values(p) for p in parts])
+
+
 class ExactPixels:
     """The PIL Qwen2-VL image processor's arithmetic, done as a table lookup: bitwise the same pixels.
 
@@ -101,7 +163,8 @@ class ExactPixels:
     of 28 within the same bounds), the processor computes per value ``float32(float64(v) * scale)``, then
     ``(x - mean[c]) / std[c]`` in float32, then a reshape into patches. Each output value depends only on
     the uint8 value and its channel, so a 3 x 256 table computed with the same operations in the same
-    dtypes gives the same bits, about 10x faster. Anything else (another processor class or backend, a
+    dtypes gives the same bits. The host only reorders the uint8 values into patches (``PixelCodes``);
+    the lookup is done where the pixels are used. Anything else (another processor class or backend, a
     mode other than RGB, a size the processor would change) returns None: the caller uses the processor.
     A self-check against the processor on a probe image turns the table off if they ever differ.
     """
@@ -119,8 +182,7 @@ class ExactPixels:
         x = values.astype(np.float32)
         mean = np.array(ip.image_mean, dtype=np.float32)[:, None]
         std = np.array(ip.image_std, dtype=np.float32)[:, None]
-        self.table = ((x[None, :] - mean) / std).astype(np.float32).reshape(-1)  # [3 * 256]
-        self.offsets = np.array([0, 256, 512], dtype=np.int16)
+        self.table = torch.from_numpy(((x[None, :] - mean) / std).astype(np.float32).reshape(-1))  # [3 * 256]
         self.factor = int(ip.patch_size) * int(ip.merge_size)
         self.enabled = self._agrees_with_processor()
 
@@ -138,13 +200,9 @@ class ExactPixels:
 
         p, m, t = int(ip.patch_size), int(ip.merge_size), int(ip.temporal_patch_size)
         gh, gw = h // p, w // p
-        # Table index of every value (channel offset added), moved into patch order while still 2 bytes
-        # wide, then one lookup; the temporal copies are a broadcast, written once by the final reshape.
-        index = np.asarray(image).astype(np.int16) + self.offsets
-        index = np.ascontiguousarray(index.reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5))
-        values = np.take(self.table, index)[:, :, :, :, :, None]
-        values = np.broadcast_to(values, (*values.shape[:5], t, p, p)).reshape(gh * gw, 3 * t * p * p)
-        return torch.from_numpy(values), torch.tensor([[1, gh, gw]], dtype=torch.long)
+        codes = np.asarray(image).reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)
+        codes = torch.from_numpy(np.ascontiguousarray(codes).reshape(gh * gw, 3, p, p))
+        return PixelCodes(codes, self.table, t), torch.tensor([[1, gh, gw]], dtype=torch.long)
 
     def _agrees_with_processor(self) -> bool:
         import numpy as np
@@ -154,7 +212,7 @@ class ExactPixels:
         self.enabled = True
         mine = self(probe)
         ref = self.image_processor(images=[probe], return_tensors="pt")
-        same = mine is not None and torch.equal(mine[0], ref["pixel_values"]) and torch.equal(mine[1], ref["image_grid_thw"])
+        same = mine is not None and torch.equal(mine[0].values(), ref["pixel_values"]) and torch.equal(mine[1], ref["image_grid_thw"])
         if not same:
             logger.warning("fast pixel path disagrees with %s; using the processor", type(self.image_processor).__name__)
         return same
@@ -167,7 +225,8 @@ class PixelCache:
     on the others in the call. ``max_bytes`` (default 256 MiB) counts the pixel tensors; an image larger
     than the whole budget is processed but not kept; 0 keeps nothing. Safe to share between threads.
     Misses go through ``ExactPixels`` where it applies (bitwise the processor's pixels), else the
-    image processor itself.
+    image processor itself. Entries from the fast path are ``PixelCodes`` (1 byte per value, so the
+    budget holds 8x as many images as float pixels would take).
     """
 
     def __init__(self, image_processor: Any, max_bytes: int = DEFAULT_PIXEL_CACHE_BYTES, exact_fast_path: bool = True):
@@ -189,8 +248,8 @@ class PixelCache:
         with self._lock:
             return len(self._entries) if self._entries is not None else 0
 
-    def get(self, image: Image.Image, digest: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pixel_values [patches, dim], image_grid_thw [1, 3]) of one resized image."""
+    def get(self, image: Image.Image, digest: str) -> tuple["torch.Tensor | PixelCodes", torch.Tensor]:
+        """(pixels: PixelCodes or float pixel_values [patches, dim], image_grid_thw [1, 3]) of one resized image."""
         with self._lock:
             hit = self._entries.get(digest) if self._entries is not None else None
             if hit is not None:
@@ -207,8 +266,8 @@ class PixelCache:
         return entry
 
 
-def _entry_bytes(entry: tuple[torch.Tensor, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in entry)
+def _entry_bytes(entry: tuple) -> int:
+    return sum(t.nbytes if isinstance(t, PixelCodes) else t.numel() * t.element_size() for t in entry)
 
 
 @dataclass
@@ -217,7 +276,7 @@ class _Image:
 
     image: Image.Image
     digest: str
-    pixels: torch.Tensor | None = None
+    pixels: "torch.Tensor | PixelCodes | None" = None
     grid: torch.Tensor | None = None
 
 
@@ -346,7 +405,7 @@ class _Group:
     next_position: int
     between: str  # template text from the cut to the answer ("assistant\n")
     after: str  # template text after the answer ("<|im_end|>\n")
-    pixel_values: torch.Tensor | None
+    pixels: "torch.Tensor | PixelCodes | None"
     image_grid_thw: torch.Tensor | None
     digests: list[str]
 
@@ -483,7 +542,7 @@ class Encoder:
         return EncodedSample(
             input_ids=ids,
             mm_token_type_ids=token_type_ids(ids, self.image_token_id, self.video_token_id),
-            pixel_values=group.pixel_values,
+            pixels=group.pixels,
             image_grid_thw=group.image_grid_thw,
             image_digests=list(group.digests),
             position_ids=positions,
@@ -497,7 +556,7 @@ class Encoder:
         return EncodedSample(
             input_ids=ids,
             mm_token_type_ids=token_type_ids(ids, self.image_token_id, self.video_token_id),
-            pixel_values=pixels,
+            pixels=pixels,
             image_grid_thw=grid,
             image_digests=[p.digest for p in prepared],
             position_ids=self._positions(ids, grid),
@@ -513,7 +572,7 @@ class Encoder:
         if prepared:
             merge = int(self.image_processor.merge_size) ** 2
             grid = torch.cat([p.grid for p in prepared])
-            pixels = prepared[0].pixels if len(prepared) == 1 else torch.cat([p.pixels for p in prepared])
+            pixels = cat_pixels([p.pixels for p in prepared])
             ids = _expand_image_runs(ids, self.image_token_id, [int(g.prod()) // merge for g in grid], single_only=True)
         elif self.image_token_id in ids:
             raise SampleError("the text holds image tokens (<|image_pad|>) but the sample has no image")
@@ -563,10 +622,10 @@ class Encoder:
                 except SampleError as e:
                     raise SampleError(f"image {i}: {e}") from None
             prepared.append(memo.prepare(decoded, i, None))
-        pixel_values = grid = None
+        pixels = grid = None
         if prepared:
             grid = torch.cat([p.grid for p in prepared])
-            pixel_values = prepared[0].pixels if len(prepared) == 1 else torch.cat([p.pixels for p in prepared])
+            pixels = cat_pixels([p.pixels for p in prepared])
             merge = int(self.image_processor.merge_size) ** 2
             ids = _expand_image_runs(ids, self.image_token_id, [int(g.prod()) // merge for g in grid])
         elif self.image_token_id in ids:
@@ -577,7 +636,7 @@ class Encoder:
         return EncodedSample(
             input_ids=ids_t,
             mm_token_type_ids=token_type_ids(ids_t, self.image_token_id, self.video_token_id),
-            pixel_values=pixel_values,
+            pixels=pixels,
             image_grid_thw=grid,
             image_digests=[p.digest for p in prepared],
             position_ids=self._positions(ids_t, grid),
@@ -714,8 +773,12 @@ class Batch:
     mm_token_type_ids: torch.Tensor  # [B, L]
     last_index: torch.Tensor  # [B] position of each sample's last real token
     position_ids: torch.Tensor | None  # [3, B, L], zeros at padding
-    pixel_values: torch.Tensor | None
+    pixels: "torch.Tensor | PixelCodes | None"  # float pixel_values, or codes the model expands on its device
     image_grid_thw: torch.Tensor | None
+
+    @property
+    def pixel_values(self) -> torch.Tensor | None:
+        return pixel_values(self.pixels)
 
     @property
     def padded_tokens(self) -> int:
@@ -741,7 +804,7 @@ def collate(samples: list[EncodedSample], pad_token_id: int, padding_side: str =
         if positions is not None:
             positions[:, row, cols] = s.position_ids
         last[row] = n - 1 if padding_side == "right" else length - 1
-    pixels = [s.pixel_values for s in samples if s.pixel_values is not None]
+    pixels = [s.pixels for s in samples if s.pixels is not None]
     grids = [s.image_grid_thw for s in samples if s.image_grid_thw is not None]
     return Batch(
         input_ids=ids,
@@ -749,6 +812,6 @@ def collate(samples: list[EncodedSample], pad_token_id: int, padding_side: str =
         mm_token_type_ids=mm,
         last_index=last,
         position_ids=positions,
-        pixel_values=torch.cat(pixels) if pixels else None,
+        pixels=cat_pixels(pixels),
         image_grid_thw=torch.cat(grids) if grids else None,
     )

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .checkpoint import read_value_head, resolve_checkpoint
-from .encoding import DEFAULT_PIXEL_CACHE_BYTES, Batch, EncodedSample, Encoder, collate
+from .encoding import DEFAULT_PIXEL_CACHE_BYTES, Batch, EncodedSample, Encoder, PixelCodes, collate, pixel_values
 from .errors import CheckpointError, InvalidSampleError
 from .images import ImagePolicy
 from .samples import token_samples
@@ -271,9 +271,11 @@ class RewardModel:
         return self.encoder.encode_many(samples)
 
     @torch.inference_mode()
-    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
-        """Vision tower output per image: [tokens_i, hidden] each, in input order."""
-        out = self.backbone.get_image_features(self.to_device(pixel_values), self.to_device(image_grid_thw))
+    def image_features(self, pixels: "torch.Tensor | PixelCodes", image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Vision tower output per image: [tokens_i, hidden] each, in input order.
+
+        pixels: float pixel_values, or ``PixelCodes``, expanded to the same values on the model's device."""
+        out = self.backbone.get_image_features(pixel_values(pixels, self.to_device), self.to_device(image_grid_thw))
         return list(out.pooler_output)
 
     def _inputs(self, batch: Batch, image_embeds: Sequence[torch.Tensor] | None) -> dict[str, Any]:
@@ -297,7 +299,7 @@ class RewardModel:
                 features = torch.cat([f.to(embeds.device) for f in image_embeds]).to(embeds.dtype)
                 inputs["inputs_embeds"] = embeds.masked_scatter(mask, features)
             else:
-                inputs["pixel_values"] = to(batch.pixel_values)
+                inputs["pixel_values"] = pixel_values(batch.pixels, to)
         return inputs
 
     def to_device(self, tensor: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:

@@ -193,7 +193,7 @@ def test_each_distinct_image_source_is_decoded_and_resized_once(model, tmp_path,
     assert after["prompts_rendered"] - before["prompts_rendered"] == 2 * 5  # once per group (answer + probe)
     for k in range(5):
         group = encoded[8 * k : 8 * k + 8]
-        assert all(e.pixel_values is group[0].pixel_values for e in group)  # shared, not copied
+        assert all(e.pixels is group[0].pixels for e in group)  # shared, not copied
 
 
 def test_bad_image_source_is_the_samples_error_and_the_others_are_scored(model):
@@ -253,7 +253,10 @@ def test_encode_many_from_several_threads_gives_the_single_thread_result(model, 
 
 def test_pixel_cache_is_bounded_in_bytes(model):
     one = fetch_image({"image": random_image(112, 112, seed=1)})
-    size = sum(t.numel() * t.element_size() for t in model.image_processor(images=[one], return_tensors="pt").values())
+    sizer = PixelCache(model.image_processor)
+    sizer.get(one, "one")
+    size = sizer.bytes  # uint8 codes (8 x 8 patches of 3 x 14 x 14), the 3 x 256 table and the grid
+    assert size == 64 * 3 * 14 * 14 + 3 * 256 * 4 + 3 * 8
     cache = PixelCache(model.image_processor, max_bytes=int(2.5 * size))
     for k in range(6):
         cache.get(fetch_image({"image": random_image(112, 112, seed=k)}), f"d{k}")
@@ -272,7 +275,7 @@ def test_pixel_cache_budget_is_an_option_of_from_pretrained(tiny_path):
 
     rm = RewardModel.from_pretrained(tiny_path, dtype="float32", device="cpu", pixel_cache_mb=1)
     assert rm.encoder.pixel_cache.max_bytes == 2**20
-    samples = [{"prompt": "q", "completion": "a", "images": [random_image(120, 120, seed=k)]} for k in range(8)]
+    samples = [{"prompt": "q", "completion": "a", "images": [random_image(224, 224, seed=k)]} for k in range(8)]  # 153 KiB of codes each
     rm.encode_many(samples)
     assert 0 < rm.encoder.pixel_cache.bytes <= 2**20 and 1 < len(rm.encoder.pixel_cache) < 8
 
@@ -308,7 +311,27 @@ def test_exact_pixel_table_gives_the_image_processors_bits(model, size):
     got = fast(image)
     assert got is not None
     ref = model.image_processor(images=[image], return_tensors="pt")
-    assert torch.equal(got[0], ref["pixel_values"]) and torch.equal(got[1], ref["image_grid_thw"])
+    assert torch.equal(got[0].values(), ref["pixel_values"]) and torch.equal(got[1], ref["image_grid_thw"])
+
+
+def test_pixel_codes_cross_to_the_device_as_bytes_and_expand_there_to_the_processors_bits(model):
+    from rewardplug.encoding import PixelCodes, pixel_values
+
+    image = fetch_image({"image": random_image(336, 168, seed=11)}, image_patch_size=14)
+    encoded = model.encode({"prompt": "What is it?", "completion": "A cat.", "images": [image]})
+    assert isinstance(encoded.pixels, PixelCodes) and encoded.pixels.codes.dtype == torch.uint8
+    moved = []
+
+    def move(tensor):  # stands in for the copy to the model's device
+        moved.append((tensor.dtype, tensor.numel()))
+        return tensor.clone()
+
+    got = pixel_values(encoded.pixels, move)
+    ref = model.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    assert torch.equal(got, ref)
+    patches = ref.shape[0]
+    assert moved == [(torch.uint8, patches * 3 * 14 * 14), (torch.float32, 3 * 256)]  # 1 byte per value, then the table
+    assert encoded.pixels.codes.numel() * 8 == ref.numel() * 4  # an eighth of the float bytes (4 bytes x 2 frames)
 
 
 def test_exact_pixel_table_declines_what_it_does_not_reproduce(model, tiny_path):

@@ -246,11 +246,18 @@ def test_wrapper_bad_sample_keeps_the_env_reward_or_gets_the_fallback_or_raises(
         env.step(0)
 
 
-def test_wrapper_system_failure_propagates_never_a_reward():
-    env = RewardModelWrapper(rllib_ppo.CaptionEnv(), scorer=BrokenDevice(), sample_fn=to_sample, on_invalid=-3.0)
+@pytest.mark.parametrize("vector", [False, True], ids=["wrapper", "vector_wrapper"])
+def test_wrapper_system_failure_propagates_never_a_reward(vector):
+    if vector:
+        envs = gym.vector.SyncVectorEnv([rllib_ppo.CaptionEnv for _ in range(2)])
+        env = RewardModelVectorWrapper(envs, scorer=BrokenDevice(), sample_fn=to_sample, on_invalid=-2.0)
+        action = np.array([0, 1])
+    else:
+        env = RewardModelWrapper(rllib_ppo.CaptionEnv(), scorer=BrokenDevice(), sample_fn=to_sample, on_invalid=-3.0)
+        action = 0
     env.reset(seed=0)
     with pytest.raises(ScoringError):
-        env.step(0)
+        env.step(action)
 
 
 def test_vector_wrapper_scores_sub_envs_together_and_handles_bad_ones_per_sub_env(model):
@@ -276,14 +283,6 @@ def test_vector_wrapper_scores_sub_envs_together_and_handles_bad_ones_per_sub_en
     assert rewards[1] == -2.0 and "image 0" in infos["reward_model_error"][1]
     _, rewards, terminated, _, _ = env.step(actions)  # next-step autoreset: nothing to score
     assert scorer.calls == calls and not terminated.any() and (rewards == 0).all()
-
-
-def test_vector_wrapper_system_failure_propagates():
-    envs = gym.vector.SyncVectorEnv([rllib_ppo.CaptionEnv for _ in range(2)])
-    env = RewardModelVectorWrapper(envs, scorer=BrokenDevice(), sample_fn=to_sample, on_invalid=-2.0)
-    env.reset(seed=0)
-    with pytest.raises(ScoringError):
-        env.step(np.array([0, 1]))
 
 
 def test_env_runner_piece_scores_each_new_step_once_in_per_step_mode(model):

@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from ..encoding import EncodedSample, collate
+from ..encoding import EncodedSample, cat_pixels, collate
 from ..errors import ScoringError
 from ..model import RewardModel
 from .scheduler import Unit, WorkItem
@@ -36,7 +36,7 @@ def is_oom(error: BaseException) -> bool:
 
 
 def _prefix(s: EncodedSample, p: int) -> EncodedSample:
-    return EncodedSample(s.input_ids[:p], s.mm_token_type_ids[:p], s.pixel_values, s.image_grid_thw,
+    return EncodedSample(s.input_ids[:p], s.mm_token_type_ids[:p], s.pixels, s.image_grid_thw,
                          s.image_digests, s.position_ids[:, :p])  # fmt: skip
 
 
@@ -145,7 +145,7 @@ class ModelRunner:
             if not s.image_digests:
                 continue
             sizes = s.image_grid_thw.prod(-1).tolist()
-            for digest, pixels, grid in zip(s.image_digests, s.pixel_values.split(sizes), s.image_grid_thw):
+            for digest, pixels, grid in zip(s.image_digests, s.pixels.split(sizes), s.image_grid_thw):
                 if digest in found or digest in todo:
                     hits += 1
                     continue
@@ -156,7 +156,7 @@ class ModelRunner:
                 else:
                     todo[digest] = (pixels, grid)
         if todo:
-            pixels = torch.cat([p for p, _ in todo.values()])
+            pixels = cat_pixels([p for p, _ in todo.values()])
             grids = torch.stack([g for _, g in todo.values()])
             for digest, features in zip(todo, self.model.image_features(pixels, grids)):
                 found[digest] = features = features.clone()  # own storage: a view would pin the whole batch
