@@ -59,36 +59,6 @@ def _check_on_invalid(value: Any) -> None:
     raise ValueError(f"on_invalid must be 'raise', 'none' or a float fallback reward, got {value!r}")
 
 
-class PoolByName:
-    """A RewardPool that travels by name: unpickled in another process (a learner actor, an env runner) it
-    connects to the named pool on its first ``score`` call, not while Ray deserializes the actor's
-    arguments (a blocking Serve call there times out). In the process that made it, the pool itself is used.
-    """
-
-    def __init__(self, pool: Any):
-        self.name, self._pool = pool.name, pool
-
-    def __getstate__(self):
-        return {"name": self.name}
-
-    def __setstate__(self, state):
-        self.name, self._pool = state["name"], None
-
-    def score(self, samples: list, **kwargs: Any) -> list:
-        if self._pool is None:
-            from ..serving.pool import RewardPool
-
-            self._pool = RewardPool.connect(self.name)
-        return self._pool.score(samples, **kwargs)
-
-
-def _travelling(scorer: Any) -> Any:
-    """RewardPools go by name (see PoolByName); other scorers as they are."""
-    from ..serving.pool import RewardPool
-
-    return PoolByName(scorer) if isinstance(scorer, RewardPool) else scorer
-
-
 def score_batch(scorer: Any, samples: list, on_invalid: Any) -> tuple[list[float | None], dict[int, str]]:
     """Scores (None for bad samples) and {index: reason} of the bad ones; on_invalid="raise" raises
     InvalidSampleError. Anything else the scorer raises (ScoringError: a system failure) propagates."""
@@ -150,7 +120,7 @@ class RewardModelConnector(ConnectorV2):
             warnings.warn("missing=<float> is now on_invalid=<float>", DeprecationWarning, stacklevel=2)
             on_invalid = float(missing)
         _check_on_invalid(on_invalid)
-        self.scorer, self.sample_fn = _travelling(scorer), sample_fn
+        self.scorer, self.sample_fn = scorer, sample_fn
         self.mode, self.combine, self.coeff, self.on_invalid = mode, combine, coeff, on_invalid
         self.score_truncated, self.on_env_runner = score_truncated, on_env_runner
         # Env runner: episode id -> global steps already scored. Bounded: an env runner holds one ongoing
@@ -232,9 +202,8 @@ def add_reward_model(config: Any, *, scorer: Any, sample_fn: Callable[[Any, int]
     in_returns=True: as the env-to-module connector on the env runners, so episode returns (and what the
         learners train on) are the scores; it replaces any env-to-module connector set before.
     options: RewardModelConnector's (mode, combine, coeff, on_invalid, score_truncated).
-    A RewardPool scorer travels to learners and env runners by name (PoolByName).
+    A RewardPool scorer pickles into learners and env runners and attaches there on its first call.
     """
-    scorer = _travelling(scorer)
     if in_returns:
         return config.env_runners(
             env_to_module_connector=lambda env, spaces=None, device=None: RewardModelConnector(
