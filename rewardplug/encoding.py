@@ -248,6 +248,14 @@ class PixelCache:
         with self._lock:
             return len(self._entries) if self._entries is not None else 0
 
+    def peek(self, digest: str) -> tuple["torch.Tensor | PixelCodes", torch.Tensor] | None:
+        """The entry of ``digest`` if kept (counted as a hit), else None (not counted)."""
+        with self._lock:
+            hit = self._entries.get(digest) if self._entries is not None else None
+            if hit is not None:
+                self.hits += 1
+            return hit
+
     def get(self, image: Image.Image, digest: str) -> tuple["torch.Tensor | PixelCodes", torch.Tensor]:
         """(pixels: PixelCodes or float pixel_values [patches, dim], image_grid_thw [1, 3]) of one resized image."""
         with self._lock:
@@ -274,7 +282,7 @@ def _entry_bytes(entry: tuple) -> int:
 class _Image:
     """One image of a request, resized and digested once."""
 
-    image: Image.Image
+    image: Image.Image | None  # None when the pixels came from the cache
     digest: str
     pixels: "torch.Tensor | PixelCodes | None" = None
     grid: torch.Tensor | None = None
@@ -321,11 +329,16 @@ class _RequestImages:
             content = image_digest(image)
             found = self._resized.get((content, options))
             if found is None:
-                resized = self.encoder._resize(image, index, size)
-                # Resizing is deterministic: the picture's content and the resize settings identify the result.
-                found = _Image(resized, _digest(content, options, self.encoder._resize_settings))
+                # Resizing is deterministic: the picture's content and the resize settings identify the result,
+                # so pixels an earlier request made are found before resizing again.
+                digest = _digest(content, options, self.encoder._resize_settings)
+                cached = self.encoder.pixel_cache.peek(digest)
+                if cached is not None:
+                    found = _Image(None, digest, *cached)
+                else:
+                    found = _Image(self.encoder._resize(image, index, size), digest)
+                    self.encoder._count(images_resized=1)
                 self._resized[(content, options)] = found
-                self.encoder._count(images_resized=1)
             self._by_object[by_object] = found
             self._keep.append(image)
         if found.pixels is None:

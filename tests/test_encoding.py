@@ -355,3 +355,20 @@ def test_odd_image_sources_are_the_samples_errors_not_system_failures(model):
     encoded, errors = model.encode_many(samples)
     assert sorted(errors) == [0, 1, 2] and encoded[3] is not None
     assert "image placeholders" in errors[1]
+
+
+def test_an_image_seen_by_an_earlier_request_is_not_resized_again(tiny_path):
+    from rewardplug import RewardModel
+
+    rm = RewardModel.from_pretrained(tiny_path, dtype="float32", device="cpu")
+    picture = random_image(300, 200, seed=21)
+    first, _ = rm.encode_many([{"prompt": "q", "completion": "a", "images": [picture]}])
+    before = rm.encoder.counters.snapshot()
+    copy = picture.copy()  # another object with the same pixels, as a dataset hands out per row
+    second, _ = rm.encode_many([{"prompt": "q", "completion": "b", "images": [copy]}])
+    after = rm.encoder.counters.snapshot()
+    assert after["images_resized"] == before["images_resized"]
+    assert second[0].image_digests == first[0].image_digests
+    assert torch.equal(second[0].pixel_values, first[0].pixel_values)
+    rm.encode_many([{"prompt": "q", "completion": "b", "images": [random_image(300, 200, seed=22)]}])
+    assert rm.encoder.counters.images_resized == after["images_resized"] + 1  # another picture is resized
