@@ -314,17 +314,21 @@ class RewardModel:
     def _head(self, hidden: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), self.to_device(last_index, hidden.device)]
         last = last.to(self.value_head.weight.device, torch.float32)
-        return self.value_head(last).squeeze(-1).float().cpu()  # the pass's one synchronisation: reading the scores
+        return self.value_head(last).squeeze(-1).float()
 
     @torch.inference_mode()
-    def forward(self, batch: Batch, image_embeds: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        """Scores of a collated batch, fp32 on the CPU, shape [B].
+    def forward(
+        self, batch: Batch, image_embeds: Sequence[torch.Tensor] | None = None, *, on_device: bool = False
+    ) -> torch.Tensor:
+        """Scores of a collated batch, fp32, shape [B]: on the CPU (reading them waits for the pass), or
+        with ``on_device=True`` left on the device, so the host can queue more passes meanwhile.
 
         image_embeds: the vision tower's output for each image of the batch, in order (from
         ``image_features``, maybe cached); without it the vision tower runs on the batch's pixels.
         """
         out = self.backbone(**self._inputs(batch, image_embeds), use_cache=False)
-        return self._head(out.last_hidden_state, batch.last_index)
+        scores = self._head(out.last_hidden_state, batch.last_index)
+        return scores if on_device else scores.cpu()
 
     @torch.inference_mode()
     def forward_prefixes(self, prefixes: Batch, image_embeds: Sequence[torch.Tensor] | None = None):
@@ -333,19 +337,22 @@ class RewardModel:
         return out.past_key_values
 
     @torch.inference_mode()
-    def forward_suffixes(self, cache, rows: torch.Tensor, prefix_mask: torch.Tensor, suffixes: Batch) -> torch.Tensor:
+    def forward_suffixes(
+        self, cache, rows: torch.Tensor, prefix_mask: torch.Tensor, suffixes: Batch, *, on_device: bool = False
+    ) -> torch.Tensor:
         """Score completions on top of cached prefixes.
 
         cache: from ``forward_prefixes`` (left unchanged, so it serves several suffix batches).
-        rows: for each suffix, the row of its prefix in the cache.
-        prefix_mask: the prefixes' attention mask [n_prefixes, P]; padding holes between a prefix and
+        rows: for each suffix, the row of its prefix in the cache (a host tensor).
+        prefix_mask: the prefixes' attention mask [n_prefixes, P] (host); padding holes between a prefix and
         its suffix are masked, and positions come from each full sample, so scores equal full scoring.
         suffixes: right-padded suffix tokens with their full-sample positions.
+        on_device: leave the scores on the device (see ``forward``).
         """
         from transformers import DynamicCache
 
         to = self.to_device
-        mask = to(torch.cat([prefix_mask.cpu()[rows.cpu()], suffixes.attention_mask.cpu()], dim=1))  # built on the host: no sync
+        mask = to(torch.cat([prefix_mask[rows], suffixes.attention_mask], dim=1))  # host tensors: no sync
         rows = to(rows)
         selected = DynamicCache([(k.index_select(0, rows.to(k.device)), v.index_select(0, rows.to(v.device)))
                                  for k, v, *_ in cache])  # fmt: skip
@@ -357,7 +364,8 @@ class RewardModel:
             past_key_values=selected,
             use_cache=True,
         )
-        return self._head(out.last_hidden_state, suffixes.last_index)
+        scores = self._head(out.last_hidden_state, suffixes.last_index)
+        return scores if on_device else scores.cpu()
 
     def score(
         self,

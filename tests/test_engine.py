@@ -690,9 +690,9 @@ def test_expanded_prefix_key_value_stays_in_the_planners_budget(make_engine, mod
     seen = []
     real = model.forward_suffixes
 
-    def measured(cache, rows, prefix_mask, suffixes):
+    def measured(cache, rows, prefix_mask, suffixes, **kwargs):
         seen.append(len(rows) * (prefix_mask.shape[1] + suffixes.input_ids.shape[1]))
-        return real(cache, rows, prefix_mask, suffixes)
+        return real(cache, rows, prefix_mask, suffixes, **kwargs)
 
     model.forward_suffixes = measured
     try:
@@ -784,3 +784,55 @@ def test_ray_metrics_sink_records_through_rays_api(model, caplog):
         assert set(metrics._ray) >= {"samples", "invalid_samples", "request_latency_seconds", "batch_padded_tokens"}
     finally:
         ray.shutdown()
+
+
+def test_small_request_does_not_wait_behind_all_of_a_large_one_being_scored(make_engine, model):
+    engine = make_engine(max_batch_tokens=1024, max_batch_size=8, max_wait_ms=1)
+    large_samples = [{"prompt": f"Question {k}?", "completion": text_of_length(120, k)} for k in range(480)]
+    large = engine.submit(large_samples)
+    deadline = time.monotonic() + 60
+    while engine.stats()["batches"] < 1:  # the large request is encoded and being scored
+        assert time.monotonic() < deadline and not large.done()
+        time.sleep(0.001)
+    small = engine.submit(TEXTS[:1])
+    assert_scores(small.result(timeout=60), independent(model, TEXTS[:1]))
+    assert not large.done()  # the small one went in a round between the large one's rounds
+    got = large.result(timeout=120)
+    picked = list(range(0, 480, 37))
+    assert_scores([got[k] for k in picked], independent(model, [large_samples[k] for k in picked]))
+
+
+def test_a_batch_reads_its_scores_from_the_device_once_not_once_per_pass(make_engine, model, grpo, mixed, monkeypatch):
+    """Each pass leaves its scores on the device; the runner reads them all at once, so the host never
+    waits for one pass before queuing the next (on a GPU, reading is the synchronisation)."""
+    from rewardplug.engine.runner import ModelRunner
+
+    reads, passes = [], []
+    real_cpu, real_run, real_head = torch.Tensor.cpu, ModelRunner._run, type(model)._head
+
+    def counted_cpu(self, *args, **kwargs):
+        if self.is_floating_point():  # scores (the host's own integer tensors are not read from a device)
+            reads.append(tuple(self.shape))
+        return real_cpu(self, *args, **kwargs)
+
+    def counted_head(self, hidden, last_index):
+        passes.append(len(last_index))
+        return real_head(self, hidden, last_index)
+
+    batches = []
+
+    def one_batch(self, units):
+        reads.clear()
+        out = real_run(self, units)
+        batches.append(list(reads))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counted_cpu)
+    monkeypatch.setattr(ModelRunner, "_run", one_batch)
+    monkeypatch.setattr(type(model), "_head", counted_head)
+    engine = make_engine(max_batch_tokens=4096, max_batch_size=32)
+    samples = grpo[0] + mixed[0]
+    assert_scores(engine.score(samples), grpo[1] + mixed[1], "one read per batch")
+    assert len(passes) > len(batches)  # several passes per batch (prefixes, suffix chunks, singles)
+    assert all(len(r) == 1 for r in batches), batches  # one read of the scores per batch
+    assert sum(r[0][0] for r in batches) == len(samples)  # which holds every score of the batch

@@ -5,7 +5,9 @@ Threads, one job each:
   their samples into tokens and pixels (host work: images, chat template); a small request never waits
   behind a large one being encoded;
 - the model thread gathers encoded samples for up to ``max_wait_ms``, drops duplicates, plans
-  token-budget batches with prompt groups kept together, runs them and resolves the requests.
+  token-budget batches with prompt groups kept together, runs them and resolves the requests. A round
+  takes at most ``4 x max_batch_tokens`` of ready samples, by turns from each request, so a small request
+  never waits behind all of a large one being scored either.
 
 Failures of two kinds, never mixed: a bad sample gets its own reason (``InvalidSampleError`` or None);
 anything else (a device error, a bug, a closed engine) fails the whole request with ``ScoringError``
@@ -422,7 +424,7 @@ class RewardEngine:
                         if remaining <= 0:
                             break
                         self._cond.wait(remaining)
-                    items, self._ready = self._ready, []
+                    items = self._take_window()
                 items = [i for i in items if not i.owner.done]  # requests failed meanwhile (closed)
                 try:
                     self._score(items)
@@ -432,6 +434,35 @@ class RewardEngine:
         finally:
             # Normally nothing is left here; if this thread ever stops otherwise, nobody waits forever.
             self._fail_pending(EngineClosedError, "the engine's model thread stopped")
+
+    def _take_window(self) -> list[WorkItem]:
+        """Ready items for one round of batches, at most ``4 x max_batch_tokens`` (past that, planning
+        gains nothing): whole prompt groups taken by turns from each request, so a request that arrives
+        while a large one is being scored joins the next round instead of waiting for all of it. The
+        rest stay ready, in order. Called with ``_cond`` held."""
+        budget = 4 * self.max_batch_tokens
+        if sum(i.num_tokens for i in self._ready) <= budget:
+            items, self._ready = self._ready, []
+            return items
+        requests: dict[int, dict[Any, list[WorkItem]]] = {}  # request -> its prompt groups and singles, in order
+        for k, item in enumerate(self._ready):
+            units = requests.setdefault(id(item.owner), {})
+            units.setdefault(item.prefix_key or k, []).append(item)
+        turns = [list(units.values()) for units in requests.values()]
+        taken: set[int] = set()
+        tokens = 0
+        while tokens < budget:
+            for units in turns:
+                if units and tokens < budget:
+                    unit = units.pop(0)
+                    taken.update(id(i) for i in unit)
+                    tokens += sum(i.num_tokens for i in unit)
+            turns = [u for u in turns if u]
+            if not turns:
+                break
+        items = [i for i in self._ready if id(i) in taken]
+        self._ready = [i for i in self._ready if id(i) not in taken]
+        return items
 
     def _window_full(self) -> bool:
         tokens = sum(i.num_tokens for i in self._ready)

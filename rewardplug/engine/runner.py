@@ -93,16 +93,20 @@ class ModelRunner:
         groups = [u for u in units if u.shared]
         reps = [g.items[0].encoded for g in groups]
         embeds = self._image_embeds([i.encoded for i in singles] + reps, add)
-        results: list[Result] = []
+        # Every pass is queued with its scores left on the device; they are read once, at the end, so the
+        # host collates the next pass while the device runs this one.
+        scored: list[tuple[list[WorkItem], torch.Tensor]] = []
         for part in self._single_passes(list(zip(singles, embeds[: len(singles)]))):
             items = [i for i, _ in part]
             batch = collate([i.encoded for i in items], self.model.pad_token_id, "right")
-            scores = self.model.forward(batch, _flat([e for _, e in part]))
+            scored.append((items, self.model.forward(batch, _flat([e for _, e in part]), on_device=True)))
             add(forward_passes=1, real_tokens=sum(i.num_tokens for i in items), padded_tokens=batch.padded_tokens)
-            results += list(zip(items, scores.tolist()))
         if groups:
-            results += self._run_groups(groups, embeds[len(singles) :], add)
-        return results
+            scored += self._run_groups(groups, embeds[len(singles) :], add)
+        if not scored:
+            return []
+        values = torch.cat([s for _, s in scored]).cpu().tolist()  # the batch's one synchronisation
+        return list(zip([i for items, _ in scored for i in items], values))
 
     def _single_passes(self, rows: list) -> list[list]:
         """Plain samples in one pass, or, where the model prefers unpadded batches (a CPU, where padding
@@ -114,7 +118,7 @@ class ModelRunner:
             by_length.setdefault(row[0].num_tokens, []).append(row)
         return list(by_length.values())
 
-    def _run_groups(self, groups: list[Unit], embeds: list[list[torch.Tensor]], add) -> list[Result]:
+    def _run_groups(self, groups: list[Unit], embeds: list[list[torch.Tensor]], add) -> list[tuple[list, torch.Tensor]]:
         pad = self.model.pad_token_id
         lengths = [g.items[0].prefix_len for g in groups]
         prefixes = collate([_prefix(g.items[0].encoded, p) for g, p in zip(groups, lengths)], pad, "right")
@@ -122,15 +126,15 @@ class ModelRunner:
         # Suffix rows of all groups, shortest first, in chunks of similar length: padding stays low.
         rows = sorted(((i, k, p) for k, (g, p) in enumerate(zip(groups, lengths)) for i in g.items),
                       key=lambda r: r[0].num_tokens - r[2])  # fmt: skip
-        results: list[Result] = []
+        results: list[tuple[list, torch.Tensor]] = []
         padded, passes = prefixes.padded_tokens, 1
         for chunk in _similar_length_chunks(rows, self.min_chunk_tokens):
             suffixes = collate([_suffix(i.encoded, p) for i, _, p in chunk], pad, "right")
             index = torch.tensor([k for _, k, _ in chunk])
-            scores = self.model.forward_suffixes(cache, index, prefixes.attention_mask, suffixes)
+            scores = self.model.forward_suffixes(cache, index, prefixes.attention_mask, suffixes, on_device=True)
             padded += suffixes.padded_tokens
             passes += 1
-            results += list(zip([i for i, _, _ in chunk], scores.tolist()))
+            results.append(([i for i, _, _ in chunk], scores))
         real = sum(lengths) + sum(i.num_tokens - p for i, _, p in rows)
         add(forward_passes=passes, real_tokens=real, padded_tokens=padded, prefix_groups=len(groups),
             prefix_hits=len(rows) - len(groups))  # fmt: skip
