@@ -101,40 +101,87 @@ def token_type_ids(input_ids: torch.Tensor, image_id: int, video_id: int | None)
 
 
 class PixelCodes:
-    """An image's pixels as its uint8 values in patch order, with the processor's arithmetic as a table.
+    """Images' pixels as uint8 values, with the processor's arithmetic as a table, expanded where used.
 
-    ``values(move)`` gives the image processor's float32 pixels bitwise: a lookup of each value in a
-    3 x 256 table, then the temporal copies (a broadcast). Kept this way from the encoder to the device,
-    the host copies, caches and ships 1 byte per value instead of 4 x temporal_patch_size (8x less), and
-    the lookup runs where the pixels are used (on a GPU, for free).
+    Each part is one or more images' values in patch order ``[patches, 3, P, P]``, or one whole image
+    ``[H, W, 3]`` still to be resized to ``(height, width)`` with Pillow's bicubic filter
+    (``rewardplug.resize``: the same bytes as Pillow, computed on the model's device). ``values(move)``
+    moves the parts (e.g. to the GPU), resizes and reorders there, and gives the image processor's
+    float32 pixels bitwise: a lookup of each value in a 3 x 256 table, then the temporal copies. So the
+    host copies, caches and ships 1 byte per value instead of 4 x temporal_patch_size (8x less).
     """
 
-    __slots__ = ("codes", "table", "temporal")
+    __slots__ = ("parts", "table", "temporal", "patch", "merge")
 
-    def __init__(self, codes: torch.Tensor, table: torch.Tensor, temporal: int):
-        self.codes = codes  # [patches, 3, P, P] uint8
+    def __init__(self, parts: list, table: torch.Tensor, temporal: int, patch: int, merge: int):
+        self.parts = parts  # [(uint8 tensor, None or (height, width) to resize to)]
         self.table = table  # [3 * 256] float32
-        self.temporal = temporal
+        self.temporal, self.patch, self.merge = temporal, patch, merge
+
+    def _patches(self, part) -> int:
+        values, size = part
+        return int(values.shape[0]) if size is None else (size[0] // self.patch) * (size[1] // self.patch)
 
     @property
     def shape(self) -> tuple[int, int]:
-        n, c, p, q = self.codes.shape
-        return (n, c * self.temporal * p * q)
+        return (sum(self._patches(p) for p in self.parts), 3 * self.temporal * self.patch * self.patch)
 
     @property
     def nbytes(self) -> int:
-        return self.codes.numel() + self.table.numel() * 4
+        return sum(v.numel() for v, _ in self.parts) + self.table.numel() * 4
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """The uint8 values in patch order [patches, 3, P, P] (whole images resized here, on the host)."""
+        return torch.cat([self._in_patches(*p) for p in self.parts])
+
+    def _with(self, parts: list) -> "PixelCodes":
+        return PixelCodes(parts, self.table, self.temporal, self.patch, self.merge)
+
+    def compatible(self, other: Any) -> bool:
+        return isinstance(other, PixelCodes) and other.table is self.table and (
+            other.temporal, other.patch, other.merge) == (self.temporal, self.patch, self.merge)  # fmt: skip
 
     def split(self, sizes: list[int]) -> list["PixelCodes"]:
-        return [PixelCodes(c, self.table, self.temporal) for c in self.codes.split(sizes)]
+        """Split by patch counts (one image each, as the runner does); whole images are never cut."""
+        out, parts = [], list(self.parts)
+        for size in sizes:
+            taken: list = []
+            while size > 0:
+                values, target = parts.pop(0)
+                n = self._patches((values, target))
+                if n > size:
+                    if target is not None:
+                        raise ValueError("a split would cut through an image")
+                    values, rest = values[:size], values[size:]
+                    parts.insert(0, (rest, None))
+                    n = size
+                taken.append((values, target))
+                size -= n
+            out.append(self._with(taken))
+        return out
 
     def values(self, move: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """The float32 pixels [patches, C*T*P*P], computed after ``move`` (e.g. to the model's device)."""
-        codes, table = (move(self.codes), move(self.table)) if move else (self.codes, self.table)
+        move = move or (lambda t: t)
+        codes = torch.cat([self._in_patches(move(v), size) for v, size in self.parts])
+        table = move(self.table)
         offsets = torch.arange(0, 3 * 256, 256, device=codes.device).view(1, 3, 1, 1)
         looked_up = table[codes.long() + offsets]  # [n, 3, P, P]
         n, c, p, q = looked_up.shape
         return looked_up.unsqueeze(2).expand(n, c, self.temporal, p, q).reshape(n, c * self.temporal * p * q)
+
+    def _in_patches(self, values: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+        if size is None:
+            return values
+        from .resize import pillow_rule, resize_bicubic
+
+        h, w = size
+        image = resize_bicubic(values, h, w, bool(pillow_rule()))
+        p, m = self.patch, self.merge
+        gh, gw = h // p, w // p
+        grid = image.reshape(gh // m, m, p, gw // m, m, p, 3).permute(0, 3, 1, 4, 6, 2, 5)
+        return grid.reshape(gh * gw, 3, p, p)
 
 
 def pixel_values(pixels: "torch.Tensor | PixelCodes | None", move: Callable | None = None) -> torch.Tensor | None:
@@ -151,8 +198,8 @@ def cat_pixels(parts: list) -> "torch.Tensor | PixelCodes | None":
     if len(parts) == 1:
         return parts[0]
     first = parts[0]
-    if all(isinstance(p, PixelCodes) and p.table is first.table and p.temporal == first.temporal for p in parts):
-        return PixelCodes(torch.cat([p.codes for p in parts]), first.table, first.temporal)
+    if isinstance(first, PixelCodes) and all(first.compatible(p) for p in parts):
+        return first._with([part for p in parts for part in p.parts])
     return torch.cat([pixel_values(p) for p in parts])
 
 
@@ -202,7 +249,27 @@ class ExactPixels:
         gh, gw = h // p, w // p
         codes = np.asarray(image).reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)
         codes = torch.from_numpy(np.ascontiguousarray(codes).reshape(gh * gw, 3, p, p))
-        return PixelCodes(codes, self.table, t), torch.tensor([[1, gh, gw]], dtype=torch.long)
+        return PixelCodes([(codes, None)], self.table, t, p, m), torch.tensor([[1, gh, gw]], dtype=torch.long)
+
+    def deferred(self, image: Image.Image, height: int, width: int) -> tuple[PixelCodes, torch.Tensor] | None:
+        """Codes of an RGB image not resized yet: the resize to (height, width) happens where the pixels
+        are used (``PixelCodes.values``); None where that would not give the processor's bits."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        from .resize import pillow_rule
+
+        ip = self.image_processor
+        if not self.enabled or image.mode != "RGB" or pillow_rule() is None:
+            return None
+        if smart_resize(height, width, factor=self.factor, min_pixels=ip.size.shortest_edge,
+                        max_pixels=ip.size.longest_edge) != (height, width):  # fmt: skip
+            return None
+        import numpy as np
+
+        p, m, t = int(ip.patch_size), int(ip.merge_size), int(ip.temporal_patch_size)
+        whole = torch.from_numpy(np.array(image))  # [H, W, 3] uint8, a copy of its own
+        return PixelCodes([(whole, (height, width))], self.table, t, p, m), torch.tensor(
+            [[1, height // p, width // p]], dtype=torch.long)  # fmt: skip
 
     def _agrees_with_processor(self) -> bool:
         import numpy as np
@@ -255,6 +322,12 @@ class PixelCache:
             if hit is not None:
                 self.hits += 1
             return hit
+
+    def put(self, digest: str, entry: tuple) -> None:
+        """Keep an entry made elsewhere (within the budget, as ``get`` keeps its own)."""
+        if self._entries is not None and _entry_bytes(entry) <= self.max_bytes:
+            with self._lock:
+                self._entries[digest] = entry
 
     def get(self, image: Image.Image, digest: str) -> tuple["torch.Tensor | PixelCodes", torch.Tensor]:
         """(pixels: PixelCodes or float pixel_values [patches, dim], image_grid_thw [1, 3]) of one resized image."""
@@ -333,8 +406,13 @@ class _RequestImages:
                 # so pixels an earlier request made are found before resizing again.
                 digest = _digest(content, options, self.encoder._resize_settings)
                 cached = self.encoder.pixel_cache.peek(digest)
+                deferred = None if cached is not None else self.encoder._deferred(image, index, size)
                 if cached is not None:
                     found = _Image(None, digest, *cached)
+                elif deferred is not None:
+                    self.encoder.pixel_cache.put(digest, deferred)
+                    found = _Image(None, digest, *deferred)
+                    self.encoder._count(images_resized=1)
                 else:
                     found = _Image(self.encoder._resize(image, index, size), digest)
                     self.encoder._count(images_resized=1)
@@ -447,6 +525,7 @@ class Encoder:
     rope_index: RopeIndex | None = None
     share_prompts: bool = True
     vocab_size: int | None = None  # the model's embedding rows (token samples are checked against it)
+    resize_on_device: bool = False  # RGB images go to the device whole; Pillow's resize is done there, bit for bit
 
     def __post_init__(self):
         if self.image_processor is None:
@@ -676,6 +755,31 @@ class Encoder:
     @property
     def _resize_settings(self) -> tuple:
         return ("qwen-vl-utils", self.min_pixels, self.max_pixels, self.patch_size)
+
+    def _deferred(self, image: Image.Image, index: int, size: dict | None):
+        """(PixelCodes, grid) of an image whose resize is left to the device, or None (resize here)."""
+        fast = self.pixel_cache.fast
+        if not self.resize_on_device or fast is None or not fast.enabled or image.mode != "RGB":
+            return None
+        from qwen_vl_utils.vision_process import IMAGE_MAX_TOKEN_NUM, IMAGE_MIN_TOKEN_NUM, SPATIAL_MERGE_SIZE
+        from qwen_vl_utils.vision_process import smart_resize as qwen_smart_resize
+
+        item = {k: v for k, v in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if v}
+        item.update(size or {})
+        factor = self.patch_size * SPATIAL_MERGE_SIZE
+        try:  # fetch_image's own arithmetic for the size it resizes to
+            if "resized_height" in item and "resized_width" in item:
+                height, width = qwen_smart_resize(item["resized_height"], item["resized_width"], factor=factor)
+            else:
+                width, height = image.size
+                height, width = qwen_smart_resize(
+                    height, width, factor=factor,
+                    min_pixels=item.get("min_pixels", IMAGE_MIN_TOKEN_NUM * factor**2),
+                    max_pixels=item.get("max_pixels", IMAGE_MAX_TOKEN_NUM * factor**2),
+                )  # fmt: skip
+        except ValueError as e:  # e.g. aspect ratio over 200
+            raise SampleError(f"image {index}: {e}") from None
+        return fast.deferred(image, height, width)
 
     def _resize(self, image: Image.Image, index: int, size: dict | None = None) -> Image.Image:
         """qwen-vl-utils' own step: RGB (RGBA on white) and smart resize to multiples of 28, with the

@@ -110,6 +110,7 @@ class RewardModel:
         image_url_hosts: Sequence[str] = (),
         padding_side: str = "right",
         pixel_cache_mb: float = DEFAULT_PIXEL_CACHE_BYTES / 2**20,
+        resize_on_device: bool | None = None,
     ) -> "RewardModel":
         """Load a reward model from a hub id or a local folder.
 
@@ -135,6 +136,9 @@ class RewardModel:
         padding_side: "right" or "left"; scores do not depend on it.
         pixel_cache_mb: budget of the pixel cache (preprocessed images kept by content, so a GRPO
             group's picture is preprocessed once, also across requests); default 256 MiB, 0 keeps none.
+        resize_on_device: RGB images go to the model's device whole, and qwen-vl-utils' Pillow resize is
+            computed there, bit for bit (``rewardplug.resize``), so the host only decodes and hashes
+            them; default: on when the vision tower is on a GPU. Off, the host resizes with Pillow.
         """
         from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
 
@@ -209,6 +213,9 @@ class RewardModel:
             rope_index=_rope_index(backbone),
             vocab_size=int(config.text_config.vocab_size),
         )
+        if resize_on_device is None:
+            resize_on_device = next(backbone.visual.parameters()).device.type == "cuda"
+        encoder.resize_on_device = bool(resize_on_device)
         return cls(backbone, head, processor, encoder, str(name_or_path), padding_side)
 
     # ---- properties ----------------------------------------------------------------------------
