@@ -225,6 +225,24 @@ class TestSharedPool:
         served = engine_delta(fresh_replicas(pool), before, "samples")
         assert sum(served) == len(samples) and all(s > 0 for s in served), f"samples per replica {served}"
 
+    def test_a_burst_of_one_prompts_groups_spreads_once_its_replica_is_ahead(self, pool, model):
+        """16 requests at once, all groups of one prompt and image (so all prefer one replica): the router
+        counts what it sends from the moment it chooses (a burst is routed before any of it completes),
+        so once the preferred replica is more than imbalance_tokens ahead the rest go to the other one.
+        A second burst right after the first splits too (a replica's report of this process's own load
+        is never used: it is stale after a burst)."""
+        image = random_image(56, 48, seed=77)
+        for burst in range(2):
+            requests = [[{"prompt": "What is in the picture?", "images": [image],
+                          "completion": f"{burst}-{r}-{k}: " + text_of_length(280, 1000 * burst + 10 * r + k)}
+                         for k in range(8)] for r in range(16)]  # ~2,300 tokens per request  # fmt: skip
+            before = fresh_replicas(pool)
+            futures = [pool.submit(r) for r in requests]
+            for request, future in zip(requests, futures):
+                assert_scores(future.result(timeout=WAIT), model.score(request), f"burst {burst}")
+            served = engine_delta(fresh_replicas(pool), before, "samples")
+            assert min(served) >= 0.375 * 128, f"burst {burst}: samples per replica {served}"
+
     def test_group_returns_to_its_replica_from_another_process(self, pool, model):
         """The same prompt group sent later, by another process, goes to the replica with its image cached."""
         samples = grpo_groups(4, 4, seed=200)

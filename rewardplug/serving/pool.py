@@ -313,11 +313,13 @@ class RewardPool:
     async def _run_part(self, pending: PendingRequest, part: Part, deadline: float) -> None:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+        from .router import SENDER
+
         attempts = 0
         while not pending.done:
             attempts += 1
-            response = self._handle.score_samples.remote(part.samples, busy=self._options.busy,
-                                                         route_key=part.route_key, tokens=part.tokens)  # fmt: skip
+            response = self._handle.score_samples.remote(part.samples, busy=self._options.busy, route_key=part.route_key,
+                                                         tokens=part.tokens, sender=SENDER)  # fmt: skip
             try:
                 scores, errors = await asyncio.wait_for(_result(response), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:

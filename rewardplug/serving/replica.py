@@ -94,23 +94,29 @@ class RewardReplica:
         self.offloaded = False
         self._homes: list = []
         self._room: asyncio.Condition | None = None
+        self._by_sender: dict[str | None, int] = {}  # outstanding tokens per sending process (routing stats)
         self._started = time.time()
         self._directory = None
 
     # ---- the Python door ----------------------------------------------------------------------------
 
     async def score_samples(self, samples: list, *, busy: str = "wait", route_key: str | None = None,
-                            tokens: int = 0) -> tuple[list, dict]:  # fmt: skip
+                            tokens: int = 0, sender: str | None = None) -> tuple[list, dict]:  # fmt: skip
         """Scores (None for a bad sample) and the reasons of the bad ones, by position.
 
         Waits for room under ``max_inflight_samples`` (or raises PoolBusyError with ``busy="raise"``),
-        and while the replica is offloaded. A system failure raises (ScoringError)."""
+        and while the replica is offloaded. A system failure raises (ScoringError). ``tokens`` and
+        ``sender`` feed the routing stats (outstanding tokens per sending process)."""
         n = len(samples)
         await self._admit(n, tokens, busy)
+        self._by_sender[sender] = self._by_sender.get(sender, 0) + tokens
         try:
             samples = await internalize(samples)
             return await self._score(samples)
         finally:
+            left = self._by_sender.pop(sender, 0) - tokens
+            if left > 0:
+                self._by_sender[sender] = left
             await self._release(n, tokens)
 
     async def _score(self, samples: list) -> tuple[list, dict]:
@@ -156,7 +162,8 @@ class RewardReplica:
     def record_routing_stats(self) -> dict:
         """Read by every handle's router (global least-outstanding-tokens routing)."""
         self._report()
-        return {"outstanding_tokens": self.outstanding_tokens, "inflight_samples": self.inflight}
+        return {"outstanding_tokens": self.outstanding_tokens, "inflight_samples": self.inflight,
+                "outstanding_by_sender": {k: v for k, v in self._by_sender.items() if k is not None}}  # fmt: skip
 
     async def reconfigure(self, user_config: dict) -> None:
         """Serve applies ``user_config`` to every replica without restarting it: offload and onload."""

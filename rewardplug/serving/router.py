@@ -1,22 +1,32 @@
 """Serve request router of the pool: prompt-group affinity, else least outstanding tokens.
 
-Each call carries ``route_key`` (a content digest of its prompt group) and ``tokens`` (its estimated
-cost) as keyword arguments. The preferred replica of a key is chosen by rendezvous hashing over the
-live replicas' ids, so every process (every trainer rank) prefers the same replica for the same group
-without sharing any state, and a replica that leaves moves only its own keys. The preference holds
-while that replica is not overloaded: its outstanding tokens (reported by every replica through Serve's
-routing stats, plus what this router has sent since) exceed the least loaded replica's by at most
-``imbalance_tokens`` (default 2048, about what a group's cached image and prompt save). Otherwise the
-request goes to the least loaded replica: a bigger gap costs more time than the cache hits save.
-Requests without a key (HTTP requests) go by least outstanding tokens.
+Each call carries ``route_key`` (a content digest of its prompt group), ``tokens`` (its estimated cost)
+and ``sender`` (this process, ``SENDER``) as keyword arguments. The preferred replica of a key is chosen
+by rendezvous hashing over the live replicas' ids, so every process (every trainer rank) prefers the
+same replica for the same group without sharing any state, and a replica that leaves moves only its
+own keys. The preference holds while that replica is not overloaded: its outstanding tokens exceed the
+least loaded replica's by at most ``imbalance_tokens`` (default 2048, about what a group's cached image
+and prompt save). Otherwise the request goes to the least loaded replica: a bigger gap costs more time
+than the cache hits save. Requests without a key (HTTP requests) go by least outstanding tokens.
+
+A replica's outstanding tokens, as this router sees them: what this router has sent it and not seen
+completed (counted when the router chooses, so a burst of parts sent at once spreads), plus what the
+replica last reported holding for other senders (Serve's routing stats, about once a second). A
+replica's report of this process's own tokens is never used: after a burst it is stale, and it would
+send the whole next burst to the other replicas.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+
+SENDER = f"{socket.gethostname()}:{os.getpid()}"  # this process, as replicas count their senders
 
 
 def _weight(key: str, replica_id: Any) -> int:
@@ -30,8 +40,9 @@ class PromptGroupRouter(FIFOMixin, RequestRouter):
         self._sent_tokens: dict[ReplicaID, int] = {}
 
     def _load(self, replica: RunningReplica) -> int:
-        reported = (replica.routing_stats or {}).get("outstanding_tokens", 0)
-        return int(reported) + self._sent_tokens.get(replica.replica_id, 0)
+        stats = replica.routing_stats or {}
+        others = sum(v for sender, v in (stats.get("outstanding_by_sender") or {}).items() if sender != SENDER)
+        return int(others) + self._sent_tokens.get(replica.replica_id, 0)
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -41,23 +52,36 @@ class PromptGroupRouter(FIFOMixin, RequestRouter):
         kwargs = pending_request.kwargs if pending_request is not None else {}
         key = kwargs.get("route_key")
         by_load = sorted(candidate_replicas, key=self._load)
+        ranks = [[r] for r in by_load]
         if key:
             preferred = max(candidate_replicas, key=lambda r: _weight(key, r.replica_id.unique_id))
             if self._load(preferred) - self._load(by_load[0]) <= self.imbalance_tokens:
-                return [[preferred], [r for r in by_load if r is not preferred]]
-        return [[r] for r in by_load]
+                ranks = [[preferred], [r for r in by_load if r is not preferred]]
+        if pending_request is not None:
+            self._count(pending_request, ranks[0][0].replica_id)
+        return ranks
 
-    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        tokens = int(pending_request.kwargs.get("tokens") or 0)
+    def _count(self, pending_request: PendingRequest, replica_id: ReplicaID) -> None:
+        """Count a request on the replica it goes to, from the moment it is chosen."""
         request_id = pending_request.metadata.internal_request_id
+        self._forget(request_id)  # chosen again (a retry): counted once, where it goes now
+        tokens = int(pending_request.kwargs.get("tokens") or 0)
         self._sent[request_id] = (replica_id, tokens)
         self._sent_tokens[replica_id] = self._sent_tokens.get(replica_id, 0) + tokens
 
-    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        sent = self._sent.pop(internal_request_id, None)
+    def _forget(self, request_id: str) -> None:
+        sent = self._sent.pop(request_id, None)
         if sent is not None:
             left = self._sent_tokens.get(sent[0], 0) - sent[1]
             if left > 0:
                 self._sent_tokens[sent[0]] = left
             else:
                 self._sent_tokens.pop(sent[0], None)
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        request_id = pending_request.metadata.internal_request_id
+        if self._sent.get(request_id, (replica_id,))[0] != replica_id:  # Serve sent it elsewhere
+            self._count(pending_request, replica_id)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._forget(internal_request_id)
