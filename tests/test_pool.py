@@ -246,6 +246,7 @@ class TestSharedPool:
     def test_group_returns_to_its_replica_from_another_process(self, pool, model):
         """The same prompt group sent later, by another process, goes to the replica with its image cached."""
         samples = grpo_groups(4, 4, seed=200)
+        time.sleep(2.5)  # replicas report their load every second: earlier tests' bursts are no longer reported
         for p in range(4):  # each group alone: it lands on its preferred replica (nothing else is queued)
             pool.score(samples[4 * p : 4 * p + 4])
         again = grpo_groups(4, 4, seed=200, lo=130, hi=200)  # same prompts and images, new completions
@@ -254,6 +255,7 @@ class TestSharedPool:
         def score_group(pool, group):
             return pool.score(group)
 
+        time.sleep(2.5)  # the other process counts this one's load from reports: let the last group's expire
         before = fresh_replicas(pool)
         for p in range(4):  # each prompt alone, from a Ray task (another process with its own handle)
             group = again[4 * p : 4 * p + 4]

@@ -313,15 +313,19 @@ class RewardPool:
     async def _run_part(self, pending: PendingRequest, part: Part, deadline: float) -> None:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-        from .router import SENDER
+        from .router import SENDER, part_done
 
         attempts = 0
         while not pending.done:
             attempts += 1
+            part_id = uuid.uuid4().hex  # the router counts this attempt on its replica until its answer is back
             response = self._handle.score_samples.remote(part.samples, busy=self._options.busy, route_key=part.route_key,
-                                                         tokens=part.tokens, sender=SENDER)  # fmt: skip
+                                                         tokens=part.tokens, sender=SENDER, part=part_id)  # fmt: skip
             try:
-                scores, errors = await asyncio.wait_for(_result(response), max(0.0, deadline - time.monotonic()))
+                try:
+                    scores, errors = await asyncio.wait_for(_result(response), max(0.0, deadline - time.monotonic()))
+                finally:
+                    part_done(part_id)
             except asyncio.TimeoutError:
                 response.cancel()
                 self._counts["timeouts"] += 1

@@ -101,12 +101,13 @@ class RewardReplica:
     # ---- the Python door ----------------------------------------------------------------------------
 
     async def score_samples(self, samples: list, *, busy: str = "wait", route_key: str | None = None,
-                            tokens: int = 0, sender: str | None = None) -> tuple[list, dict]:  # fmt: skip
+                            tokens: int = 0, sender: str | None = None, part: str | None = None) -> tuple[list, dict]:  # fmt: skip
         """Scores (None for a bad sample) and the reasons of the bad ones, by position.
 
         Waits for room under ``max_inflight_samples`` (or raises PoolBusyError with ``busy="raise"``),
         and while the replica is offloaded. A system failure raises (ScoringError). ``tokens`` and
-        ``sender`` feed the routing stats (outstanding tokens per sending process)."""
+        ``sender`` feed the routing stats (outstanding tokens per sending process); ``part`` is the
+        sender's id of this call (its router's bookkeeping)."""
         n = len(samples)
         await self._admit(n, tokens, busy)
         self._by_sender[sender] = self._by_sender.get(sender, 0) + tokens

@@ -9,11 +9,12 @@ least loaded replica's by at most ``imbalance_tokens`` (default 2048, about what
 and prompt save). Otherwise the request goes to the least loaded replica: a bigger gap costs more time
 than the cache hits save. Requests without a key (HTTP requests) go by least outstanding tokens.
 
-A replica's outstanding tokens, as this router sees them: what this router has sent it and not seen
-completed (counted when the router chooses, so a burst of parts sent at once spreads), plus what the
-replica last reported holding for other senders (Serve's routing stats, about once a second). A
-replica's report of this process's own tokens is never used: after a burst it is stale, and it would
-send the whole next burst to the other replicas.
+A replica's outstanding tokens, as this router sees them: what this process has sent it and not yet
+got back (counted when the router chooses, so a burst of parts sent at once spreads, and released by
+the pool handle when a part's answer arrives: ``part_done``), plus what the replica last reported
+holding for other senders (Serve's routing stats, about once a second). A replica's report of this
+process's own tokens is never used: after a burst it is stale, and it would send the whole next burst
+to the other replicas.
 """
 
 from __future__ import annotations
@@ -21,12 +22,46 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import threading
 from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 
 SENDER = f"{socket.gethostname()}:{os.getpid()}"  # this process, as replicas count their senders
+
+# This process's parts in flight (shared by its routers: handles of one pool on several event loops).
+_lock = threading.Lock()
+_parts: dict[str, tuple[str, int]] = {}  # part id -> (replica id, tokens)
+_tokens: dict[str, int] = {}  # replica id -> tokens of this process's parts in flight there
+
+
+def part_sent(part_id: str, replica_id: str, tokens: int) -> None:
+    with _lock:
+        _forget(part_id)  # chosen again (Serve retried the choice): counted once, where it goes now
+        _parts[part_id] = (replica_id, tokens)
+        _tokens[replica_id] = _tokens.get(replica_id, 0) + tokens
+
+
+def part_done(part_id: str) -> None:
+    """The part's answer (or failure) arrived: it no longer loads its replica. Idempotent."""
+    with _lock:
+        _forget(part_id)
+
+
+def _forget(part_id: str) -> None:
+    sent = _parts.pop(part_id, None)
+    if sent is not None:
+        left = _tokens.get(sent[0], 0) - sent[1]
+        if left > 0:
+            _tokens[sent[0]] = left
+        else:
+            _tokens.pop(sent[0], None)
+
+
+def own_tokens(replica_id: str) -> int:
+    with _lock:
+        return _tokens.get(replica_id, 0)
 
 
 def _weight(key: str, replica_id: Any) -> int:
@@ -36,13 +71,12 @@ def _weight(key: str, replica_id: Any) -> int:
 class PromptGroupRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, imbalance_tokens: int = 2048, **kwargs) -> None:
         self.imbalance_tokens = imbalance_tokens
-        self._sent: dict[str, tuple[ReplicaID, int]] = {}  # request id -> (replica, tokens) not yet completed
-        self._sent_tokens: dict[ReplicaID, int] = {}
+        self._part_of: dict[str, str] = {}  # Serve's request id -> our part id (released on completion)
 
     def _load(self, replica: RunningReplica) -> int:
         stats = replica.routing_stats or {}
         others = sum(v for sender, v in (stats.get("outstanding_by_sender") or {}).items() if sender != SENDER)
-        return int(others) + self._sent_tokens.get(replica.replica_id, 0)
+        return int(others) + own_tokens(replica.replica_id.unique_id)
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -64,24 +98,14 @@ class PromptGroupRouter(FIFOMixin, RequestRouter):
     def _count(self, pending_request: PendingRequest, replica_id: ReplicaID) -> None:
         """Count a request on the replica it goes to, from the moment it is chosen."""
         request_id = pending_request.metadata.internal_request_id
-        self._forget(request_id)  # chosen again (a retry): counted once, where it goes now
-        tokens = int(pending_request.kwargs.get("tokens") or 0)
-        self._sent[request_id] = (replica_id, tokens)
-        self._sent_tokens[replica_id] = self._sent_tokens.get(replica_id, 0) + tokens
-
-    def _forget(self, request_id: str) -> None:
-        sent = self._sent.pop(request_id, None)
-        if sent is not None:
-            left = self._sent_tokens.get(sent[0], 0) - sent[1]
-            if left > 0:
-                self._sent_tokens[sent[0]] = left
-            else:
-                self._sent_tokens.pop(sent[0], None)
+        part_id = pending_request.kwargs.get("part") or request_id
+        self._part_of[request_id] = part_id
+        part_sent(part_id, replica_id.unique_id, int(pending_request.kwargs.get("tokens") or 0))
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        request_id = pending_request.metadata.internal_request_id
-        if self._sent.get(request_id, (replica_id,))[0] != replica_id:  # Serve sent it elsewhere
-            self._count(pending_request, replica_id)
+        self._count(pending_request, replica_id)  # where Serve sent it (called only with strict rejection)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        self._forget(internal_request_id)
+        part_id = self._part_of.pop(internal_request_id, None)
+        if part_id is not None:
+            part_done(part_id)
