@@ -802,37 +802,51 @@ def test_small_request_does_not_wait_behind_all_of_a_large_one_being_scored(make
     assert_scores([got[k] for k in picked], independent(model, [large_samples[k] for k in picked]))
 
 
-def test_a_batch_reads_its_scores_from_the_device_once_not_once_per_pass(make_engine, model, grpo, mixed, monkeypatch):
-    """Each pass leaves its scores on the device; the runner reads them all at once, so the host never
-    waits for one pass before queuing the next (on a GPU, reading is the synchronisation)."""
+def test_batches_read_scores_once_and_the_next_batch_is_launched_first(make_engine, model, grpo, mixed, monkeypatch):
+    """Each pass leaves its scores on the device; a batch's scores are read once, when it is finished (on a
+    GPU, reading is the synchronisation), and within a round (here one: everything fits 4 x max_batch_tokens)
+    batch k+1 is launched before batch k is read, so the device does not wait for the host between batches."""
     from rewardplug.engine.runner import ModelRunner
 
-    reads, passes = [], []
-    real_cpu, real_run, real_head = torch.Tensor.cpu, ModelRunner._run, type(model)._head
+    events: list[tuple] = []
+    real_cpu, real_launch, real_finish = torch.Tensor.cpu, ModelRunner.launch, ModelRunner.finish
+    real_head = type(model)._head
+    numbers: dict[int, int] = {}
 
     def counted_cpu(self, *args, **kwargs):
         if self.is_floating_point():  # scores (the host's own integer tensors are not read from a device)
-            reads.append(tuple(self.shape))
+            events.append(("read", self.shape[0]))
         return real_cpu(self, *args, **kwargs)
 
     def counted_head(self, hidden, last_index):
-        passes.append(len(last_index))
+        events.append(("pass",))
         return real_head(self, hidden, last_index)
 
-    batches = []
+    def launch(self, units):
+        launched = real_launch(self, units)
+        launched.number = numbers[len(numbers)] = len(numbers)
+        events.append(("launched", launched.number))
+        return launched
 
-    def one_batch(self, units):
-        reads.clear()
-        out = real_run(self, units)
-        batches.append(list(reads))
-        return out
+    def finish(self, launched):
+        events.append(("finish", launched.number))
+        return real_finish(self, launched)
 
     monkeypatch.setattr(torch.Tensor, "cpu", counted_cpu)
-    monkeypatch.setattr(ModelRunner, "_run", one_batch)
     monkeypatch.setattr(type(model), "_head", counted_head)
-    engine = make_engine(max_batch_tokens=4096, max_batch_size=32)
+    monkeypatch.setattr(ModelRunner, "launch", launch)
+    monkeypatch.setattr(ModelRunner, "finish", finish)
+    engine = make_engine(max_batch_tokens=4096, max_batch_size=4)
     samples = grpo[0] + mixed[0]
-    assert_scores(engine.score(samples), grpo[1] + mixed[1], "one read per batch")
-    assert len(passes) > len(batches)  # several passes per batch (prefixes, suffix chunks, singles)
-    assert all(len(r) == 1 for r in batches), batches  # one read of the scores per batch
-    assert sum(r[0][0] for r in batches) == len(samples)  # which holds every score of the batch
+    assert sum(e.num_tokens for e in model.encode_many(samples)[0]) <= 4 * 4096  # one round
+    assert_scores(engine.score(samples), grpo[1] + mixed[1], "pipelined batches")
+    batches = len(numbers)
+    assert batches >= 3 and sum(1 for e in events if e[0] == "pass") > batches
+    position = {e: k for k, e in enumerate(events) if e[0] in ("launched", "finish")}
+    for k in range(batches - 1):
+        assert position[("launched", k + 1)] < position[("finish", k)], " ".join(str(e) for e in events if e[0] != "pass")  # launched before k is read
+    for k in range(batches):  # between a batch's finish and the next event: exactly one read, of its scores
+        after = events[position[("finish", k)] + 1 :]
+        reads = [e for e in after[: next((j for j, e in enumerate(after) if e[0] != "read"), len(after))]]
+        assert len(reads) == 1, (k, events)
+    assert sum(e[1] for e in events if e[0] == "read") == len(samples)  # every score read once, nothing else

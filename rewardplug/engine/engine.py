@@ -39,7 +39,7 @@ from ..samples import token_samples
 from .caches import VisionCache
 from .metrics import make_sink
 from .pending import PendingRequest, check_on_invalid
-from .runner import ModelRunner, SampleTooLarge
+from .runner import ModelRunner, SampleTooLarge, is_oom
 from .scheduler import WorkItem, make_item, make_units, plan_batches
 from .stats import Stats
 
@@ -478,26 +478,57 @@ class RewardEngine:
                 unique[item.key] = item
         self._stats.add(duplicate_hits=len(items) - len(unique))
         units = make_units(list(unique.values()), self.share_prefix)
+        # Batch k+1 is launched before batch k's scores are read: the device never waits for the host to
+        # plan, collate and resolve between batches.
+        waiting: tuple[list[WorkItem], Any] | None = None
         for plan in plan_batches(units, self.max_batch_tokens, self.max_batch_size, self.max_kv_tokens):
             planned = [i for u in plan.units for i in u.items]
             try:
-                results = self.runner.run(plan.units)
-            except Exception as error:  # noqa: BLE001 - system failure: these requests fail, later ones run
-                logger.error("scoring a batch failed: %s", error, exc_info=error)
-                self._system_failure([t for i in planned for t in [i, *copies.get(i.key, [])]], error, len(planned))
-                continue
-            self._broken = None
-            outcomes: dict[PendingRequest, tuple[list, list, dict]] = {}
-            for item, value in results:
-                for target in [item, *copies.get(item.key, [])]:
-                    indices, scores, errors = outcomes.setdefault(target.owner, ([], [], {}))
-                    if isinstance(value, SampleTooLarge):
-                        self._stats.add(failed_samples=1)
-                        errors[len(indices)] = str(value)
-                    indices.append(target.index)
-                    scores.append(None if isinstance(value, BaseException) else value)
-            for owner, (indices, scores, errors) in outcomes.items():
-                owner.resolve(indices, scores, errors)
+                launched: Any = self.runner.launch(plan.units)
+            except Exception as error:  # noqa: BLE001 - out of memory: split below; else a system failure
+                launched = error
+            if waiting is not None:
+                self._resolve(*waiting, copies)
+                waiting = None
+            if not isinstance(launched, Exception):
+                waiting = (planned, launched)
+            elif is_oom(launched):
+                self._resolve(planned, plan.units, copies)  # run again alone, splitting until it fits
+            else:
+                self._resolve(planned, launched, copies)
+        if waiting is not None:
+            self._resolve(*waiting, copies)
+
+    def _resolve(self, planned: list[WorkItem], outcome: Any, copies: dict[bytes, list[WorkItem]]) -> None:
+        """Finish a launched batch (or run units again, or report a launch failure) and resolve its requests."""
+        try:
+            if isinstance(outcome, Exception):
+                raise outcome
+            if isinstance(outcome, list):
+                results = self.runner.run(outcome)
+            else:
+                try:
+                    results = self.runner.finish(outcome)
+                except Exception as error:  # noqa: BLE001
+                    if not is_oom(error):
+                        raise
+                    results = self.runner.run(outcome.units)
+        except Exception as error:  # noqa: BLE001 - system failure: these requests fail, later ones run
+            logger.error("scoring a batch failed: %s", error, exc_info=error)
+            self._system_failure([t for i in planned for t in [i, *copies.get(i.key, [])]], error, len(planned))
+            return
+        self._broken = None
+        outcomes: dict[PendingRequest, tuple[list, list, dict]] = {}
+        for item, value in results:
+            for target in [item, *copies.get(item.key, [])]:
+                indices, scores, errors = outcomes.setdefault(target.owner, ([], [], {}))
+                if isinstance(value, SampleTooLarge):
+                    self._stats.add(failed_samples=1)
+                    errors[len(indices)] = str(value)
+                indices.append(target.index)
+                scores.append(None if isinstance(value, BaseException) else value)
+        for owner, (indices, scores, errors) in outcomes.items():
+            owner.resolve(indices, scores, errors)
 
     def _system_failure(self, items: list[WorkItem], error: BaseException, batch_size: int) -> None:
         self._broken = error

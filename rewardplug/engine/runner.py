@@ -3,6 +3,8 @@
 - The vision tower runs once per distinct image (content digest); outputs are kept in a VisionCache.
 - Units whose samples share a prompt prefix run it once (key/value cache) and score each completion
   on top of it, with each sample's own M-RoPE positions.
+- ``launch`` queues a batch's passes with their scores left on the device; ``finish`` reads them (the
+  batch's one synchronisation), so the engine launches the next batch before reading this one.
 - Out of memory, and only out of memory, splits the batch and retries, down to single samples: a
   sample still out of memory alone gets its own reason (it is too large). Any other failure (a device
   error such as "CUDA error: an illegal memory access", a bug) is a system failure: ``run`` raises
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -44,6 +47,24 @@ def _suffix(s: EncodedSample, p: int) -> EncodedSample:
     return EncodedSample(s.input_ids[p:], s.mm_token_type_ids[p:], position_ids=s.position_ids[:, p:])
 
 
+@dataclass
+class Launched:
+    """A batch queued on the device: each pass's items and scores (still on the device), its counters."""
+
+    units: list[Unit]
+    scored: list[tuple[list[WorkItem], torch.Tensor]]
+    counts: dict[str, int]
+
+
+def _unless_oom(error: Exception, units: list[Unit]) -> Exception:
+    if is_oom(error):
+        return error
+    n = sum(u.rows for u in units)
+    wrapped = ScoringError(f"scoring a batch of {n} samples failed ({type(error).__name__}: {error})")
+    wrapped.__cause__ = error
+    return wrapped
+
+
 class ModelRunner:
     def __init__(self, model: RewardModel, vision_cache: VisionCache, stats: Stats, min_chunk_tokens: int = 512):
         self.model = model
@@ -52,16 +73,13 @@ class ModelRunner:
         self.stats = stats
 
     def run(self, units: list[Unit]) -> list[Result]:
-        """Score every item of ``units``. A sample too large to fit in memory alone gets a
-        ``SampleTooLarge`` in place of its score; any other failure raises ``ScoringError``."""
+        """Score every item of ``units`` (launch, then finish). A sample too large to fit in memory alone
+        gets a ``SampleTooLarge`` in place of its score; any other failure raises ``ScoringError``."""
         try:
-            return self._run(units)
+            return self.finish(self.launch(units))
         except Exception as error:  # noqa: BLE001 - sorted below: OOM splits, anything else is raised
             if not is_oom(error):
-                n = sum(u.rows for u in units)
-                raise ScoringError(
-                    f"scoring a batch of {n} samples failed ({type(error).__name__}: {error})"
-                ) from error
+                raise  # a ScoringError already (launch and finish wrap everything but out of memory)
             items = [i for u in units for i in u.items]
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -77,14 +95,28 @@ class ModelRunner:
             half = len(items) // 2
             return self.run([Unit(items[:half], half > 1)]) + self.run([Unit(items[half:], len(items) - half > 1)])
 
-    def _run(self, units: list[Unit]) -> list[Result]:
+    def launch(self, units: list[Unit]) -> "Launched":
+        """Queue a batch's passes on the device; its scores stay there until ``finish``. Raises the
+        out-of-memory error as it is (``run`` splits on it), anything else as ``ScoringError``."""
         counts: dict[str, int] = {}
-        results = self._compute(units, counts)
+        try:
+            scored = self._compute(units, counts)
+        except Exception as error:  # noqa: BLE001 - sorted by the caller
+            raise _unless_oom(error, units)
+        return Launched(units, scored, counts)
+
+    def finish(self, launched: "Launched") -> list[Result]:
+        """Read a launched batch's scores (its one synchronisation) and count the batch."""
+        try:
+            values = torch.cat([s for _, s in launched.scored]).cpu().tolist() if launched.scored else []
+        except Exception as error:  # noqa: BLE001 - sorted by the caller
+            raise _unless_oom(error, launched.units)
+        counts = launched.counts
         self.stats.add(batches=1, **counts)  # only once the whole batch succeeded: retries count once
         self.stats.observe("batch_padded_tokens", counts.get("padded_tokens", 0))
-        return results
+        return list(zip([i for items, _ in launched.scored for i in items], values))
 
-    def _compute(self, units: list[Unit], counts: dict[str, int]) -> list[Result]:
+    def _compute(self, units: list[Unit], counts: dict[str, int]) -> list[tuple[list[WorkItem], torch.Tensor]]:
         def add(**deltas):
             for k, v in deltas.items():
                 counts[k] = counts.get(k, 0) + v
@@ -103,10 +135,7 @@ class ModelRunner:
             add(forward_passes=1, real_tokens=sum(i.num_tokens for i in items), padded_tokens=batch.padded_tokens)
         if groups:
             scored += self._run_groups(groups, embeds[len(singles) :], add)
-        if not scored:
-            return []
-        values = torch.cat([s for _, s in scored]).cpu().tolist()  # the batch's one synchronisation
-        return list(zip([i for items, _ in scored for i in items], values))
+        return scored
 
     def _single_passes(self, rows: list) -> list[list]:
         """Plain samples in one pass, or, where the model prefers unpadded batches (a CPU, where padding
