@@ -6,7 +6,7 @@ weights computed in double precision, normalized, turned into 22-bit fixed point
 is ``clip8((sum(input * weight) + 2**21) >> 22)``, horizontal pass first (rounded to uint8), then
 vertical. The coefficients are computed here with the same double operations in the same order
 (numpy float64, no fused multiply-add), and the sums are integers, so the result is the same bytes on
-a GPU as on Pillow's CPU path. The pass order changed in Pillow 11.1; ``pillow_rule`` checks probes
+a GPU as on Pillow's CPU path. Recent Pillow (13 here) may run the vertical pass first; ``pillow_rule`` checks probes
 against the installed Pillow and says which order it follows, or None (then the encoder resizes with
 Pillow on the host). ``tests/test_resize.py`` compares both on many sizes.
 """
@@ -73,7 +73,7 @@ def _pass(image: torch.Tensor, dim: int, out_size: int) -> torch.Tensor:
 def resize_bicubic(image: torch.Tensor, height: int, width: int, vertical_first_rule: bool = True) -> torch.Tensor:
     """``PIL.Image.fromarray(image).resize((width, height))`` for an [H, W, C] uint8 tensor, on its device.
 
-    vertical_first_rule: Pillow 11.1+ runs the vertical pass first when the height shrinks by more than
+    vertical_first_rule: recent Pillow (13 does) runs the vertical pass first when the height shrinks by more than
     twice what the width does (older Pillow always runs the horizontal pass first); ``pillow_rule()``
     tells which one the installed Pillow follows."""
     in_h, in_w = image.shape[0], image.shape[1]
