@@ -245,11 +245,11 @@ class TestSharedPool:
 
     def test_group_returns_to_its_replica_from_another_process(self, pool, model):
         """The same prompt group sent later, by another process, goes to the replica with its image cached."""
-        samples = grpo_groups(4, 4, seed=200)
+        samples = grpo_groups(4, 2, seed=200)  # groups of 2 (~1,200 tokens): a stale report of one stays under imbalance_tokens
         time.sleep(2.5)  # replicas report their load every second: earlier tests' bursts are no longer reported
         for p in range(4):  # each group alone: it lands on its preferred replica (nothing else is queued)
-            pool.score(samples[4 * p : 4 * p + 4])
-        again = grpo_groups(4, 4, seed=200, lo=130, hi=200)  # same prompts and images, new completions
+            pool.score(samples[2 * p : 2 * p + 2])
+        again = grpo_groups(4, 2, seed=200, lo=130, hi=200)  # same prompts and images, new completions
 
         @ray.remote(num_cpus=0)
         def score_group(pool, group):
@@ -258,7 +258,7 @@ class TestSharedPool:
         time.sleep(2.5)  # the other process counts this one's load from reports: let the last group's expire
         before = fresh_replicas(pool)
         for p in range(4):  # each prompt alone, from a Ray task (another process with its own handle)
-            group = again[4 * p : 4 * p + 4]
+            group = again[2 * p : 2 * p + 2]
             assert_scores(ray.get(score_group.remote(pool, group), timeout=WAIT), model.score(group), f"group {p}")
         after = fresh_replicas(pool)
         misses, served = engine_delta(after, before, "vision_misses"), engine_delta(after, before, "samples")
