@@ -39,7 +39,7 @@ from ..samples import token_samples
 from .caches import VisionCache
 from .metrics import make_sink
 from .pending import PendingRequest, check_on_invalid
-from .runner import ModelRunner, SampleTooLarge, is_oom
+from .runner import ModelRunner, SampleTooLarge
 from .scheduler import WorkItem, make_item, make_units, plan_batches
 from .stats import Stats
 
@@ -482,37 +482,17 @@ class RewardEngine:
         # plan, collate and resolve between batches.
         waiting: tuple[list[WorkItem], Any] | None = None
         for plan in plan_batches(units, self.max_batch_tokens, self.max_batch_size, self.max_kv_tokens):
-            planned = [i for u in plan.units for i in u.items]
-            try:
-                launched: Any = self.runner.launch(plan.units)
-            except Exception as error:  # noqa: BLE001 - out of memory: split below; else a system failure
-                launched = error
+            launched = self.runner.launch(plan.units)
             if waiting is not None:
                 self._resolve(*waiting, copies)
-                waiting = None
-            if not isinstance(launched, Exception):
-                waiting = (planned, launched)
-            elif is_oom(launched):
-                self._resolve(planned, plan.units, copies)  # run again alone, splitting until it fits
-            else:
-                self._resolve(planned, launched, copies)
+            waiting = ([i for u in plan.units for i in u.items], launched)
         if waiting is not None:
             self._resolve(*waiting, copies)
 
-    def _resolve(self, planned: list[WorkItem], outcome: Any, copies: dict[bytes, list[WorkItem]]) -> None:
-        """Finish a launched batch (or run units again, or report a launch failure) and resolve its requests."""
+    def _resolve(self, planned: list[WorkItem], launched: Any, copies: dict[bytes, list[WorkItem]]) -> None:
+        """Finish a launched batch (out of memory: run again, split) and resolve its requests."""
         try:
-            if isinstance(outcome, Exception):
-                raise outcome
-            if isinstance(outcome, list):
-                results = self.runner.run(outcome)
-            else:
-                try:
-                    results = self.runner.finish(outcome)
-                except Exception as error:  # noqa: BLE001
-                    if not is_oom(error):
-                        raise
-                    results = self.runner.run(outcome.units)
+            results = self.runner.finish(launched)
         except Exception as error:  # noqa: BLE001 - system failure: these requests fail, later ones run
             logger.error("scoring a batch failed: %s", error, exc_info=error)
             self._system_failure([t for i in planned for t in [i, *copies.get(i.key, [])]], error, len(planned))

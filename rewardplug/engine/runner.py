@@ -49,20 +49,13 @@ def _suffix(s: EncodedSample, p: int) -> EncodedSample:
 
 @dataclass
 class Launched:
-    """A batch queued on the device: each pass's items and scores (still on the device), its counters."""
+    """A batch queued on the device: each pass's items and scores (still on the device), its counters,
+    or the error that stopped it."""
 
     units: list[Unit]
     scored: list[tuple[list[WorkItem], torch.Tensor]]
     counts: dict[str, int]
-
-
-def _unless_oom(error: Exception, units: list[Unit]) -> Exception:
-    if is_oom(error):
-        return error
-    n = sum(u.rows for u in units)
-    wrapped = ScoringError(f"scoring a batch of {n} samples failed ({type(error).__name__}: {error})")
-    wrapped.__cause__ = error
-    return wrapped
+    error: Exception | None = None
 
 
 class ModelRunner:
@@ -73,48 +66,51 @@ class ModelRunner:
         self.stats = stats
 
     def run(self, units: list[Unit]) -> list[Result]:
-        """Score every item of ``units`` (launch, then finish). A sample too large to fit in memory alone
-        gets a ``SampleTooLarge`` in place of its score; any other failure raises ``ScoringError``."""
-        try:
-            return self.finish(self.launch(units))
-        except Exception as error:  # noqa: BLE001 - sorted below: OOM splits, anything else is raised
-            if not is_oom(error):
-                raise  # a ScoringError already (launch and finish wrap everything but out of memory)
-            items = [i for u in units for i in u.items]
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if len(items) == 1:
-                s = items[0].encoded
-                reason = f"out of memory even when scored alone ({s.num_tokens} tokens, {s.num_patches} image patches)"
-                return [(items[0], SampleTooLarge(reason))]
-            self.stats.add(oom_splits=1)
-            logger.info("batch of %d samples ran out of memory; splitting", len(items))
-            if len(units) > 1:
-                half = len(units) // 2
-                return self.run(units[:half]) + self.run(units[half:])
-            half = len(items) // 2
-            return self.run([Unit(items[:half], half > 1)]) + self.run([Unit(items[half:], len(items) - half > 1)])
+        """Score every item of ``units`` (launch, then finish)."""
+        return self.finish(self.launch(units))
 
     def launch(self, units: list[Unit]) -> "Launched":
-        """Queue a batch's passes on the device; its scores stay there until ``finish``. Raises the
-        out-of-memory error as it is (``run`` splits on it), anything else as ``ScoringError``."""
+        """Queue a batch's passes on the device; its scores stay there until ``finish``. Never raises:
+        a failure is kept and comes out of ``finish``."""
         counts: dict[str, int] = {}
         try:
-            scored = self._compute(units, counts)
-        except Exception as error:  # noqa: BLE001 - sorted by the caller
-            raise _unless_oom(error, units)
-        return Launched(units, scored, counts)
+            return Launched(units, self._compute(units, counts), counts)
+        except Exception as error:  # noqa: BLE001 - sorted in finish
+            return Launched(units, [], counts, error)
 
     def finish(self, launched: "Launched") -> list[Result]:
-        """Read a launched batch's scores (its one synchronisation) and count the batch."""
+        """Read a launched batch's scores (its one synchronisation) and count the batch. Out of memory
+        runs the batch again, split; a sample too large alone gets ``SampleTooLarge`` in place of its
+        score; any other failure raises ``ScoringError``."""
         try:
+            if launched.error is not None:
+                raise launched.error
             values = torch.cat([s for _, s in launched.scored]).cpu().tolist() if launched.scored else []
-        except Exception as error:  # noqa: BLE001 - sorted by the caller
-            raise _unless_oom(error, launched.units)
+        except Exception as error:  # noqa: BLE001 - OOM splits, anything else is a system failure
+            if is_oom(error):
+                return self._split(launched.units)
+            n = sum(u.rows for u in launched.units)
+            raise ScoringError(f"scoring a batch of {n} samples failed ({type(error).__name__}: {error})") from error
         counts = launched.counts
         self.stats.add(batches=1, **counts)  # only once the whole batch succeeded: retries count once
         self.stats.observe("batch_padded_tokens", counts.get("padded_tokens", 0))
         return list(zip([i for items, _ in launched.scored for i in items], values))
+
+    def _split(self, units: list[Unit]) -> list[Result]:
+        items = [i for u in units for i in u.items]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(items) == 1:
+            s = items[0].encoded
+            reason = f"out of memory even when scored alone ({s.num_tokens} tokens, {s.num_patches} image patches)"
+            return [(items[0], SampleTooLarge(reason))]
+        self.stats.add(oom_splits=1)
+        logger.info("batch of %d samples ran out of memory; splitting", len(items))
+        if len(units) > 1:
+            half = len(units) // 2
+            return self.run(units[:half]) + self.run(units[half:])
+        half = len(items) // 2
+        return self.run([Unit(items[:half], half > 1)]) + self.run([Unit(items[half:], len(items) - half > 1)])
 
     def _compute(self, units: list[Unit], counts: dict[str, int]) -> list[tuple[list[WorkItem], torch.Tensor]]:
         def add(**deltas):
