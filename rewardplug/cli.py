@@ -11,7 +11,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -24,30 +26,28 @@ from .offline.cli import add_ray_score_arguments
 
 logger = logging.getLogger("rewardplug")
 
-EXIT_OK, EXIT_IO, EXIT_USAGE, EXIT_INVALID, EXIT_FAILURE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_OK, EXIT_IO, EXIT_USAGE, EXIT_INVALID, EXIT_FAILURE = 0, 1, 2, 3, 4
+EXIT_NO_POOL, EXIT_UNPLACEABLE, EXIT_INTERRUPTED, EXIT_TERMINATED = 5, 6, 130, 143
 
+# The same table as docs/cli.md (tests/test_exit_codes.py holds them to each other and drives each code).
 EXIT_CODES = """\
 exit codes:
-  0    done; for score: every sample scored
+  0    done; for score, eval and pairs: every sample scored
   1    input/output or configuration error: a missing or unwritable file or folder, a model that cannot
-       be loaded (nothing was scored)
-  2    usage error: unknown command or flag, a bad value
-  3    score: some samples could not be scored (each row's "error" says why; the others are scored)
+       be loaded, an eval --out folder holding another run (nothing was scored)
+  2    usage error: unknown command or flag, a missing or bad value
+  3    score, eval, pairs: some samples could not be scored (each one's error says why; the others are
+       scored)
   4    system failure while scoring (device error, a bug, a lost replica): the run stopped with the
        cause; the rows written before it are kept
   5    pool status/stop: no pool of that name on the cluster
-  130  interrupted (Ctrl-C)"""
+  6    pool start/serve: the pool cannot be placed on the cluster (not enough GPUs or CPUs)
+  130  interrupted (Ctrl-C)
+  143  terminated (SIGTERM)"""
 
 DESCRIPTION = "Score (images, question, answer) samples with a multimodal reward model; try it, serve it, measure it.\n\n" + EXIT_CODES
 
-TINY = "tiny"
-BANNER = (
-    "=" * 78
-    + "\n  rewardplug demo on the embedded tiny checkpoint: RANDOM WEIGHTS, the scores mean nothing.\n"
-    "  It runs the same loading and scoring code as the real model. With the real weights:\n"
-    "    rewardplug demo --model Skywork/Skywork-VL-Reward-7B\n"
-    + "=" * 78
-)
+DEMO_MODEL = "tiny"  # the demo alone has a default model; every other command needs --model
 
 SCORE_FORMATS = """\
 input: JSON Lines, one sample per line (blank lines skipped), "-" for stdin. A sample is
@@ -70,23 +70,25 @@ class CommandError(Exception):
         self.code = code
 
 
-def _model_path(model: str) -> str:
-    if model == TINY:
-        from .testing import cached_tiny_checkpoint
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so that files are closed and engines stopped on the way out."""
 
-        return str(cached_tiny_checkpoint())
-    return model
+
+def warn_if_random(model, file=None) -> None:
+    """Print the random-weights banner when ``model`` is a built-in random-weight name."""
+    from .named_models import banner, is_random
+
+    if is_random(model):
+        print(banner(str(model)), file=file or sys.stderr, flush=True)
 
 
 def _load(args, **extra):
+    from . import named_models
     from .errors import CheckpointError
-    from .model import RewardModel
 
     try:
-        return RewardModel.from_pretrained(
-            _model_path(args.model), dtype=args.dtype, device=args.device, max_length=args.max_length, **extra
-        )
-    except (CheckpointError, OSError) as e:
+        return named_models.load(args.model, dtype=args.dtype, device=args.device, max_length=args.max_length, **extra)
+    except (CheckpointError, OSError, NotImplementedError) as e:
         raise CommandError(f"--model {args.model}: {e}") from e
 
 
@@ -110,8 +112,7 @@ def demo_images():
 
 
 def cmd_demo(args) -> int:
-    if args.model == TINY:
-        print(BANNER)
+    warn_if_random(args.model, file=sys.stdout)
     t0 = time.perf_counter()
     rm = _load(args)
     print(f"loaded {rm.name_or_path} ({rm.num_parameters() / 1e6:.2f}M parameters, {rm.dtype}, {rm.device}) "
@@ -198,6 +199,7 @@ def cmd_score(args) -> int:
 
     base = Path(args.input).resolve().parent if args.input != "-" else Path.cwd()
     roots = [str(base), "."] + list(args.image_root or [])
+    warn_if_random(args.model)
     rm = _load(args, image_roots=roots, image_url_hosts=args.allow_url_host or ())
     # Relative image paths in the file are relative to the file, wherever the command runs.
     import dataclasses
@@ -290,7 +292,8 @@ def cmd_score_on_ray(args) -> int:
     check_ray_output(args.output)
     args.input = [args.input]  # score_dataset takes a list of files or folders
     args.no_progress = args.quiet
-    return EXIT_INVALID if run_ray_score(args) != 0 else EXIT_OK
+    warn_if_random(args.model)
+    return run_ray_score(args)
 
 
 # ---- parser -------------------------------------------------------------------------------------------
@@ -307,10 +310,17 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return super()._get_help_string(action)
 
 
-def model_args(sp: argparse.ArgumentParser) -> None:
-    """The flags every model-loading command takes (``RewardModel.from_pretrained``'s options)."""
-    sp.add_argument("--model", default=TINY,
-                    help="hub id or checkpoint folder; 'tiny' is the embedded random-weight test checkpoint")  # fmt: skip
+MODEL_HELP = ("hub id (Skywork/Skywork-VL-Reward-7B) or checkpoint folder; 'tiny' and 'random-7b' are built-in "
+              "random-weight models (the scores mean nothing)")
+
+
+def model_args(sp: argparse.ArgumentParser, *, default: str | None = None) -> None:
+    """The flags every model-loading command takes (``RewardModel.from_pretrained``'s options); --model
+    is required unless a default is given (the demo's)."""
+    if default is None:
+        sp.add_argument("--model", required=True, help=MODEL_HELP)
+    else:
+        sp.add_argument("--model", default=default, help=MODEL_HELP)
     sp.add_argument("--dtype", default="auto", help="auto (the checkpoint's: bf16 for the 7B), bfloat16, float16, float32")
     sp.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: the first GPU if any, else cpu)")
     sp.add_argument("--batch-size", type=int, default=8, help="most samples per forward pass")
@@ -325,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="score GRPO-like groups of completions over generated images",
                        description="Score 3 generated pictures x G completions through the engine and print a table.",
                        formatter_class=_Formatter)  # fmt: skip
-    model_args(d)
+    model_args(d, default=DEMO_MODEL)
     d.add_argument("--group-size", type=int, default=4, choices=range(1, 5), metavar="G", help="completions per picture (1-4)")
     d.set_defaults(func=cmd_demo)
 
@@ -355,10 +365,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``rewardplug`` command; returns the exit code (see the module docstring)."""
+    """Entry point of the ``rewardplug`` command; returns the exit code (``EXIT_CODES``)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    try:
+        return run_command(args)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def run_command(args) -> int:
+    """Run a parsed command: a problem the user can fix is a message and its exit code, not a traceback."""
     try:
         code = args.func(args)
         return code if isinstance(code, int) else EXIT_OK  # some commands return their report
@@ -375,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rewardplug {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:
+        print(f"rewardplug {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
 
 
 if __name__ == "__main__":

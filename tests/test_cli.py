@@ -56,8 +56,8 @@ def test_default_demo_builds_the_tiny_checkpoint_and_shows_the_banner(tmp_path, 
     assert main(["demo", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("=" * 78)
-    assert BANNER_LINE in out
-    assert "rewardplug demo --model Skywork/Skywork-VL-Reward-7B" in out
+    assert "model 'tiny': " + BANNER_LINE in out
+    assert "--model Skywork/Skywork-VL-Reward-7B" in out
     assert len(table_rows(out)) == 12
     built = list((tmp_path / "cache").iterdir())
     assert [p.name for p in built] == ["tiny-qwen2.5-vl-rm-seed0-v1"], built
@@ -184,7 +184,7 @@ def no_model_load(monkeypatch):
 def test_score_checks_the_output_path_before_loading_the_model(tmp_path, capsys, no_model_load, output, message):
     src = tmp_path / "in.jsonl"
     write_jsonl(src, [{"prompt": "Hi", "completion": "Hello."}])
-    assert main(["score", str(src), str(tmp_path / output), "--device", "cpu"]) == 1
+    assert main(["score", str(src), str(tmp_path / output), "--model", "tiny", "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert re.search(r"rewardplug score: error: " + message, err), err
     assert "Traceback" not in err
@@ -201,14 +201,14 @@ def test_score_refuses_an_unwritable_output_folder_before_loading(tmp_path, caps
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        assert main(["score", str(src), str(locked / "out.jsonl")]) == 1
+        assert main(["score", str(src), str(locked / "out.jsonl"), "--model", "tiny"]) == 1
     finally:
         locked.chmod(0o700)
     assert "is not writable" in capsys.readouterr().err
 
 
 def test_score_missing_input_is_an_io_error_before_loading(tmp_path, capsys, no_model_load):
-    assert main(["score", str(tmp_path / "nope.jsonl"), str(tmp_path / "out.jsonl")]) == 1
+    assert main(["score", str(tmp_path / "nope.jsonl"), str(tmp_path / "out.jsonl"), "--model", "tiny"]) == 1
     assert "INPUT" in capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()
 
 
@@ -329,7 +329,8 @@ def test_help_shows_defaults_formats_and_exit_codes(capsys):
     out = capsys.readouterr().out
     assert "(default: 16384)" in out and "(default: 256)" in out
     assert '{"prompt": ..., "completion": ..., "images": [...]}' in out
-    assert "exit codes:" in out and "  3    score: some samples could not be scored" in out and "  4    system failure" in out
+    assert "exit codes:" in out and "  3    score, eval, pairs: some samples could not be scored" in out
+    assert "  4    system failure" in out and "  143  terminated (SIGTERM)" in out
 
 
 def test_building_the_parser_imports_no_heavy_library():
@@ -358,7 +359,7 @@ def test_score_on_ray_refuses_a_file_as_output_folder_before_starting_anything(t
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(src, [{"prompt": "Hi", "completion": "Hello."}])
     dst.write_text("")
-    assert main(["score", str(src), str(dst), "--ray"]) == 1
+    assert main(["score", str(src), str(dst), "--ray", "--model", "tiny"]) == 1
     assert "with --ray OUTPUT is a folder of part files" in capsys.readouterr().err
 
 
@@ -397,3 +398,73 @@ def test_stats_table_shows_every_engine_counter(model):
     assert len(table.splitlines()) - 2 == len(stats), "one row per counter, under the header"
     extra = stats_table({**stats, "replica_restarts": 3})
     assert re.search(r"^other\s+replica_restarts\s+3$", extra, re.M), "unknown keys are shown, not dropped"
+
+
+# ---- the command line says what it means (issue 22) ------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["score", "in.jsonl", "out.jsonl"], ["eval", "data.jsonl"]])
+def test_scoring_commands_require_a_model(command, capsys):
+    """Only the demo defaults to the random-weight tiny checkpoint; score and eval must be told which model."""
+    with pytest.raises(SystemExit) as stop:
+        main(command)
+    assert stop.value.code == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_demo_alone_keeps_the_tiny_default():
+    from rewardplug.cli import build_parser
+
+    assert build_parser().parse_args(["demo"]).model == "tiny"
+
+
+def test_score_with_a_random_weight_model_prints_the_banner_on_stderr(tmp_path, monkeypatch, capsys):
+    """The banner goes to stderr, so ``score - -`` still writes nothing but JSON rows to stdout."""
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps({"prompt": "Hi", "completion": "Hello."}) + "\n"))
+    assert main(["score", "-", "-", "--model", "tiny", "--device", "cpu", "-q"]) == 0
+    captured = capsys.readouterr()
+    assert "model 'tiny': " + BANNER_LINE in captured.err
+    assert [json.loads(line)["error"] for line in captured.out.splitlines()] == [None]
+
+
+def test_score_with_a_real_checkpoint_folder_prints_no_banner(tiny_path, tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, [{"prompt": "Hi", "completion": "Hello."}])
+    assert run_score(tiny_path, src, tmp_path / "out.jsonl", "-q") == 0
+    assert BANNER_LINE not in capsys.readouterr().err
+
+
+def every_command() -> list[list[str]]:
+    from rewardplug.cli import build_parser
+
+    def walk(parser, prefix):
+        subs = [a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction)]
+        if not subs:
+            return [prefix]
+        return [c for name, sub in subs[0].choices.items() for c in walk(sub, [*prefix, name])]
+
+    return walk(build_parser(), [])
+
+
+SERVING_PARSERS = pytest.mark.xfail(strict=False, reason="pool start / serve parsers live in rewardplug/serving/cli.py "
+                                    "(the serving engineer's): ArgumentDefaultsHelpFormatter prints (default: None)")  # fmt: skip
+
+
+@pytest.mark.parametrize("command", [pytest.param(c, marks=SERVING_PARSERS) if c[0] in ("pool", "serve") else c
+                                     for c in every_command()], ids=" ".join)  # fmt: skip
+def test_help_prints_no_default_none(command, capsys):
+    """A required option or one without a default shows no "(default: None)"."""
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    out = capsys.readouterr().out
+    assert "default: None" not in out, out
+
+
+@pytest.mark.xfail(strict=False, reason="bench's parser (rewardplug/bench.py, the GPU-check engineer's) uses the "
+                   "module docstring as its description; the fix is there")  # fmt: skip
+def test_bench_help_shows_usage_not_the_module_docstring(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: rewardplug bench")
+    assert "This module" not in out and "``" not in out, out

@@ -226,7 +226,7 @@ def test_pairs_from_scored_file_best_vs_worst(tmp_path):
         assert pair["chosen"] == [{"role": "assistant", "content": best["completion"]}]
         assert pair["rejected"] == [{"role": "assistant", "content": worst["completion"]}]
         assert pair["margin"] == pytest.approx(best["score"] - worst["score"])
-        assert Path(pair["images"][0]).is_absolute() and Path(pair["images"][0]).exists()
+        assert (tmp_path / pair["images"][0]).resolve() == (src.parent / best["images"][0]).resolve()
     assert json.loads(meta_path(tmp_path / "pairs.jsonl").read_text())["rewardplug_pairs"]["rule"] == meta["rule"]
 
 
@@ -285,6 +285,70 @@ def test_pairs_without_scores_or_model_is_refused(tmp_path):
     src = make_completion_set(tmp_path / "in" / "c.jsonl", n_prompts=1, per_prompt=2)
     with pytest.raises(ValueError, match="no 'score'"):
         make_pairs(src, tmp_path / "pairs.jsonl", progress=False)
+
+
+def test_pairs_command_without_model_names_the_flags_not_python_arguments(tmp_path, capsys):
+    src = make_completion_set(tmp_path / "in" / "c.jsonl", n_prompts=1, per_prompt=2)
+    assert offline_main(["pairs", str(src), str(tmp_path / "pairs.jsonl"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "rewardplug pairs: error: 2 rows of" in err and "give --model" in err and "--pool NAME" in err, err
+    assert "model=" not in err and "Traceback" not in err, err
+    assert not (tmp_path / "pairs.jsonl").exists()
+
+
+@pytest.mark.parametrize("where", ["beside the input", "another folder"])
+def test_pairs_jsonl_keeps_relative_image_paths_relative_to_the_output_file(tmp_path, monkeypatch, where):
+    """docs/offline.md: a relative image path stays relative in a .jsonl output, rewritten against the
+    output's folder (rewardplug reads relative paths against the data file), whatever the current folder."""
+    src = make_completion_set(tmp_path / "data" / "c.jsonl", n_prompts=2, per_prompt=2, scores=True)
+    images = {row["completion"]: row["images"][0] for row in rows_of(src)}
+    assert not any(Path(im).is_absolute() for im in images.values()), "the helper writes relative paths"
+    out = (tmp_path / "data" if where == "beside the input" else tmp_path / "pairs" / "dpo") / "pairs.jsonl"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert offline_main(["pairs", str(src), str(out), "--no-progress"]) == 0
+    for pair in rows_of(out):
+        written = pair["images"][0]
+        assert not Path(written).is_absolute(), written
+        assert (out.parent / written).resolve() == (src.parent / images[pair["chosen"][0]["content"]]).resolve()
+        if where == "beside the input":
+            assert written == images[pair["chosen"][0]["content"]]
+
+
+def test_eval_command_exits_3_when_pairs_are_left_unscored(tmp_path, tiny_path, capsys):
+    data = make_preference_set(tmp_path / "bench.jsonl", n_pairs=3, ties=0)
+    rows = rows_of(data)
+    rows[1]["image"] = "images/missing.png"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = offline_main(["eval", str(data), "--model", str(tiny_path), "--dtype", "float32", "--device", "cpu",
+                       "--out", str(tmp_path / "out"), "--no-progress"])  # fmt: skip
+    assert rc == 3
+    captured = capsys.readouterr()
+    assert "unscored 1" in captured.out and "1 of 3 pairs could not be scored" in captured.err
+
+
+def test_eval_command_into_another_models_folder_names_the_cli_flags(tmp_path, tiny_path, capsys):
+    data = make_preference_set(tmp_path / "bench.jsonl", n_pairs=2)
+    common = ["eval", str(data), "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path / "out"), "--no-progress"]
+    assert offline_main([*common, "--model", str(tiny_path)]) == 0
+    capsys.readouterr()
+    other = tmp_path / "other-model"
+    other.symlink_to(tiny_path, target_is_directory=True)
+    assert offline_main([*common, "--model", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert f"rewardplug eval: error: --out {tmp_path / 'out'} holds results of another run" in err, err
+    assert f"model was {str(tiny_path)!r}, now {str(other)!r}" in err and "give another --out" in err, err
+    assert "--no-resume" in err and "resume=False" not in err and "Traceback" not in err, err
+    assert offline_main([*common, "--model", str(other), "--no-resume"]) == 0
+
+
+@pytest.mark.parametrize("command", ["eval", "pairs"])
+def test_eval_and_pairs_with_the_tiny_model_print_the_random_weights_banner(tmp_path, command, capsys):
+    data = (make_preference_set(tmp_path / "bench.jsonl", n_pairs=1) if command == "eval"
+            else make_completion_set(tmp_path / "c.jsonl", n_prompts=1, per_prompt=2))  # fmt: skip
+    out = ["--out", str(tmp_path / "out")] if command == "eval" else [str(tmp_path / "pairs.jsonl")]
+    assert offline_main([command, str(data), *out, "--model", "tiny", "--device", "cpu", "--no-progress"]) == 0
+    assert "model 'tiny': RANDOM WEIGHTS, the scores mean nothing" in capsys.readouterr().err
 
 
 def test_package_exports_the_functions_not_their_modules():

@@ -22,9 +22,11 @@ _EXPORTS = {
     "EvalSummary": "evaluation",
     "PairResult": "evaluation",
     "summarize": "evaluation",
+    "OtherRunError": "evaluation",
     "PairRule": "pairs",
     "select_pairs": "pairs",
     "make_pairs": "pairs",
+    "MissingScoresError": "pairs",
     "score_dataset": "dataset",
     "read_scores": "dataset",
 }

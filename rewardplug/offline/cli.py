@@ -5,6 +5,10 @@ Only argparse is imported here: torch, Ray and datasets load when a command runs
 fast. ``rewardplug/cli.py`` calls ``add_commands(subparsers)`` and, for ``score --ray``,
 ``add_ray_score_arguments(parser)`` and ``run_ray_score(args)``. Standalone:
 ``python -m rewardplug.offline.cli eval DATA --model M``.
+
+A problem the user can fix is raised as ``rewardplug.cli.CommandError`` (imported when a command runs:
+``rewardplug.cli`` imports this module), so it is printed as a message naming the flags, with its exit
+code, not as a traceback.
 """
 
 from __future__ import annotations
@@ -12,17 +16,21 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
-DEFAULT_MODEL = "tiny"
+MODEL_HELP = ("hub id or checkpoint folder scored in this process through a RewardEngine; 'tiny' and 'random-7b' "
+              "are built-in random-weight models (the scores mean nothing)")  # fmt: skip
 
 
-def _model_arguments(p: argparse.ArgumentParser, *, pool: bool = True) -> None:
-    p.add_argument("--model", default=None,
-                   help="hub id or checkpoint folder scored in this process through a RewardEngine "
-                        f"('{DEFAULT_MODEL}': the embedded random-weight test checkpoint)")  # fmt: skip
+def _model_arguments(p: argparse.ArgumentParser, *, pool: bool = True, required: bool = True) -> None:
+    """--model (and --pool/--address): with ``required``, exactly one of --model and --pool."""
     if pool:
-        p.add_argument("--pool", default=None, help="score through the running RewardPool of this name instead")
+        source = p.add_mutually_exclusive_group(required=required)
+        source.add_argument("--model", help=MODEL_HELP)
+        source.add_argument("--pool", help="score through the running RewardPool of this name instead")
         p.add_argument("--address", default=None, help="Ray cluster address for --pool (default: the local one)")
+    else:
+        p.add_argument("--model", required=required, help=MODEL_HELP)
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float32, ...")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: a GPU if any)")
     p.add_argument("--max-length", type=int, default=None, help="refuse samples longer than this many tokens")
@@ -40,12 +48,13 @@ def _model_options(args) -> dict:
 
 
 def _source(args) -> dict:
-    """model= / pool= for the offline functions; exactly one."""
-    if args.pool and args.model:
-        raise SystemExit("give --model or --pool, not both")
+    """model= / pool= for the offline functions (argparse lets at most one through)."""
     if args.pool:
         return {"pool": args.pool, "address": args.address}
-    return {"model": args.model or DEFAULT_MODEL, "model_options": _model_options(args),
+    from ..cli import warn_if_random
+
+    warn_if_random(args.model)
+    return {"model": args.model, "model_options": _model_options(args),
             "engine_options": {"max_batch_size": args.max_batch_size}}  # fmt: skip
 
 
@@ -80,21 +89,44 @@ def add_eval_command(sub) -> argparse.ArgumentParser:
 
 
 def cmd_eval(args) -> int:
+    """Exit 0 when every pair was scored, 3 when some were left unscored (they count as wrong)."""
+    from ..cli import EXIT_INVALID, EXIT_OK, CommandError
     from .data import PreferenceColumns
-    from .evaluation import evaluate
+    from .evaluation import OtherRunError, evaluate
 
     columns = PreferenceColumns(
         prompt=args.prompt_column, image=args.image_column, chosen=args.chosen_column, rejected=args.rejected_column,
         responses=args.responses_column, ranking=args.ranking_column, id=args.id_column, category=args.category_column,
     )  # fmt: skip
-    summary = evaluate(args.data, args.out, columns=columns, split=args.split, pairs_per_request=args.pairs_per_request,
-                       resume=not args.no_resume, progress=not args.no_progress, **_source(args))  # fmt: skip
+    try:
+        summary = evaluate(args.data, args.out, columns=columns, split=args.split, pairs_per_request=args.pairs_per_request,
+                           resume=not args.no_resume, progress=not args.no_progress, **_source(args))  # fmt: skip
+    except OtherRunError as e:
+        raise CommandError(f"--out {args.out} holds results of another run ({e.differences()}); give another --out, "
+                           "or add --no-resume to start over there") from e  # fmt: skip
     print(f"accuracy {100 * summary.accuracy:.1f}% ({summary.correct}/{summary.pairs}), "
           f"macro average {100 * summary.macro_average:.1f}%, ties {summary.ties}, unscored {summary.unscored}")  # fmt: skip
     for name, c in summary.categories.items():
         print(f"  {name:<20} {100 * c.accuracy:6.1f}%  ({c.correct}/{c.pairs}, ties {c.ties})")
     print(f"report: {args.out}/report.md", file=sys.stderr)
-    return 0
+    if summary.unscored:
+        print(f"{summary.unscored} of {summary.pairs} pairs could not be scored (counted wrong; reasons in "
+              f"{args.out}/scores.json)", file=sys.stderr)  # fmt: skip
+        return EXIT_INVALID
+    return EXIT_OK
+
+
+def _at_least(kind, low):
+    """An argparse type: a number of ``kind`` no smaller than ``low`` (else a usage error naming the flag)."""
+
+    def parse(text: str):
+        value = kind(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def add_pairs_command(sub) -> argparse.ArgumentParser:
@@ -110,26 +142,40 @@ def add_pairs_command(sub) -> argparse.ArgumentParser:
     p.add_argument("input", help=".jsonl, .parquet or datasets folder with prompt, completion, images[, score]")
     p.add_argument("output")
     p.add_argument("--mode", choices=["best-worst", "all"], default="best-worst")
-    p.add_argument("--min-margin", type=float, default=0.0, help="chosen - rejected must exceed this (default 0)")
-    p.add_argument("--max-pairs-per-prompt", type=int, default=None, help="cap for --mode all")
+    p.add_argument("--min-margin", type=_at_least(float, 0), default=0.0, help="chosen - rejected must exceed this (default 0)")
+    p.add_argument("--max-pairs-per-prompt", type=_at_least(int, 1), default=None, help="cap for --mode all")
     p.add_argument("--score-column", default="score")
     p.add_argument("--group-column", default=None, help="column naming the prompt group (default: prompt + images)")
     p.add_argument("--rescore", action="store_true", help="score every row even when it has a score")
-    _model_arguments(p)
+    _model_arguments(p, required=False)  # rows that all have a score need no model
     p.set_defaults(func=cmd_pairs)
     return p
 
 
 def cmd_pairs(args) -> int:
-    from .pairs import PairRule, make_pairs
+    """Exit 0, or 3 when some completions could not be scored (they make no pairs; reasons in the metadata)."""
+    from ..cli import EXIT_INVALID, EXIT_OK, EXIT_USAGE, CommandError
+    from .pairs import MissingScoresError, PairRule, make_pairs
 
+    if args.rescore and not (args.model or args.pool):
+        raise CommandError("--rescore scores every row: give --model (a hub id or folder) or --pool NAME", EXIT_USAGE)
     source = _source(args) if (args.model or args.pool) else {}  # without: every row needs its score
     rule = PairRule(args.mode, args.min_margin, args.max_pairs_per_prompt)
-    meta = make_pairs(args.input, args.output, rule=rule, score_column=args.score_column,
-                      group_column=args.group_column, rescore=args.rescore, progress=not args.no_progress, **source)  # fmt: skip
+    try:
+        meta = make_pairs(args.input, args.output, rule=rule, score_column=args.score_column,
+                          group_column=args.group_column, rescore=args.rescore, progress=not args.no_progress, **source)  # fmt: skip
+    except MissingScoresError as e:
+        raise CommandError(f"{e.count} rows of {args.input} have no {e.score_column!r}: give --model (a hub id or "
+                           "folder) or --pool NAME to score them, or --score-column for the column that holds "
+                           "their scores", EXIT_USAGE) from e  # fmt: skip
     print(f"{meta['pairs']} pairs from {meta['prompts']} prompts ({meta['completions']} completions, "
           f"{meta['scored_here']} scored here, {len(meta['unscorable'])} unscorable) -> {args.output}")  # fmt: skip
-    return 0
+    if meta["unscorable"]:
+        where = Path(args.output).name + ".meta.json" if Path(args.output).suffix in (".jsonl", ".parquet") else "rewardplug_pairs.json"
+        print(f"{len(meta['unscorable'])} completions could not be scored and make no pairs (reasons in {where})",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_INVALID
+    return EXIT_OK
 
 
 def add_ray_score_arguments(p: argparse.ArgumentParser) -> None:
@@ -162,7 +208,7 @@ def run_ray_score(args) -> int:
     if getattr(args, "max_batch_tokens", None):
         engine_options["max_batch_tokens"] = args.max_batch_tokens
     result = score_dataset(
-        args.input, args.output, model=args.model or DEFAULT_MODEL, format=args.format,
+        args.input, args.output, model=args.model, format=args.format,
         rows_per_block=args.rows_per_block, concurrency=args.actors, num_gpus=args.gpus_per_actor,
         num_cpus=args.cpus_per_actor, keep_columns=args.keep_column, address=args.ray_address,
         resume=not args.no_resume, progress=not getattr(args, "no_progress", False), model_options=options,
@@ -194,10 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..cli import run_command
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
-    return args.func(args)
+    return run_command(args)
 
 
 if __name__ == "__main__":

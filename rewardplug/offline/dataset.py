@@ -229,7 +229,7 @@ def score_dataset(
     import ray
     from tqdm.auto import tqdm
 
-    from .scoring import model_path
+    from ..named_models import checkpoint_path
 
     if format not in ("parquet", "jsonl"):
         raise ValueError(f"format must be 'parquet' or 'jsonl', got {format!r}")
@@ -256,7 +256,7 @@ def score_dataset(
         ds = ray.data.from_items([asdict(b) for b in todo], override_num_blocks=len(todo))
         scored = ds.map_batches(
             BlockScorer,
-            fn_constructor_kwargs=dict(model=model_path(model), output=str(out), fmt=format,
+            fn_constructor_kwargs=dict(model=checkpoint_path(model), output=str(out), fmt=format,
                                        keep_columns=list(keep_columns), samples_per_request=samples_per_request,
                                        model_options=model_options, engine_options=dict(engine_options or {})),  # fmt: skip
             batch_size=1,

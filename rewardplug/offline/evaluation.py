@@ -30,6 +30,18 @@ PAIRS_FILE = "pairs.jsonl"
 RUN_FILE = "run.json"
 
 
+class OtherRunError(ValueError):
+    """The output folder holds results of another run (another model, data or columns)."""
+
+    def __init__(self, folder: Path, changed: dict):
+        self.folder, self.changed = folder, changed
+        super().__init__(f"{folder} holds results of another run ({self.differences()}); use another output folder, "
+                         "or resume=False to start over")  # fmt: skip
+
+    def differences(self) -> str:
+        return "; ".join(f"{key} was {before!r}, now {now!r}" for key, (before, now) in self.changed.items())
+
+
 @dataclass
 class PairResult:
     """One pair's outcome. ``error`` is set (and the scores may be None) when an answer could not be
@@ -145,10 +157,7 @@ def _check_run(out: Path, run: dict, resume: bool) -> None:
         before = json.loads(path.read_text())
         changed = {k: (before.get(k), v) for k, v in run.items() if before.get(k) != v}
         if changed:
-            raise ValueError(
-                f"{out} holds results of another run ({changed}); use another output folder, or resume=False "
-                "(--no-resume) to start over"
-            )
+            raise OtherRunError(out, changed)
     else:
         (out / PAIRS_FILE).unlink(missing_ok=True)
     path.write_text(json.dumps(run, indent=2) + "\n")

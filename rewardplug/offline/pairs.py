@@ -33,6 +33,14 @@ logger = logging.getLogger(__name__)
 MODES = ("best-worst", "all")
 
 
+class MissingScoresError(ValueError):
+    """Rows have no score and nothing was given to score them with."""
+
+    def __init__(self, count: int, score_column: str):
+        super().__init__(f"{count} rows have no {score_column!r}: pass model=, pool= or scorer= to score them")
+        self.count, self.score_column = count, score_column
+
+
 @dataclass
 class PairRule:
     """How pairs are picked per prompt.
@@ -152,7 +160,7 @@ def make_pairs(
     unscorable: dict[int, str] = {}
     if missing:
         if model is None and pool is None and scorer is None:
-            raise ValueError(f"{len(missing)} rows have no {score_column!r}: pass model=, pool= or scorer= to score them")
+            raise MissingScoresError(len(missing), score_column)
         unscorable = _score_rows(rows, missing, score_column, samples_per_request, progress,
                                  dict(model=model, pool=pool, scorer=scorer, address=address, base_dir=rows_in.base_dir,
                                       model_options=model_options, engine_options=engine_options))  # fmt: skip
@@ -162,11 +170,15 @@ def make_pairs(
         if i not in unscorable:
             groups.setdefault(group_key(row, group_column), []).append(i)
     out_rows = []
+    jsonl_dir = Path(output).parent if Path(output).suffix == ".jsonl" else None
     for members in groups.values():
         scores = [float(rows[i][score_column]) for i in members]
         for a, b in select_pairs(scores, rule):
             first, second = rows[members[a]], rows[members[b]]
-            images = [resolve_image(im, rows_in.base_dir) for im in _images(first)]
+            if jsonl_dir is not None:  # paths stay paths, relative ones relative to the output file
+                images = [_path_from(jsonl_dir, im, rows_in.base_dir) for im in _images(first)]
+            else:  # files are embedded: read them where they are
+                images = [resolve_image(im, rows_in.base_dir) for im in _images(first)]
             out_rows.append(to_dpo_row(first["prompt"], first["completion"], second["completion"], images,
                                        scores[a], scores[b]))  # fmt: skip
     meta = {
@@ -187,6 +199,19 @@ def make_pairs(
     write_pairs(out_rows, output, meta)
     logger.info("%d pairs from %d prompts written to %s", len(out_rows), len(groups), output)
     return meta["rewardplug_pairs"]
+
+
+def _path_from(folder: Path, image: Any, base_dir: str | None) -> Any:
+    """An image for a JSONL output in ``folder``: a relative local path (relative to the input's folder,
+    as rewardplug reads it) becomes the relative path from ``folder`` to the same file, so the output
+    reads the same way; absolute paths, URLs, data URIs and embedded images are kept as they are."""
+    path = image.get("path") if isinstance(image, dict) and not image.get("bytes") else image
+    if not isinstance(path, str) or base_dir is None or "://" in path or path.startswith("data:") or Path(path).is_absolute():
+        return image
+    target = Path(base_dir) / path
+    if not target.exists():
+        return image
+    return os.path.relpath(os.path.abspath(target), os.path.abspath(folder))
 
 
 def _is_score(value: Any) -> bool:

@@ -11,28 +11,16 @@ from typing import Any, Iterator, Sequence
 
 logger = logging.getLogger(__name__)
 
-TINY = "tiny"  # the embedded tiny checkpoint (random weights), as in the rest of the CLI
-
-
-def model_path(model: str) -> str:
-    """A model argument as a loadable path: "tiny" is the embedded tiny test checkpoint."""
-    if model == TINY:
-        from ..testing import cached_tiny_checkpoint
-
-        return str(cached_tiny_checkpoint())
-    return model
-
-
 def load_model(model: str, *, base_dir: str | None = None, **model_options: Any):
-    """RewardModel.from_pretrained, with relative image paths read from ``base_dir`` (the data's
+    """``named_models.load`` (a hub id, a folder or a built-in name), with relative image paths read from ``base_dir`` (the data's
     folder) and local images allowed from there and the current folder unless told otherwise."""
     import os
 
-    from ..model import RewardModel
+    from .. import named_models
 
     if base_dir is not None:
         model_options.setdefault("image_roots", [base_dir, os.getcwd()])
-    rm = RewardModel.from_pretrained(model_path(model), **model_options)
+    rm = named_models.load(model, **model_options)
     if base_dir is not None:
         rm.encoder.policy = dataclasses.replace(rm.encoder.policy, base_dir=base_dir)
     return rm
