@@ -132,7 +132,7 @@ def test_defaults_just_work(model):
         pending = [engine.submit([s]) for s in samples]
     assert all(f.done() for f in pending)
     assert_scores([f.result()[0] for f in pending], expected, "queued before close")
-    assert not engine._worker.is_alive() and not any(t.is_alive() for t in engine._encoders)
+    assert not engine._worker.is_alive() and not any(t.is_alive() for t in engine._encoders.threads)
     with pytest.raises(RuntimeError):
         engine.submit(samples)
     with pytest.raises(RuntimeError):
@@ -850,3 +850,61 @@ def test_batches_read_scores_once_and_the_next_batch_is_launched_first(make_engi
         reads = [e for e in after[: next((j for j, e in enumerate(after) if e[0] != "read"), len(after))]]
         assert len(reads) == 1, (k, events)
     assert sum(e[1] for e in events if e[0] == "read") == len(samples)  # every score read once, nothing else
+
+
+def test_next_batch_is_launched_before_the_last_one_is_read_across_rounds(make_engine, model, monkeypatch):
+    """Pipelining does not stop at a round's end: the first batch of round r+1 is launched before the
+    last batch of round r is read, and between a launch and the read of the batch before it nothing reads
+    a float tensor (.cpu, .item, .tolist, .numpy: on a GPU each would wait for the device)."""
+    from rewardplug.engine.runner import ModelRunner
+    from rewardplug.engine.scheduler import Scheduler
+
+    events: list[tuple] = []
+    real_launch, real_finish, real_plan = ModelRunner.launch, ModelRunner.finish, Scheduler._plan
+    round_of: dict[int, int] = {}
+    rounds = [0]
+
+    def plan(self, items):
+        batches = real_plan(self, items)
+        rounds[0] += 1
+        for b in batches:
+            round_of[id(b.units[0])] = rounds[0]
+        return batches
+
+    def launch(self, units):
+        launched = real_launch(self, units)
+        launched.number = len([e for e in events if e[0] == "launched"])
+        events.append(("launched", launched.number, round_of[id(units[0])]))
+        return launched
+
+    def finish(self, launched):
+        events.append(("finish", launched.number))
+        return real_finish(self, launched)
+
+    def reading(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if self.is_floating_point():
+                events.append(("read", name))
+            return real(self, *args, **kwargs)
+
+        return read
+
+    for name in ("cpu", "item", "tolist", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, reading(name))
+    monkeypatch.setattr(Scheduler, "_plan", plan)
+    monkeypatch.setattr(ModelRunner, "launch", launch)
+    monkeypatch.setattr(ModelRunner, "finish", finish)
+    engine = make_engine(max_batch_tokens=256, max_batch_size=4, share_prefix=True)
+    samples = [{"prompt": f"Question {k % 7}?", "completion": text_of_length(20 + 7 * k, k)} for k in range(40)]
+    assert sum(e.num_tokens for e in model.encode_many(samples)[0]) > 3 * 4 * 256  # several rounds
+    assert_scores(engine.score(samples), independent(model, samples), "pipelined across rounds")
+    launches = [e for e in events if e[0] == "launched"]
+    round_ends = [k for k in range(len(launches) - 1) if launches[k][2] != launches[k + 1][2]]
+    assert len(round_ends) >= 2, launches
+    position = {e[:2]: k for k, e in enumerate(events) if e[0] in ("launched", "finish")}
+    for k in range(len(launches) - 1):
+        assert position[("launched", k + 1)] < position[("finish", k)], (k, k in round_ends, events)
+        between = events[position[("launched", k + 1)] + 1 : position[("finish", k)]]
+        assert not [e for e in between if e[0] == "read"], (k, between)

@@ -218,7 +218,7 @@ def test_exception_in_encoding_fails_that_request_and_no_thread(make_engine, mod
             engine.score(bad, timeout=60)
         assert isinstance(info.value.__cause__, RuntimeError)
         assert "tokenizer exploded" in str(info.value)
-    assert all(t.is_alive() for t in engine._encoders) and engine._worker.is_alive()
+    assert all(t.is_alive() for t in engine._encoders.threads) and engine._worker.is_alive()
     assert_scores(engine.score(samples(), timeout=60), expected, "after encoding failures")
 
 

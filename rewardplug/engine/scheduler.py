@@ -1,4 +1,5 @@
-"""Token-budget batching with prompt groups kept together.
+"""Token-budget batching with prompt groups kept together, and the ``Scheduler`` that hands the
+engine's loop one batch at a time.
 
 A ``Unit`` is what the runner computes in one go: one sample, or several samples that share a prompt
 prefix (same tokens up to the final assistant turn, same images), whose prefix is encoded once. Units
@@ -13,6 +14,8 @@ expanded key/value of a batch is bounded in bytes before it runs (never found by
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,3 +173,157 @@ def _split_oversized(units: list[Unit], max_batch_tokens: int, max_batch_size: i
             chunk.append(item)
         out.append(Unit(chunk, len(chunk) > 1))
     return out
+
+
+# ---- the engine's scheduler ----------------------------------------------------------------------
+
+
+@dataclass
+class ScheduledBatch:
+    """One batch for the runner: its units, and the duplicates (same key) of its items that get their
+    scores."""
+
+    units: list[Unit]
+    copies: dict[bytes, list[WorkItem]]
+
+    @property
+    def items(self) -> list[WorkItem]:
+        return [i for u in self.units for i in u.items]
+
+    def targets(self, item: WorkItem) -> list[WorkItem]:
+        """``item`` and its duplicates: every request position that gets ``item``'s score."""
+        return [item, *self.copies.get(item.key, [])]
+
+
+class PlanningFailed(Exception):
+    """Planning a round failed (a bug): the round's items are in ``items``, the error is the cause."""
+
+    def __init__(self, items: list[WorkItem]):
+        super().__init__(f"planning a round of {len(items)} samples failed")
+        self.items = items
+
+
+class Scheduler:
+    """Encoded samples in, batches out.
+
+    ``add`` takes a request's items (from the encoder workers). ``schedule`` returns the next batch of
+    the current round; when the round is used up it gathers a new one: it waits for ready items (with
+    ``wait``), then up to ``max_wait_s`` for the window to fill, takes at most ``4 x max_batch_tokens``
+    of them by turns from each request (a small request never waits behind all of a large one), drops
+    duplicates and plans budgeted batches. Without ``wait`` it returns None at once when nothing is
+    ready (the caller has a batch in flight and reads it first). With ``wait`` it returns None only
+    when every producer has stopped and nothing is left.
+    """
+
+    def __init__(self, *, max_batch_tokens: int, max_batch_size: int, max_kv_tokens: int, max_wait_s: float,
+                 share_prefix: bool, producers: int, stats: Any = None):  # fmt: skip
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        self.max_kv_tokens = max_kv_tokens
+        self.max_wait_s = max_wait_s
+        self.share_prefix = share_prefix
+        self.stats = stats
+        self._producers = producers
+        self._ready: list[WorkItem] = []
+        self._planned: list[ScheduledBatch] = []  # the current round's batches not yet handed out
+        self._cond = threading.Condition()  # guards _ready and _producers
+
+    def add(self, items: list[WorkItem]) -> None:
+        with self._cond:  # a request's items arrive together, so its prompt group stays whole
+            self._ready.extend(items)
+            self._cond.notify_all()
+
+    def producer_stopped(self) -> None:
+        with self._cond:
+            self._producers -= 1
+            self._cond.notify_all()
+
+    def ready(self) -> int:
+        """Samples waiting: ready, or planned and not yet handed out."""
+        planned = list(self._planned)  # the model thread replaces it; a snapshot is enough for a gauge
+        with self._cond:
+            return len(self._ready) + sum(len(b.items) for b in planned)
+
+    @property
+    def finished(self) -> bool:
+        """Every producer stopped and every item handed out: nothing will come any more."""
+        with self._cond:
+            return self._producers <= 0 and not self._ready and not self._planned
+
+    def schedule(self, wait: bool = True) -> ScheduledBatch | None:
+        if not self._planned:
+            items = self._take_round(wait)
+            if not items:
+                return None
+            try:
+                self._planned = self._plan(items)
+            except Exception as error:
+                raise PlanningFailed(items) from error
+        return self._planned.pop(0) if self._planned else None
+
+    def _take_round(self, wait: bool) -> list[WorkItem]:
+        with self._cond:
+            if not wait and not self._ready:
+                return []
+            while not self._ready and self._producers > 0:
+                self._cond.wait()
+            if not self._ready:
+                return []  # closed and drained
+            deadline = time.perf_counter() + self.max_wait_s
+            while wait and self._producers > 0 and not self._window_full():
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            items = self._take_window()
+        return [i for i in items if not i.owner.done]  # requests failed meanwhile (closed)
+
+    def _plan(self, items: list[WorkItem]) -> list[ScheduledBatch]:
+        unique: dict[bytes, WorkItem] = {}
+        copies: dict[bytes, list[WorkItem]] = {}
+        for item in items:
+            if item.key in unique:
+                copies.setdefault(item.key, []).append(item)
+            else:
+                unique[item.key] = item
+        if self.stats is not None:
+            self.stats.add(duplicate_hits=len(items) - len(unique))
+        units = make_units(list(unique.values()), self.share_prefix)
+        batches = []
+        for plan in plan_batches(units, self.max_batch_tokens, self.max_batch_size, self.max_kv_tokens):
+            keys = {i.key for u in plan.units for i in u.items}
+            batches.append(ScheduledBatch(plan.units, {k: copies[k] for k in keys if k in copies}))
+        return batches
+
+    def _window_full(self) -> bool:
+        tokens = sum(i.num_tokens for i in self._ready)
+        return tokens >= self.max_batch_tokens or len(self._ready) >= 4 * self.max_batch_size
+
+    def _take_window(self) -> list[WorkItem]:
+        """Ready items for one round of batches, at most ``4 x max_batch_tokens`` (past that, planning
+        gains nothing): whole prompt groups taken by turns from each request, so a request that arrives
+        while a large one is being scored joins the next round instead of waiting for all of it. The
+        rest stay ready, in order. Called with ``_cond`` held."""
+        budget = 4 * self.max_batch_tokens
+        if sum(i.num_tokens for i in self._ready) <= budget:
+            items, self._ready = self._ready, []
+            return items
+        requests: dict[int, dict[Any, list[WorkItem]]] = {}  # request -> its prompt groups and singles, in order
+        for k, item in enumerate(self._ready):
+            units = requests.setdefault(id(item.owner), {})
+            units.setdefault(item.prefix_key or k, []).append(item)
+        turns = [list(units.values()) for units in requests.values()]
+        taken: set[int] = set()
+        tokens = 0
+        while tokens < budget:
+            for units in turns:
+                if units and tokens < budget:
+                    unit = units.pop(0)
+                    taken.update(id(i) for i in unit)
+                    tokens += sum(i.num_tokens for i in unit)
+            turns = [u for u in turns if u]
+            if not turns:
+                break
+        items = [i for i in self._ready if id(i) in taken]
+        self._ready = [i for i in self._ready if id(i) not in taken]
+        return items
