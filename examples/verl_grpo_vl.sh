@@ -3,10 +3,13 @@
 # manager (rewardplug.integrations.verl.RewardPlugManager) in verl's reward loop.
 # Not run in CI (GPUs, vLLM); tests/test_verl.py composes these overrides against verl's config.
 #
-# The reward model runs in a named RewardPool on the same Ray cluster: the first reward-loop worker starts
-# it (num_replicas x gpus_per_replica GPUs, outside verl's own resource pools: leave them free), the
-# others attach to it by name. Each worker batches the rollouts it gets into one request per few ms, so a
-# GRPO group's n responses are scored together, on one replica, sharing the prompt and the image.
+# Layout: one node of 8 GPUs. verl's actor, reference and vLLM rollout share GPUs 0-5
+# (trainer.n_gpus_per_node=6: verl's resource pool takes whole GPUs, so nothing else fits there); the
+# reward model runs on the other 2, as a named RewardPool of 2 replicas x 1 GPU on the same Ray cluster.
+# The first reward-loop worker starts the pool, the others attach to it by name; each worker batches the
+# rollouts it gets into one request per few ms, so a GRPO group's n responses are scored together, on one
+# replica, sharing the prompt and the image. Batch sizes divide over the 6 trainer GPUs (verl checks it):
+# 192 prompts x 8 responses / 6 GPUs, mini-batches of 48 prompts. See docs/layouts.md.
 #
 # Data: verl's RLHFDataset parquet (prompt messages with "<image>" tags and an "images" column), e.g.
 # made by verl's examples/data_preprocess/geo3k.py.
@@ -21,7 +24,7 @@ python3 -m verl.trainer.main_ppo \
   algorithm.use_kl_in_reward=False \
   data.train_files="$DATA/train.parquet" \
   data.val_files="$DATA/test.parquet" \
-  data.train_batch_size=256 \
+  data.train_batch_size=192 \
   data.max_prompt_length=1024 \
   data.max_response_length=1024 \
   data.filter_overlong_prompts=True \
@@ -31,7 +34,7 @@ python3 -m verl.trainer.main_ppo \
   actor_rollout_ref.model.use_remove_padding=True \
   actor_rollout_ref.model.enable_gradient_checkpointing=True \
   actor_rollout_ref.actor.optim.lr=1e-6 \
-  actor_rollout_ref.actor.ppo_mini_batch_size=64 \
+  actor_rollout_ref.actor.ppo_mini_batch_size=48 \
   actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8 \
   actor_rollout_ref.actor.use_kl_loss=True \
   actor_rollout_ref.actor.kl_loss_coef=0.01 \
@@ -49,12 +52,12 @@ python3 -m verl.trainer.main_ppo \
   reward.reward_manager.name=RewardPlugManager \
   +reward.rewardplug.model="$REWARD_MODEL" \
   +reward.rewardplug.pool_name=skywork-rm \
-  +reward.rewardplug.pool_options.num_replicas=1 \
+  +reward.rewardplug.pool_options.num_replicas=2 \
   +reward.rewardplug.pool_options.gpus_per_replica=1 \
   +reward.rewardplug.pool_options.dtype=bfloat16 \
   +reward.rewardplug.invalid_score=0.0 \
   +reward.rewardplug.batch_wait_ms=5 \
-  trainer.n_gpus_per_node=8 \
+  trainer.n_gpus_per_node=6 \
   trainer.nnodes=1 \
   trainer.logger='["console","wandb"]' \
   trainer.project_name=rewardplug-verl \

@@ -292,7 +292,6 @@ def cmd_score_on_ray(args) -> int:
     check_ray_output(args.output)
     args.input = [args.input]  # score_dataset takes a list of files or folders
     args.no_progress = args.quiet
-    warn_if_random(args.model)
     return run_ray_score(args)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -51,7 +53,8 @@ def test_bad_jsonl_line_is_a_row_error_not_a_crash(tmp_path):
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": a cluster of this test's own, never another job's cluster on the machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -85,6 +88,15 @@ def test_ray_scores_equal_in_process_scores_and_resume_skips_finished_blocks(tmp
         score_dataset(src, out, model=str(tiny_path), rows_per_block=4, progress=False, model_options=options)
 
 
+def documented_exit_code_for_unscorable_rows() -> int:
+    """What docs/offline.md says ``score --ray`` exits with when a row cannot be scored."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "offline.md").read_text()
+    section = page[page.index("(`rewardplug score --ray`)") :]
+    found = re.search(r"A row that cannot be scored.*?\(exit (?:code|status) (\d+)", section, re.S)
+    assert found, "docs/offline.md no longer says what score --ray exits with for unscorable rows"
+    return int(found.group(1))
+
+
 def test_ray_score_command_on_parquet_writes_jsonl_parts_with_row_errors(tmp_path, model, tiny_path, ray_cluster):
     src = make_completion_set(tmp_path / "in" / "c.jsonl", n_prompts=2, per_prompt=3)
     rows = with_absolute_images(jsonl_rows(src), src.parent)
@@ -97,7 +109,7 @@ def test_ray_score_command_on_parquet_writes_jsonl_parts_with_row_errors(tmp_pat
     rc = offline_main(["score", str(tmp_path / "in" / "rows.parquet"), str(tmp_path / "out"), "--ray",
                        "--model", str(tiny_path), "--dtype", "float32", "--device", "cpu", "--rows-per-block", "4",
                        "--format", "jsonl", "--keep-column", "completion", "--no-progress"])  # fmt: skip
-    assert rc == 3  # one row could not be scored (exit code 3, as `rewardplug score`)
+    assert rc == 3 == documented_exit_code_for_unscorable_rows()  # as `rewardplug score` (docs/cli.md)
     got = read_scores(tmp_path / "out")
     assert sorted(os.listdir(tmp_path / "out"))[:2] == ["_SUCCESS.json", "_plan.json"]
     assert [g["id"] for g in got] == [r["id"] for r in rows]

@@ -196,8 +196,10 @@ def run_ray_score(args) -> int:
     """``rewardplug score IN OUT --ray``: score_dataset with the parsed flags. Also reads --model, --dtype,
     --device, --max-length, --batch-size (or --max-batch-size), --max-batch-tokens, --image-root and
     --allow-url-host when the parser has them."""
+    from ..cli import warn_if_random
     from .dataset import score_dataset
 
+    warn_if_random(args.model)
     options = {k: v for k, v in (("dtype", getattr(args, "dtype", None)), ("device", getattr(args, "device", None)),
                                  ("max_length", getattr(args, "max_length", None))) if v is not None}  # fmt: skip
     if getattr(args, "image_root", None):
