@@ -17,20 +17,25 @@ from pathlib import Path
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="saved VL-RewardBench folder, parquet or JSONL")
-    p.add_argument("--model", default="tiny")
+    p.add_argument("--model", help="hub id or checkpoint folder (Skywork/Skywork-VL-Reward-7B)")
     p.add_argument("--pool", help="score through this running RewardPool instead of loading --model")
     p.add_argument("--out", default="eval-out")
     p.add_argument("--tiny", action="store_true", help="generated data and the tiny random checkpoint")
     args = p.parse_args()
+    if not args.tiny and (args.data is None or not (args.model or args.pool)):
+        p.error("give --data and --model (or --pool NAME), or --tiny for a smoke run")
 
+    from rewardplug import named_models
     from rewardplug.offline import evaluate
 
     data = args.data
-    if args.tiny or data is None:
+    if args.tiny:
         from rewardplug.testing import make_preference_set
 
         data = make_preference_set(Path(tempfile.mkdtemp()) / "bench.jsonl", n_pairs=20)
-        args.model = "tiny"
+        args.model, args.pool = named_models.TINY, None
+    if args.model and named_models.is_random(args.model):
+        print(named_models.banner(args.model))
     source = {"pool": args.pool} if args.pool else {"model": args.model}
     summary = evaluate(data, args.out, **source)
     print(f"overall accuracy {100 * summary.accuracy:.1f}%, macro average {100 * summary.macro_average:.1f}% "

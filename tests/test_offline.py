@@ -374,3 +374,20 @@ def test_missing_preference_columns_are_named():
         PreferenceColumns().resolve(["prompt", "image", "answer"])
     with pytest.raises(ValueError, match="'good' is not in the data"):
         PreferenceColumns(chosen="good", rejected="rejected").resolve(["prompt", "rejected"])
+
+
+def test_eval_example_script_runs_its_smoke_run_and_asks_for_a_model(tmp_path):
+    """examples/eval_vl_rewardbench.py: --tiny runs on generated data with the banner; without a model
+    or data it stops with a usage message instead of scoring a random model."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "eval_vl_rewardbench.py"
+    bare = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert bare.returncode == 2 and "--model" in bare.stderr and not (tmp_path / "o").exists(), bare.stderr
+    smoke = subprocess.run([sys.executable, str(script), "--tiny", "--out", str(tmp_path / "o")], capture_output=True,
+                           text=True, timeout=600)  # fmt: skip
+    assert smoke.returncode == 0, smoke.stderr[-2000:]
+    assert "RANDOM WEIGHTS" in smoke.stdout and "(20 pairs," in smoke.stdout, smoke.stdout
+    assert (tmp_path / "o" / "report.md").is_file()
