@@ -7,7 +7,8 @@ job that runs OpenRLHF:
     REWARDPLUG_MODEL=Skywork/Skywork-VL-Reward-7B   # starts the pool if it is not running yet
     REWARDPLUG_POOL=skywork-rm                      # the pool's name: every worker gets the same one
     REWARDPLUG_POOL_OPTIONS='{"num_replicas": 2, "gpus_per_replica": 1}'
-    REWARDPLUG_INVALID_REWARD=0.0                   # reward of a query that cannot be scored
+    REWARDPLUG_ON_INVALID=raise                     # a query that cannot be scored fails the step (the
+                                                    # default), or a float: its reward (docs/scores.md)
 
 or REWARDPLUG_URL (+ REWARDPLUG_API_KEY) to score through a running ``rewardplug serve`` instead.
 

@@ -20,10 +20,15 @@ Where the scores come from (first match; read once per process):
   ``REWARDPLUG_RAY_ADDRESS`` names the Ray cluster when the process is not already in one.
 
 Images come from the labels and the policy's chat format is re-rendered into the reward model's
-template (see ``rewardplug.serving.get_reward`` for the label layout). A query that cannot be scored gets
-``REWARDPLUG_INVALID_REWARD`` (default 0.0) and ``rm_invalid = 1`` in ``extra_logs``. A system failure
-(``ScoringError``) is raised; note that OpenRLHF's executor logs a raised error and leaves that sample's
-reward empty, which fails the step when the rewards are gathered.
+template (see ``rewardplug.serving.get_reward`` for the label layout).
+
+A query that cannot be scored follows ``REWARDPLUG_ON_INVALID``, the same option and default as in every
+adapter: "raise" (default) raises InvalidSampleError naming each bad query and its reason (logged at
+ERROR); a float is its reward, with ``rm_invalid = 1`` in ``extra_logs``. "none" is refused: OpenRLHF has
+no per-sample mask (``NO_MASK``). ``REWARDPLUG_INVALID_REWARD=<float>`` is the old spelling of
+``REWARDPLUG_ON_INVALID=<float>``. A system failure (``ScoringError``) is raised too. OpenRLHF's executor
+logs a raised error (at INFO) and leaves that sample's reward empty, which fails the step when the
+rewards are gathered (``'NoneType' object has no attribute 'to'``): the reason is in rewardplug's log.
 """
 
 from __future__ import annotations
@@ -32,12 +37,21 @@ import json
 import logging
 import os
 import threading
+import warnings
 from typing import Any
 
 from ..errors import InvalidSampleError
 from ..serving.get_reward import assemble, build_batch
+from .on_invalid import DEFAULT as ON_INVALID_DEFAULT
+from .on_invalid import parse_on_invalid, raise_hint
 
 logger = logging.getLogger(__name__)
+
+ON_INVALID_ENV, OLD_ENV = "REWARDPLUG_ON_INVALID", "REWARDPLUG_INVALID_REWARD"
+# Why on_invalid="none" is refused here (checked in OpenRLHF 0.11.2).
+NO_MASK = ("OpenRLHF has no per-sample mask for rewards: a None reward fails the step, and its group_norm / "
+           "reinforce_baseline advantages take rewards.mean(-1) of each group, so one NaN makes every advantage "
+           "of its group NaN")  # fmt: skip
 
 _scorer: Any = None
 _lock = threading.Lock()
@@ -96,14 +110,29 @@ def score_samples(scorer: Any, samples: list) -> tuple[list, dict]:
         return scores, dict(e.errors)
 
 
+def on_invalid_from_env() -> str | float:
+    """``REWARDPLUG_ON_INVALID`` ("raise", the default, or a float reward); ``REWARDPLUG_INVALID_REWARD``
+    is its old spelling (a float; DeprecationWarning)."""
+    value, old = os.environ.get(ON_INVALID_ENV), os.environ.get(OLD_ENV)
+    if old is not None:
+        warnings.warn(f"{OLD_ENV} is deprecated: use {ON_INVALID_ENV}=<float> (the default is 'raise')",
+                      DeprecationWarning, stacklevel=2)  # fmt: skip
+        if value is None:
+            value = old
+        elif parse_on_invalid(value, where=ON_INVALID_ENV) != parse_on_invalid(old, where=OLD_ENV):
+            raise ValueError(f"{ON_INVALID_ENV}={value!r} and {OLD_ENV}={old!r} disagree; set {ON_INVALID_ENV} only")
+    return parse_on_invalid(value or ON_INVALID_DEFAULT, where=ON_INVALID_ENV, none_refused=NO_MASK)
+
+
 def reward_func(queries: list[str], prompts: list[str], labels: list) -> dict:
     """OpenRLHF's custom reward function: ``{"rewards", "scores", "extra_logs"}``, one entry per query.
 
-    ``rewards`` and ``scores`` are the reward model's scores (the fallback for a query that cannot be
-    scored); ``extra_logs`` holds per-query ``rm_score``, ``rm_invalid`` and ``rm_truncated`` (1.0 when the
+    ``rewards`` and ``scores`` are the reward model's scores (the ``REWARDPLUG_ON_INVALID`` reward for a
+    query that cannot be scored; with "raise", the default, InvalidSampleError naming it instead);
+    ``extra_logs`` holds per-query ``rm_score``, ``rm_invalid`` and ``rm_truncated`` (1.0 when the
     response ended without an end-of-turn token), which OpenRLHF logs as means.
     """
-    fallback = float(os.environ.get("REWARDPLUG_INVALID_REWARD", "0.0"))
+    on_invalid = on_invalid_from_env()
     batch = build_batch(list(queries), list(prompts) if prompts is not None else None,
                         list(labels) if labels is not None else None)  # fmt: skip
     index = batch.to_score
@@ -113,6 +142,12 @@ def reward_func(queries: list[str], prompts: list[str], labels: list) -> dict:
         values, bad = score_samples(_current_scorer(), [batch.samples[i] for i in index])
         scores = {index[k]: v for k, v in enumerate(values) if v is not None}
         errors = {index[k]: reason for k, reason in bad.items()}
-    out = assemble(batch, scores, errors, fallback)
+    errors = {**batch.errors, **errors}
+    if errors and on_invalid == "raise":
+        error = InvalidSampleError(errors)
+        # OpenRLHF logs a raised error at INFO only: say here which queries and why.
+        logger.error("rewardplug reward_func: %s\n%s", error, raise_hint(ON_INVALID_ENV + "={}", masks=False))
+        raise error
+    out = assemble(batch, scores, errors, on_invalid)
     out.pop("errors")  # OpenRLHF reads rewards, scores and extra_logs; reasons were logged
     return out

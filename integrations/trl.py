@@ -9,9 +9,10 @@ every dataset column (``image`` / ``images`` among them), plus ``trainer_state``
 >>> trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=config, train_dataset=ds)  # doctest: +SKIP
 
 Two kinds of failure, never mixed (see ``rewardplug.errors``): a bad sample (an image that cannot be
-read, ...) follows ``on_invalid`` (None by default, which TRL masks, or a fixed fallback reward); a
-system failure (device error, lost replica, timeout, a bug) raises ``ScoringError`` and the training
-step fails with its cause. No system failure ever reaches TRL as None.
+read, ...) follows ``on_invalid`` ("raise" by default, as in every adapter: the step fails naming it;
+"none": None, which TRL masks; or a fixed fallback reward); a system failure (device error, lost
+replica, timeout, a bug) raises ``ScoringError`` and the training step fails with its cause. No system
+failure ever reaches TRL as None.
 
 A RewardFunction is not an ``nn.Module`` on purpose: TRL would take a module for a text-only
 sequence classifier. ``AsyncRewardFunction`` has ``async def __call__``: TRL runs it on its event loop,
@@ -34,11 +35,12 @@ import warnings
 from typing import Any, Callable, Sequence
 
 from ..errors import InvalidSampleError, RewardPlugError, ScoringError
+from .on_invalid import DEFAULT as ON_INVALID_DEFAULT
+from .on_invalid import parse_on_invalid, raise_hint
 
 logger = logging.getLogger(__name__)
 
 TRUNCATED = ("score", "none")
-ON_INVALID = ("none", "raise")
 AUTO = "auto"  # pool_name default: a name derived from the model and options (see default_pool_name)
 
 # Engine/pool counters whose change since the previous call is logged per step (TRL averages what it
@@ -48,6 +50,11 @@ COUNTERS = ("requests", "samples", "batches", "forward_passes", "real_tokens", "
             "failed_samples", "scoring_errors", "retries")  # fmt: skip
 LOGGED_DELTAS = ("samples", "batches", "vision_hits", "vision_misses", "prefix_hits", "oom_splits", "scoring_errors",
                  "retries")  # fmt: skip
+# A pool's replicas report their counters every second: a step's counters wait (at most this long) for
+# reports made after the step's answer, so step N logs step N's work. Reports older than STALE_REPORT_S
+# are replicas that stopped (not waited for).
+STATS_WAIT_S = 3.0
+STALE_REPORT_S = 30.0
 
 
 class RunningNorm:
@@ -100,12 +107,13 @@ class RewardFunction:
           device (``cuda:$LOCAL_RANK``, the CPU without CUDA) or on ``device``. ``options`` go to
           ``RewardModel.from_pretrained`` and ``RewardEngine``.
     name: the name TRL logs under (default "reward_model").
-    on_invalid: what a bad sample (InvalidSampleError: unreadable image, unknown content, ...) gets:
-        "none" (default for the TRL door): None, which TRL masks when no other reward function scores
-        the row (but see "Mixing" below); "raise": the training step fails with InvalidSampleError;
-        a float: that fixed fallback reward, returned as is (not normalized). The reasons are logged.
-        System failures raise ScoringError whatever this is.
-    on_error: deprecated alias of ``on_invalid`` ("none" | "raise").
+    on_invalid: what a bad sample (InvalidSampleError: unreadable image, unknown content, ...) gets,
+        the same option and default in every adapter (``rewardplug.integrations.on_invalid``):
+        "raise" (default): the training step fails with InvalidSampleError naming each bad sample;
+        "none": None, which TRL masks when no other reward function scores the row (but see "Mixing"
+        below); a float: that fixed fallback reward, returned as is (not normalized). The reasons are
+        logged. System failures raise ScoringError whatever this is.
+    on_error: deprecated alias of ``on_invalid``.
     truncated: what a completion that ended without one of the policy's end-of-turn ids (it hit the
         length limit) gets: "score" (scored as is; the reward model's chat template closes the turn),
         "none" (masked), or a fixed float penalty (returned as is, not normalized).
@@ -124,6 +132,11 @@ class RewardFunction:
     Mixing: TRL sums reward functions with ``nansum`` and masks a row only when EVERY function returns
     None, so a None from this function next to a rule-based reward counts as 0 for this function. It
     warns once when that happens; pass a float ``on_invalid`` to choose what unscorable samples get.
+
+    Logged per call (``log_metric``): latency, bad samples (``invalid_count``, ``invalid_frac``), truncated
+    completions (``truncated_count``, ``truncated_frac``), ``raw_mean`` and ``raw_std`` (TRL's sample std,
+    n - 1) of the raw scores, and the scorer's counters changed by this call (a pool's wait up to
+    ``STATS_WAIT_S`` for its replicas' next report, so step N shows step N's work).
     """
 
     def __init__(
@@ -131,7 +144,7 @@ class RewardFunction:
         scorer: Any,
         *,
         name: str | None = None,
-        on_invalid: str | float = "none",
+        on_invalid: str | float = ON_INVALID_DEFAULT,
         on_error: str | None = None,
         truncated: str | float = "score",
         eos_token_ids: Sequence[int] | None = None,
@@ -147,10 +160,10 @@ class RewardFunction:
         if on_error is not None:
             warnings.warn("RewardFunction(on_error=...) is deprecated; use on_invalid=... (same values, plus a "
                           "float fallback reward)", DeprecationWarning, stacklevel=2)  # fmt: skip
-            if on_invalid != "none" and on_invalid != on_error:
+            if on_invalid != ON_INVALID_DEFAULT and on_invalid != on_error:
                 raise ValueError(f"on_error={on_error!r} and on_invalid={on_invalid!r} disagree; pass on_invalid only")
             on_invalid = on_error
-        self.on_invalid = _check_fixed(on_invalid, ON_INVALID, "on_invalid")
+        self.on_invalid = parse_on_invalid(on_invalid)
         self.truncated = _check_fixed(truncated, TRUNCATED, "truncated")
         if normalize not in (None, "running"):
             raise ValueError(f"normalize must be None or 'running', got {normalize!r}")
@@ -170,6 +183,7 @@ class RewardFunction:
         self.log_to = log_to
         self._calls = 0
         self._last_counters: dict[str, float] | None = None
+        self._counters_read = False  # the first read is a baseline taken before this function's first call
         self._consumer = f"trl:{self.__name__}:{uuid.uuid4().hex[:8]}"  # this function's stats(since=...) mark
         self._pending_figures: dict[str, list[float]] = {}
         self._warned: set[str] = set()
@@ -237,22 +251,32 @@ class RewardFunction:
 
     def __call__(self, prompts: list, completions: list, completion_ids: list | None = None, **kwargs: Any) -> list:
         samples = self.samples(prompts, completions, **kwargs)
+        counters = self._counters_due()
+        if not self._counters_read and getattr(self.scorer, "stats", None) is not None:
+            self._read_counters(time.monotonic())  # the baseline: work the scorer did before this function
         start = time.perf_counter()
         with self._failures():
             try:
                 scores, errors = self.scorer.score(samples, on_invalid="raise"), {}
             except InvalidSampleError as e:
-                if self.on_invalid == "raise":
-                    raise
+                self._refuse_if_raise(e)
                 # A RewardModel raises before any compute (no e.scores): score the rest now.
                 scores = e.scores if e.scores is not None else self.scorer.score(samples, on_invalid="none")
                 errors = e.errors
-        return self._finish(scores, errors, completion_ids, kwargs, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        figures = self._read_counters(time.monotonic()) if counters else {}
+        return self._finish(scores, errors, completion_ids, kwargs, seconds, figures)
+
+    def _refuse_if_raise(self, error: InvalidSampleError) -> None:
+        if self.on_invalid == "raise":
+            logger.error("%s: %s\n%s", self.__name__, error, raise_hint("RewardFunction(on_invalid={})"))
+            raise error
 
     def _failures(self):
         return _SystemFailures(self.__name__)
 
-    def _finish(self, scores: list, errors: dict, completion_ids, kwargs: dict, seconds: float) -> list:
+    def _finish(self, scores: list, errors: dict, completion_ids, kwargs: dict, seconds: float,
+                counters: dict[str, float]) -> list:  # fmt: skip
         raw = list(scores)
         bad = [i for i, s in enumerate(raw) if i not in errors and (s is None or not math.isfinite(s))]
         if bad:
@@ -276,7 +300,7 @@ class RewardFunction:
             values[i] = v
         if any(v is None for v in values):
             self._warn_if_mixed(kwargs, sum(v is None for v in values))
-        self._log(kwargs, raw, errors, truncated, seconds)
+        self._log(kwargs, raw, errors, truncated, seconds, counters)
         return values
 
     # ---- mixing ---------------------------------------------------------------------------------
@@ -302,7 +326,8 @@ class RewardFunction:
 
     # ---- logging --------------------------------------------------------------------------------
 
-    def _log(self, kwargs: dict, raw: list, errors: dict, truncated: list | None, seconds: float) -> None:
+    def _log(self, kwargs: dict, raw: list, errors: dict, truncated: list | None, seconds: float,
+             counters: dict[str, float]) -> None:  # fmt: skip
         name = self.__name__
         log_extra = kwargs.get("log_extra")
         if log_extra is not None:  # per-completion columns of TRL's completions table
@@ -311,16 +336,18 @@ class RewardFunction:
             if truncated is not None:
                 log_extra(f"{name}/truncated", list(truncated))
         valid = [s for s in raw if s is not None]
-        figures = {"latency_ms": seconds * 1e3, "invalid_frac": len(errors) / max(len(raw), 1)}
+        figures = {"latency_ms": seconds * 1e3, "invalid_count": len(errors),
+                   "invalid_frac": len(errors) / max(len(raw), 1)}  # fmt: skip
         if truncated is not None:
+            figures["truncated_count"] = sum(truncated)
             figures["truncated_frac"] = sum(truncated) / max(len(truncated), 1)
         if valid:
             mean = sum(valid) / len(valid)
             figures["raw_mean"] = mean
-            figures["raw_std"] = math.sqrt(sum((s - mean) ** 2 for s in valid) / len(valid))
+            if len(valid) > 1:  # TRL's std (trl.trainer.utils.nanstd): the sample std, n - 1; none for one value
+                figures["raw_std"] = math.sqrt(sum((s - mean) ** 2 for s in valid) / (len(valid) - 1))
         self._calls += 1
-        if self._calls % self.log_every == 0:
-            figures.update(self._stats_deltas())
+        figures.update(counters)
         log_metric = kwargs.get("log_metric")
         if log_metric is not None:
             for key, value in figures.items():
@@ -337,18 +364,23 @@ class RewardFunction:
             else:
                 logger.info("%s: %s", name, " ".join(f"{k}={v:.4g}" for k, v in means.items()))
 
-    def _stats_deltas(self) -> dict[str, float]:
+    def _counters_due(self) -> bool:
+        """Whether this call logs the scorer's counters (every ``log_every`` calls)."""
+        return getattr(self.scorer, "stats", None) is not None and (self._calls + 1) % self.log_every == 0
+
+    def _read_counters(self, answered_at: float) -> dict[str, float]:
         """Change of the scorer's counters since this function's previous read (this step's figures):
-        ``stats(since=...)`` where the scorer offers it, else the difference of cumulative stats. On a
-        pool shared by several ranks these are pool-wide figures."""
-        stats_fn = getattr(self.scorer, "stats", None)
-        if stats_fn is None:
-            return {}
+        ``stats(since=...)`` where the scorer offers it (an engine: exact), else the difference of
+        cumulative stats, read once the pool's replicas have reported after ``answered_at`` (a
+        ``time.monotonic()``), so they hold this call's work. On a pool shared by several ranks these
+        are pool-wide figures."""
+        stats_fn = self.scorer.stats
+        self._counters_read = True
         try:
             if "since" in inspect.signature(stats_fn).parameters:
                 delta = counters_of(stats_fn(since=self._consumer))
             else:
-                counters = counters_of(stats_fn())
+                counters = counters_of(self._fresh_stats(stats_fn, answered_at))
                 last, self._last_counters = self._last_counters or {}, counters
                 # a counter that went down belongs to a restarted replica, which starts from 0
                 delta = {k: v - last.get(k, 0.0) if v >= last.get(k, 0.0) else v for k, v in counters.items()}
@@ -363,28 +395,49 @@ class RewardFunction:
             out["vision_hit_rate"] = delta.get("vision_hits", 0.0) / looked_up
         return out
 
+    def _fresh_stats(self, stats_fn: Callable[[], dict], answered_at: float) -> dict:
+        """``stats_fn()`` once every live replica's report (``replicas[i]["age_s"]``) was made after
+        ``answered_at``; after ``STATS_WAIT_S``, the stats as they are (warned once)."""
+        while True:
+            asked = time.monotonic()
+            stats = stats_fn()
+            reports = [r for r in stats.get("replicas") or [] if isinstance(r, dict) and _is_number(r.get("age_s"))]
+            # made at (ask time - age_s) >= answered_at; ages above STALE_REPORT_S are stopped replicas
+            if all(r["age_s"] <= asked - answered_at or r["age_s"] > STALE_REPORT_S for r in reports):
+                return stats
+            if asked - answered_at >= STATS_WAIT_S:
+                self._warn_once("stale", "%s: the pool's replicas did not report within %.0f s of the answer; its "
+                                "counters may show this step's work in the next step", self.__name__, STATS_WAIT_S)  # fmt: skip
+                return stats
+            time.sleep(0.05)
+
 
 class AsyncRewardFunction(RewardFunction):
     """Same as RewardFunction, with ``async def __call__``: TRL awaits it on its own event loop, next to
     its other async reward functions, while the scorer's engine or pool does the work."""
 
     async def __call__(self, prompts: list, completions: list, completion_ids: list | None = None, **kwargs: Any):
+        import asyncio
+
         samples = self.samples(prompts, completions, **kwargs)
+        counters = self._counters_due()
+        if not self._counters_read and getattr(self.scorer, "stats", None) is not None:
+            await asyncio.to_thread(self._read_counters, time.monotonic())  # the baseline (see __call__)
         start = time.perf_counter()
         ascore = getattr(self.scorer, "ascore", None)
         if ascore is None:
-            import asyncio
-
             ascore = lambda s, **kw: asyncio.to_thread(self.scorer.score, s, **kw)  # noqa: E731 - a RewardModel
         with self._failures():
             try:
                 scores, errors = await ascore(samples, on_invalid="raise"), {}
             except InvalidSampleError as e:
-                if self.on_invalid == "raise":
-                    raise
+                self._refuse_if_raise(e)
                 scores = e.scores if e.scores is not None else await ascore(samples, on_invalid="none")
                 errors = e.errors
-        return self._finish(scores, errors, completion_ids, kwargs, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        # Off TRL's event loop: reading a pool's stats blocks (and may wait for its replicas' reports).
+        figures = await asyncio.to_thread(self._read_counters, time.monotonic()) if counters else {}
+        return self._finish(scores, errors, completion_ids, kwargs, seconds, figures)
 
 
 class _SystemFailures:

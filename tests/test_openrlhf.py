@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import re
@@ -14,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rewardplug import RewardEngine
+from rewardplug import InvalidSampleError, RewardEngine
 from rewardplug.errors import ScoringError
 from rewardplug.serving.get_reward import GetRewardRequestError, get_reward, parse_query
 
@@ -143,12 +144,18 @@ def test_query_decoded_by_openrlhf_parses_into_the_conversation(model, rows, use
     assert not parsed.truncated
 
 
-def test_unscorable_query_gets_fallback_and_flag_others_scored(model, rows, use_model, monkeypatch):
-    monkeypatch.setenv("REWARDPLUG_INVALID_REWARD", "-7.5")
-    executor = agent.SingleTurnAgentExecutor(remote_rm_url=str(REWARD_FILE))
+def _unscorable(rows):
     row, _ = rows[0]
-    no_images = {**row, "label": json.dumps({"reference": "noise"})}  # the prompt shows an image, the label has none
-    out = rollout(executor, model.processor, no_images, "A square.")
+    return {**row, "label": json.dumps({"reference": "noise"})}  # the prompt shows an image, the label has none
+
+
+@pytest.mark.parametrize("env", ["REWARDPLUG_ON_INVALID", "REWARDPLUG_INVALID_REWARD"])  # the option, its old name
+def test_unscorable_query_gets_the_on_invalid_reward_and_flag_others_scored(model, rows, use_model, monkeypatch, env):
+    monkeypatch.delenv("REWARDPLUG_ON_INVALID", raising=False)
+    monkeypatch.setenv(env, "-7.5")
+    executor = agent.SingleTurnAgentExecutor(remote_rm_url=str(REWARD_FILE))
+    with pytest.warns(DeprecationWarning) if env == "REWARDPLUG_INVALID_REWARD" else contextlib.nullcontext():
+        out = rollout(executor, model.processor, _unscorable(rows), "A square.")
     assert out["reward"] == [-7.5] and out["extra_logs"]["rm_invalid"] == [1.0]
     # Several queries in one call: the bad one gets the fallback, the good one its score.
     good_row, good_images = rows[3]
@@ -158,6 +165,31 @@ def test_unscorable_query_gets_fallback_and_flag_others_scored(model, rows, use_
     res = rp_openrlhf.reward_func([q_good, "no chat format here"], ["", ""], [good_row["label"], "x"])
     assert res["rewards"][0] == pytest.approx(want(model, question_of(good_row), "Blue.", good_images), abs=TOL)
     assert res["rewards"][1] == -7.5 and res["extra_logs"]["rm_invalid"] == [0.0, 1.0]
+
+
+def test_unscorable_query_fails_by_default_naming_it(model, rows, use_model, monkeypatch, caplog):
+    """on_invalid defaults to "raise", as in every adapter: OpenRLHF's own request code gets
+    InvalidSampleError naming the query and the reason; its executor then leaves the reward empty (the
+    step fails when rewards are gathered), and rewardplug's log says why and what to set instead."""
+    monkeypatch.delenv("REWARDPLUG_ON_INVALID", raising=False)
+    monkeypatch.delenv("REWARDPLUG_INVALID_REWARD", raising=False)
+    executor = agent.SingleTurnAgentExecutor(remote_rm_url=str(REWARD_FILE))
+    prompt, label = preprocess_data(_unscorable(rows), input_key="prompt", label_key="label",
+                                    apply_chat_template=model.processor.apply_chat_template)  # fmt: skip
+    query = prompt.replace("<|image_pad|>", "<|image_pad|>" * 4) + "A square.<|im_end|>"
+    with pytest.raises(InvalidSampleError, match="sample 0: .*image") as info:
+        asyncio.run(executor._fetch_rewards_via_func([query], [prompt], [label]))
+    assert list(info.value.errors) == [0]
+    with caplog.at_level("ERROR", logger="rewardplug.integrations.openrlhf"):
+        out = rollout(executor, model.processor, _unscorable(rows), "A square.")
+    assert out["reward"] is None and out["scores"] is None  # never a made-up number
+    assert "REWARDPLUG_ON_INVALID=<float>" in caplog.text and "sample 0:" in caplog.text
+
+
+def test_on_invalid_none_is_refused_because_openrlhf_cannot_mask_a_reward(rows, use_model, monkeypatch):
+    monkeypatch.setenv("REWARDPLUG_ON_INVALID", "none")
+    with pytest.raises(ValueError, match="no per-sample mask"):
+        rp_openrlhf.reward_func(["no chat format here"], [""], ["x"])
 
 
 def test_reward_file_system_failure_raises_never_a_reward(model, rows):

@@ -118,6 +118,12 @@ def test_grpo_with_engine_logs_the_plugins_scores(paths, reference):
     # Engine figures are per-step changes, not running totals: each step scored 4 samples.
     per_step = [h[f"{NAME}/samples"] for h in trainer.state.log_history if f"{NAME}/samples" in h]
     assert per_step == [4.0, 4.0]
+    # raw_std is TRL's own std of this function's rewards (sample std, n - 1), step by step; no bad samples.
+    steps = [h for h in trainer.state.log_history if f"{NAME}/raw_std" in h]
+    assert len(steps) == 2
+    for h in steps:
+        assert h[f"{NAME}/raw_std"] == pytest.approx(h[f"rewards/{NAME}/std"], rel=1e-4)
+        assert h[f"{NAME}/invalid_count"] == 0.0
     vision = [h[f"{NAME}/vision_hit_rate"] for h in trainer.state.log_history if f"{NAME}/vision_hit_rate" in h]
     assert len(vision) == 2 and all(0.0 <= v <= 1.0 for v in vision)
     reward.scorer.close()
@@ -211,11 +217,13 @@ def test_grpo_mixed_with_a_rule_reward_warns_once_that_none_counts_as_zero(paths
     """Every sample is over the reward model's max_length (a bad sample): the reward function returns
     None, the rule reward scores the rows, TRL sums with nansum (None counts as 0): one warning."""
     engine = RewardEngine(RewardModel.from_pretrained(paths["reward"], image_roots=None, max_length=120))
-    reward = RewardFunction(engine, name=NAME)
+    reward = RewardFunction(engine, name=NAME, on_invalid="none")
     rec = Recording(reward)
     with caplog.at_level(logging.WARNING, logger="rewardplug.integrations.trl"):
         trainer = _train("GRPO", paths["text_policy"], reward, _long_prompts(), paths["work"], others=[length_reward])
     assert all(v is None for _, out in rec.calls for v in out)
+    counts = [h[f"{NAME}/invalid_count"] for h in trainer.state.log_history if f"{NAME}/invalid_count" in h]
+    assert counts == [4.0, 4.0]  # every row of each step, as a count (and invalid_frac 1.0)
     warnings = [r for r in caplog.records if "other reward function" in r.getMessage()]
     assert len(warnings) == 1 and "on_invalid=<float>" in warnings[0].getMessage()
     for h in (h for h in trainer.state.log_history if "reward" in h and "rewards/length_reward/mean" in h):
@@ -232,6 +240,21 @@ def test_grpo_mixed_with_a_rule_reward_warns_once_that_none_counts_as_zero(paths
     assert not [r for r in caplog.records if "other reward function" in r.getMessage()]
     for h in (h for h in trainer.state.log_history if "rewards/length_reward/mean" in h):
         assert h["reward"] == pytest.approx(h["rewards/length_reward/mean"] - 1.0, abs=1e-5)
+    engine.close()
+
+
+def test_grpo_default_on_invalid_fails_the_step_naming_the_bad_samples(paths, caplog):
+    """The default on_invalid="raise" (the same in every adapter): a bad sample fails the GRPO step with
+    InvalidSampleError naming each sample and its reason, and the log says what to choose instead."""
+    engine = RewardEngine(RewardModel.from_pretrained(paths["reward"], image_roots=None, max_length=120))
+    reward = RewardFunction(engine, name=NAME)
+    assert reward.on_invalid == "raise"
+    trainer = _trainer("GRPO", paths["text_policy"], reward, _long_prompts(), paths["work"])
+    with caplog.at_level(logging.ERROR, logger="rewardplug.integrations.trl"), pytest.raises(InvalidSampleError) as info:
+        trainer.train()
+    assert sorted(info.value.errors) == [0, 1, 2, 3] and "max_length" in str(info.value)
+    assert trainer.state.global_step == 0
+    assert "RewardFunction(on_invalid=<float>)" in caplog.text and "sample 0:" in caplog.text
     engine.close()
 
 
@@ -374,10 +397,10 @@ def test_invalid_sample_on_invalid_none_raise_or_fallback(model, images):
     bad = b"not an image"
     kwargs = {"images": [[images[0]], [bad]]}
     good = model.score([{"prompt": "a", "completion": "x", "images": [images[0]]}])[0]
-    out = RewardFunction(model)(prompts=["a", "b"], completions=["x", "y"], **kwargs)  # default "none"
+    out = RewardFunction(model, on_invalid="none")(prompts=["a", "b"], completions=["x", "y"], **kwargs)
     assert out[1] is None and out[0] == pytest.approx(good, abs=1e-5)
-    with pytest.raises(InvalidSampleError, match="sample 1: image 0"):
-        RewardFunction(model, on_invalid="raise")(prompts=["a", "b"], completions=["x", "y"], **kwargs)
+    with pytest.raises(InvalidSampleError, match="sample 1: image 0"):  # the default, as in every adapter
+        RewardFunction(model)(prompts=["a", "b"], completions=["x", "y"], **kwargs)
     fallback = RewardFunction(model, on_invalid=-2.5)(prompts=["a", "b"], completions=["x", "y"], **kwargs)
     assert fallback[1] == -2.5 and fallback[0] == pytest.approx(good, abs=1e-5)
     with pytest.raises(ValueError, match="on_invalid"):
@@ -436,6 +459,29 @@ def test_running_normalization_per_source_and_clip(model):
         mean, std = sum(pair) / 2, abs(pair[0] - pair[1]) / math.sqrt(2)
         expected = [max(-1.5, min(1.5, (v - mean) / (std + 1e-6))) for v in pair]
         assert got == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("normalize", [None, "running"])
+def test_clip_low_high_clips_both_bounds(model, normalize):
+    """clip=(low, high), asymmetric, with values beyond each bound: the lowest is raised to low, the
+    highest lowered to high, the ones between pass unchanged (after normalization when asked)."""
+    prompts, completions = ["q"] * 4, ["a", "bb b", "ccc cc", "d d d d d d"]
+    raw = model.score([{"prompt": p, "completion": c} for p, c in zip(prompts, completions)])
+    unclipped = RewardFunction(model, normalize=normalize)(prompts=prompts, completions=completions)
+    order = sorted(range(4), key=lambda i: unclipped[i])
+    lo, hi = unclipped[order[0]], unclipped[order[-1]]
+    assert len(set(raw)) == 4 and lo < unclipped[order[1]] < unclipped[order[2]] < hi
+    low = unclipped[order[0]] + (unclipped[order[1]] - unclipped[order[0]]) / 3  # between the lowest two
+    high = unclipped[order[2]] + (unclipped[order[3]] - unclipped[order[2]]) / 2  # between the highest two
+    assert abs(low) != pytest.approx(abs(high))  # asymmetric: (-c, c) would not pass
+    out = RewardFunction(model, normalize=normalize, clip=(low, high))(prompts=prompts, completions=completions)
+    expected = list(unclipped)
+    expected[order[0]], expected[order[-1]] = low, high
+    assert out == pytest.approx(expected, abs=1e-6)
+    # A float c clips to [-c, c]: both bounds again.
+    c = min(abs(lo), abs(hi)) / 2
+    out = RewardFunction(model, normalize=normalize, clip=c)(prompts=prompts, completions=completions)
+    assert out == pytest.approx([max(-c, min(c, v)) for v in unclipped], abs=1e-6)
 
 
 def test_engine_figures_are_changes_since_the_previous_call(model, images):
@@ -531,6 +577,10 @@ def test_pool_backed_grpo_and_pickle_round_trip(ray_cluster, paths, reference):
     rec = Recording(reward)
     trainer = _train("GRPO", paths["policy"], reward, common.image_dataset(), paths["work"])
     _check_logged_rewards(trainer, rec, reference)
+    # Step N logs step N's pool counters (the replicas report every second: not a step late).
+    logged = [h for h in trainer.state.log_history if f"{NAME}/samples" in h]
+    assert [h[f"{NAME}/samples"] for h in logged] == [4.0, 4.0]
+    assert logged[0][f"{NAME}/batches"] >= 1 and logged[0][f"{NAME}/vision_misses"] >= 1  # step 1's first image
 
     # As TRL's AsyncGRPOTrainer does: the function crosses into a spawned process without CUDA.
     function = RewardFunction(reward.scorer, name=NAME)
