@@ -149,6 +149,8 @@ class ShardedRewardModel:
         config = zero3_config(ds_config, hidden, dtype=shell.dtype)
         backbone = _partitioned_backbone(folder, shell, config, options.get("attn_implementation"))
         head = _partitioned_head(folder, options.get("value_head", "value_head.safetensors"), hidden, config)
+        _check_dtypes(backbone, shell.dtype, "backbone")
+        _check_dtypes(head, torch.float32, "value head")
         model = dataclasses.replace(shell, backbone=backbone, value_head=head)
         engine, *_ = deepspeed.initialize(model=_Scorer(backbone, head), config=config)
         engine.eval()
@@ -285,7 +287,11 @@ def _partitioned_head(folder: Path, filename: str | None, hidden: int, config: d
     import torch.distributed as dist
 
     weight, bias = read_value_head(folder, filename, hidden)  # every rank: a bad file fails every rank alike
-    with deepspeed.zero.Init(config_dict_or_path=config, dtype=torch.float32):
+    # zero.Init honours an explicit dtype only where the accelerator reports fp16 support (DeepSpeed
+    # 0.19: `dtype or fp16 if fp16_supported else bf16 ...`), so dtype=float32 became bf16 on CPUs without
+    # fp16. With dtype=None the config's precision sections decide: both off means fp32 on every machine.
+    fp32 = {**config, "bf16": {"enabled": False}, "fp16": {"enabled": False}}
+    with deepspeed.zero.Init(config_dict_or_path=fp32):
         head = torch.nn.Linear(hidden, 1, dtype=torch.float32)
     with deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=0), torch.no_grad():
         if dist.get_rank() == 0:
@@ -399,6 +405,16 @@ def _load_partitioned(module: torch.nn.Module, folder: Path, prefix: str) -> Non
     finally:
         for reader in readers.values():
             reader.close()
+
+
+def _check_dtypes(module: torch.nn.Module, dtype: torch.dtype, what: str) -> None:
+    """Every partitioned parameter in the dtype asked for: DeepSpeed's zero.Init picks the dtype of what it
+    partitions by rules of its own (the config's precision sections, the accelerator's fp16 support)."""
+    found = {p.dtype for p in module.parameters()} | {p.ds_tensor.dtype for p in module.parameters()
+                                                     if getattr(p, "ds_tensor", None) is not None}  # fmt: skip
+    if found != {dtype}:
+        raise RuntimeError(f"ZeRO-3 built the {what} in {sorted(map(str, found))}, not {dtype}: DeepSpeed's "
+                           f"zero.Init did not keep the requested dtype")
 
 
 def _local_numel(p: torch.nn.Parameter) -> int:

@@ -58,6 +58,16 @@ def test_zero3_broken_device_raises_scoring_error_never_none_also_through_trl(sc
             assert "illegal memory access" in outcome["cause"] and f"rank {r}" in outcome["message"]
 
 
+def test_zero3_on_an_accelerator_without_fp16_keeps_fp32_and_scores(tiny_path, model, tmp_path):
+    """DeepSpeed's zero.Init drops an explicit dtype=float32 for bf16 when the accelerator reports no fp16
+    support (AMD EPYC CPUs: avx512_bf16, no avx512_fp16); the head then failed every forward with
+    "mat1 and mat2 must have the same dtype". The worker makes the accelerator report no fp16 support."""
+    ranks = launch(tiny_path, tmp_path, "no-fp16")
+    for r, result in enumerate(ranks):
+        assert result["dtypes"] == ["torch.float32"] and result["head_dtypes"] == ["torch.float32"], f"rank {r}"
+        assert result["scores"] == pytest.approx(model.score(samples_for(r)), abs=1e-5), f"rank {r}"
+
+
 def test_a_rank_that_does_not_call_gives_a_clear_error_not_a_hang(tiny_path, tmp_path):
     ranks = launch(tiny_path, tmp_path, "misuse")
     error = ranks[0]["error"]

@@ -1,6 +1,8 @@
 """Run by the deepspeed launcher (2 ranks, gloo, CPU) from tests/test_deepspeed.py.
 
-argv: checkpoint, output folder, mode ("score", "misuse", "trl" or "memory"). Each rank writes rank{r}.json.
+argv: checkpoint, output folder, mode ("score", "misuse", "trl", "memory" or "no-fp16"). Each rank writes
+rank{r}.json. "no-fp16" makes DeepSpeed's accelerator report no fp16 support, as on AMD EPYC CPUs with
+avx512_bf16 but no avx512_fp16, whatever this machine's CPU has.
 """
 
 import json
@@ -47,6 +49,11 @@ def main():
     checkpoint, out, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
+    if mode == "no-fp16":
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().is_fp16_supported = lambda: False  # the accelerator object is a process singleton
+        assert not get_accelerator().is_fp16_supported()
     config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
     if mode == "trl":
         # A trainer's accelerate set-up with its DeepSpeed plugin: the reward model reuses its config.
@@ -67,7 +74,9 @@ def main():
               "local_bytes": rm.local_bytes(), "rss_before": rss_before, "peak_rss_after_load": peak_rss()}  # fmt: skip
     samples = samples_for(rank)
     result["samples"] = len(samples)
-    if mode in ("score", "memory"):
+    result["dtypes"] = sorted({str(p.dtype) for p in rm.model.backbone.parameters()})
+    result["head_dtypes"] = sorted({str(p.dtype) for p in rm.model.value_head.parameters()})
+    if mode in ("score", "memory", "no-fp16"):
         result["scores"] = rm.score(samples)
         result["peak_rss_after_score"] = peak_rss()
     if mode == "score":
