@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -121,3 +122,84 @@ def _main_head_tensors(folder: Path) -> dict[str, torch.Tensor]:
                 if key.startswith(MAIN_HEAD_PREFIXES):
                     found[key] = f.get_tensor(key)
     return found
+
+
+# ---- what kind of reward model a checkpoint holds --------------------------------------------------
+
+VISION_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
+# Text models whose *ForSequenceClassification is transformers' GenericForSequenceClassification (pooling
+# at the last token that is not the pad token) and whose scores rewardplug checks against it.
+TEXT_MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma2")
+
+
+@dataclass(frozen=True)
+class CheckpointKind:
+    """What ``detect_checkpoint`` found: how the folder's reward model is built and scored.
+
+    kind: "value_head" (a Qwen2-VL / Qwen2.5-VL backbone with a separate value head, Skywork-VL-Reward),
+    "vision_seq_cls" (the same backbone with a sequence-classification ``score`` head in its weights), or
+    "text_seq_cls" (a text ``*ForSequenceClassification`` model with one label).
+    """
+
+    kind: str
+    model_type: str
+    architectures: tuple[str, ...]
+
+
+def detect_checkpoint(folder: Path, value_head: str | None = "value_head.safetensors") -> CheckpointKind:
+    """The kind of reward model in ``folder``, from its config and files; ``CheckpointError`` naming
+    what was found when it is none rewardplug scores."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"config.json in {str(folder)!r} cannot be read: {e}") from None
+    model_type = str(config.get("model_type"))
+    archs = tuple(str(a) for a in config.get("architectures") or ())
+    seq_cls = any(a.endswith("ForSequenceClassification") for a in archs)
+    labels = _num_labels(config)
+    found = f"model_type {model_type!r}, architectures {list(archs)}"
+    if seq_cls and labels != 1:
+        raise CheckpointError(
+            f"{str(folder)!r} holds a sequence classifier with {labels} labels ({found}); a reward model "
+            "has exactly one (num_labels == 1)"
+        )
+    if model_type in VISION_MODEL_TYPES:
+        # A *ForSequenceClassification config means the 'score' head in the main weights, unless a value
+        # head file is there; any other config is the value-head layout (its loader says what is missing).
+        if seq_cls and not (value_head and (folder / value_head).is_file()):
+            if "score.weight" not in _main_keys(folder):
+                raise CheckpointError(f"{str(folder)!r} says {found} but its weights hold no 'score.weight'")
+            return CheckpointKind("vision_seq_cls", model_type, archs)
+        return CheckpointKind("value_head", model_type, archs)
+    if model_type in TEXT_MODEL_TYPES and seq_cls:
+        return CheckpointKind("text_seq_cls", model_type, archs)
+    if model_type in TEXT_MODEL_TYPES:
+        raise CheckpointError(
+            f"{str(folder)!r} is a {model_type} model but not a sequence classifier ({found}); a text reward "
+            "model must be an AutoModelForSequenceClassification checkpoint with num_labels == 1"
+        )
+    raise CheckpointError(
+        f"{str(folder)!r} holds no reward model rewardplug scores ({found}). Supported: a Qwen2-VL / "
+        f"Qwen2.5-VL backbone with value_head.safetensors or a 'score' head, and *ForSequenceClassification "
+        f"checkpoints with num_labels == 1 of model_type {list(TEXT_MODEL_TYPES)}"
+    )
+
+
+def _num_labels(config: dict) -> int:
+    if "id2label" in config and isinstance(config["id2label"], dict):
+        return len(config["id2label"])
+    return int(config.get("num_labels", 2))  # transformers' default
+
+
+def _main_keys(folder: Path) -> list[str]:
+    """Tensor names of the main weights (from the index, or the single file's header)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return list(json.loads(index.read_text())["weight_map"])
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        return []
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return list(f.keys())

@@ -1,5 +1,8 @@
 """RewardModel: a Qwen2.5-VL (or Qwen2-VL) backbone with a scalar value head.
 
+``RewardModel.from_pretrained`` also loads the other reward-model families (``rewardplug.families``):
+each implements the same small protocol the engine uses (``rewardplug.families.ScoringModel``).
+
 The score of a sample is the value head applied to the backbone's post-norm last hidden state at the
 sample's last real token (the "\\n" after the final <|im_end|>), as the model card computes it. The head
 is an fp32 linear on the upcast hidden state. The language-model head (vocabulary logits) is never
@@ -9,6 +12,8 @@ inner ``model``, so scoring calls the inner model alone and drops ``lm_head`` af
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -17,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import read_value_head, resolve_checkpoint
+from .checkpoint import CheckpointKind, detect_checkpoint, read_value_head, resolve_checkpoint
 from .encoding import DEFAULT_PIXEL_CACHE_BYTES, Batch, EncodedSample, Encoder, PixelCodes, collate, pixel_values
 from .errors import CheckpointError, InvalidSampleError
 from .images import ImagePolicy
@@ -55,6 +60,17 @@ def _rope_index(backbone):
         return backbone.get_rope_index(ids, mm, image_grid_thw=grid)[0]
 
     return rope_index
+
+
+def cache_argument(module: nn.Module) -> str:
+    """The name of a model's key/value cache, as argument and output field: ``cache`` from transformers
+    5.25, ``past_key_values`` before (verl pins 5.10)."""
+    return _cache_argument(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(module_type: type) -> str:
+    return "cache" if "cache" in inspect.signature(module_type.forward).parameters else "past_key_values"
 
 
 def _resolve_dtype(dtype: Any, config) -> torch.dtype:
@@ -112,7 +128,13 @@ class RewardModel:
         pixel_cache_mb: float = DEFAULT_PIXEL_CACHE_BYTES / 2**20,
         resize_on_device: bool | None = None,
     ) -> "RewardModel":
-        """Load a reward model from a hub id or a local folder.
+        """Load a reward model from a hub id or a local folder, of the kind its files say
+        (``rewardplug.checkpoint.detect_checkpoint``): a Qwen2-VL / Qwen2.5-VL backbone with
+        ``value_head.safetensors`` (Skywork-VL-Reward; this class), the same backbone with a
+        sequence-classification ``score`` head (``ScoreHeadVisionModel``), or a text
+        ``*ForSequenceClassification`` model with one label: Llama, Qwen2, Qwen3, Gemma 2
+        (``TextRewardModel``). Anything else raises ``CheckpointError`` naming what it found. Options that
+        concern images are ignored by text models.
 
         dtype: "auto" (the checkpoint's, bf16 for the 7B), a torch dtype, or "float32"/"bfloat16"/...
         device: where the whole model goes ("cuda", "cuda:1", "cpu", or "meta" to build the
@@ -140,15 +162,50 @@ class RewardModel:
             computed there, bit for bit (``rewardplug.resize``), so the host only decodes and hashes
             them; default: on when the vision tower is on a GPU. Off, the host resizes with Pillow.
         """
-        from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
-
         if device is not None and device_map is not None:
             raise ValueError("pass either device or device_map, not both")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if image_backend not in IMAGE_BACKENDS:
             raise ValueError(f"image_backend must be one of {IMAGE_BACKENDS}, got {image_backend!r}")
+        from .families import model_class
+
         folder = resolve_checkpoint(name_or_path)
+        found = detect_checkpoint(folder, value_head)
+        return model_class(found)._load(
+            folder, str(name_or_path), found, dtype=dtype, device=device, device_map=device_map,
+            max_memory=max_memory, attn_implementation=attn_implementation, min_pixels=min_pixels,
+            max_pixels=max_pixels, max_length=max_length, value_head=value_head, image_backend=image_backend,
+            image_roots=image_roots, image_url_hosts=image_url_hosts, padding_side=padding_side,
+            pixel_cache_mb=pixel_cache_mb, resize_on_device=resize_on_device,
+        )  # fmt: skip
+
+    @classmethod
+    def _load(
+        cls,
+        folder,
+        name: str,
+        found: CheckpointKind,
+        *,
+        dtype: Any,
+        device: Any,
+        device_map: Any,
+        max_memory: Any,
+        attn_implementation: str | None,
+        min_pixels: int | None,
+        max_pixels: int | None,
+        max_length: int | None,
+        value_head: str | None,
+        image_backend: str,
+        image_roots: Any,
+        image_url_hosts: Sequence[str],
+        padding_side: str,
+        pixel_cache_mb: float,
+        resize_on_device: bool | None,
+    ) -> "RewardModel":
+        """A Qwen2-VL / Qwen2.5-VL backbone with its head (this family: the value head file)."""
+        from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
+
         try:
             config = AutoConfig.from_pretrained(folder)
         except Exception as e:
@@ -168,7 +225,7 @@ class RewardModel:
                 full = backbone_cls._from_config(config, **kwargs)
             weight = bias = None
         else:
-            weight, bias = read_value_head(folder, value_head, hidden)
+            weight, bias = cls._read_head(folder, value_head, hidden)
             if device_map is not None:
                 kwargs.update(device_map=device_map, max_memory=max_memory)
             try:
@@ -181,13 +238,7 @@ class RewardModel:
         backbone = full.model
         del full.lm_head  # never run: scores come from the last hidden state
 
-        head_device = backbone.language_model.norm.weight.device
-        head = nn.Linear(hidden, 1, dtype=torch.float32, device=head_device)
-        if weight is not None:
-            with torch.no_grad():
-                head.weight.copy_(weight)
-                head.bias.copy_(bias)
-        head.eval()
+        head = cls._make_head(weight, bias, hidden, torch_dtype, backbone.language_model.norm.weight.device)
 
         processor = AutoProcessor.from_pretrained(folder)  # left as loaded: the encoder holds its image processor
         image_processor = processor.image_processor
@@ -216,7 +267,21 @@ class RewardModel:
         if resize_on_device is None:
             resize_on_device = next(backbone.visual.parameters()).device.type == "cuda"
         encoder.resize_on_device = bool(resize_on_device)
-        return cls(backbone, head, processor, encoder, str(name_or_path), padding_side)
+        return cls(backbone, head, processor, encoder, name, padding_side)
+
+    @classmethod
+    def _read_head(cls, folder, value_head: str | None, hidden: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return read_value_head(folder, value_head, hidden)
+
+    @classmethod
+    def _make_head(cls, weight, bias, hidden: int, dtype: torch.dtype, device) -> nn.Linear:
+        """The value head: an fp32 linear with bias (TRL's old ValueHead), run on the upcast hidden state."""
+        head = nn.Linear(hidden, 1, dtype=torch.float32, device=device)
+        if weight is not None:
+            with torch.no_grad():
+                head.weight.copy_(weight)
+                head.bias.copy_(bias)
+        return head.eval()
 
     # ---- properties ----------------------------------------------------------------------------
 
@@ -236,6 +301,12 @@ class RewardModel:
     def pad_token_id(self) -> int:
         tok = self.processor.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    @property
+    def turn_start_token_id(self) -> int | None:
+        """The token that opens a chat turn (``<|im_start|>``): a prompt group's shared prefix ends at the
+        last one of a sample."""
+        return self.processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
 
     def num_parameters(self) -> int:
         """Parameters used for scoring: backbone (vision + language) and value head, no lm_head."""
@@ -320,7 +391,8 @@ class RewardModel:
 
     def _head(self, hidden: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), self.to_device(last_index, hidden.device)]
-        last = last.to(self.value_head.weight.device, torch.float32)
+        weight = self.value_head.weight
+        last = last.to(weight.device, weight.dtype)  # fp32 for the value head; the model's dtype for a score head
         return self.value_head(last).squeeze(-1).float()
 
     @torch.inference_mode()
@@ -341,7 +413,7 @@ class RewardModel:
     def forward_prefixes(self, prefixes: Batch, image_embeds: Sequence[torch.Tensor] | None = None):
         """Run shared prompt prefixes (right padded) once; returns their key/value cache."""
         out = self.backbone(**self._inputs(prefixes, image_embeds), use_cache=True)
-        return out.past_key_values
+        return getattr(out, cache_argument(self.backbone))
 
     @torch.inference_mode()
     def forward_suffixes(
@@ -368,7 +440,7 @@ class RewardModel:
             inputs_embeds=lm.embed_tokens(to(suffixes.input_ids)),
             attention_mask=mask,
             position_ids=to(suffixes.position_ids),
-            past_key_values=selected,
+            **{cache_argument(lm): selected},
             use_cache=True,
         )
         scores = self._head(out.last_hidden_state, suffixes.last_index)

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -413,3 +414,225 @@ def make_completion_set(
                     row["score"] = value
                 f.write(json.dumps(row) + "\n")
     return path
+
+
+# ---- sequence-classification reward models (AutoModelForSequenceClassification, num_labels=1) -----
+
+# Chat templates as the families ship them (Llama 3 and Gemma 2 verbatim; Qwen2.5 and Qwen3 reduced
+# to plain text turns, their default system prompt and Qwen3's empty think block kept).
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+QWEN2_5_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' and loop.last %}"
+    "<|im_start|>assistant\n<think>\n\n</think>\n\n{{ message['content'] | trim }}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+GEMMA2_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class SeqClsFamily:
+    """What a tiny sequence-classification checkpoint of one family looks like."""
+
+    architecture: str  # config.json "architectures"
+    specials: tuple[str, ...]  # special tokens, ids after the 256 bytes
+    bos: str | None  # added in front by the tokenizer (and by the template, as the hub's do)
+    eos: str
+    pad: str  # the tokenizer's pad token; config.json's pad_token_id is its id
+    padding_side: str
+    chat_template: str
+    config: dict = field(default_factory=dict)  # the model config, tiny
+
+
+_LLAMA_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+_GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>")
+_QWEN3_SPECIALS = tuple(SPECIAL_TOKENS) + ("<think>", "</think>")
+_TEXT_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)  # fmt: skip
+
+SEQ_CLS_FAMILIES: dict[str, SeqClsFamily] = {
+    # Llama 3.1 with the pad token set to its end of turn (a common reward-model setup): the class pools
+    # at the last token before the trailing <|eot_id|>. Left padding.
+    "llama": SeqClsFamily(
+        "LlamaForSequenceClassification", _LLAMA_SPECIALS, "<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>", "left",
+        LLAMA3_CHAT_TEMPLATE,
+        dict(_TEXT_SHAPE, model_type="llama", rms_norm_eps=1e-5, rope_theta=500000.0,
+             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 1024}),
+    ),  # fmt: skip
+    "qwen2": SeqClsFamily(
+        "Qwen2ForSequenceClassification", tuple(SPECIAL_TOKENS), None, "<|im_end|>", "<|endoftext|>", "right",
+        QWEN2_5_CHAT_TEMPLATE, dict(_TEXT_SHAPE, model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1000000.0),
+    ),  # fmt: skip
+    "qwen3": SeqClsFamily(
+        "Qwen3ForSequenceClassification", _QWEN3_SPECIALS, None, "<|im_end|>", "<|endoftext|>", "left",
+        QWEN3_CHAT_TEMPLATE,
+        dict(_TEXT_SHAPE, model_type="qwen3", head_dim=16, rms_norm_eps=1e-6, rope_theta=1000000.0),
+    ),  # fmt: skip
+    # Gemma 2 with a sliding window shorter than the test conversations, so cached prefixes cross it.
+    "gemma2": SeqClsFamily(
+        "Gemma2ForSequenceClassification", _GEMMA_SPECIALS, "<bos>", "<eos>", "<pad>", "right",
+        GEMMA2_CHAT_TEMPLATE,
+        dict(_TEXT_SHAPE, model_type="gemma2", head_dim=16, query_pre_attn_scalar=16, sliding_window=24,
+             attn_logit_softcapping=50.0, final_logit_softcapping=30.0, rms_norm_eps=1e-6,
+             hidden_activation="gelu_pytorch_tanh"),
+    ),  # fmt: skip
+}
+VISION_SEQ_CLS_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def _text_tokenizer(family: SeqClsFamily):
+    """A byte-level BPE tokenizer with the family's special tokens, its BOS rule and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    symbols = _byte_symbols() + list(family.specials)
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(symbols)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(family.specials))
+    if family.bos is not None:
+        bos = symbols.index(family.bos)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{family.bos} $A", pair=f"{family.bos} $A {family.bos} $B", special_tokens=[(family.bos, bos)]
+        )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=family.bos, eos_token=family.eos, pad_token=family.pad,
+        padding_side=family.padding_side, model_max_length=131072,
+    )  # fmt: skip
+    tokenizer.chat_template = family.chat_template
+    return tokenizer
+
+
+def _fill_random(model: torch.nn.Module, seed: int) -> None:
+    """Fresh draws for every parameter (see ``_write_weights``): fixed by the seed, clearly non-trivial."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("ln_q.weight"):
+                value = (0.0 if "gemma" in type(model).__name__.lower() else 1.0) + 0.1 * torch.randn(param.shape, generator=generator)
+            else:
+                value = 0.1 * torch.randn(param.shape, generator=generator)
+            param.copy_(value)
+
+
+def make_tiny_seq_cls_checkpoint(
+    path: str | os.PathLike, family: str, *, seed: int = 0, config: dict[str, Any] | None = None
+) -> Path:
+    """Write a tiny random ``*ForSequenceClassification`` reward model (num_labels=1) of ``family`` in
+    the hub's layout and return its folder.
+
+    Text families (``SEQ_CLS_FAMILIES``: llama, qwen2, qwen3, gemma2): ``config.json`` with the class in
+    ``architectures``, ``model.safetensors`` as ``save_pretrained`` writes it (``model.*`` and
+    ``score.weight`` [1, hidden], no bias), and the family's tokenizer (its special tokens, BOS rule,
+    pad token and padding side) with its chat template. Llama and Qwen3 pad on the left, the others on
+    the right; Llama's pad token is its end-of-turn token. ``config`` overrides the text model's shape
+    (hidden_size, num_hidden_layers, ...), e.g. for benchmarks.
+
+    Vision families (``qwen2_vl``, ``qwen2_5_vl``): transformers has no ``*ForSequenceClassification``
+    class for them; such a checkpoint is the backbone's weights (``model.language_model.*``,
+    ``model.visual.*``; the older ``model.layers.*`` / ``visual.*`` layout loads the same) plus
+    ``score.weight`` [1, hidden], no ``lm_head`` and no ``value_head.safetensors``, with
+    ``architectures`` naming the sequence-classification class, as ``save_pretrained`` of
+    ``vision_seq_cls_class(family)`` writes it, and the Qwen-VL processor files.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if family in VISION_SEQ_CLS_FAMILIES:
+        return _make_vision_seq_cls(path, family, seed)
+    if family not in SEQ_CLS_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; one of {sorted(SEQ_CLS_FAMILIES) + list(VISION_SEQ_CLS_FAMILIES)}")
+    spec = SEQ_CLS_FAMILIES[family]
+    tokenizer = _text_tokenizer(spec)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in spec.specials}
+    cfg = dict(spec.config, **(config or {}))
+    cfg.update(vocab_size=256 + len(spec.specials), architectures=[spec.architecture],
+               num_labels=1, pad_token_id=ids[spec.pad], eos_token_id=ids[spec.eos], torch_dtype="float32",
+               bos_token_id=ids[spec.bos] if spec.bos else None)  # fmt: skip
+    model_type = cfg.pop("model_type")
+    config = AutoConfig.for_model(model_type, **cfg)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    _fill_random(model, seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _make_vision_seq_cls(path: Path, family: str, seed: int) -> Path:
+    config = tiny_config(architectures=["Qwen2_5_VLForSequenceClassification"], num_labels=1,
+                         pad_token_id=256 + SPECIAL_TOKENS.index("<|endoftext|>"))  # fmt: skip
+    if family == "qwen2_vl":
+        config.update(model_type="qwen2_vl", architectures=["Qwen2VLForSequenceClassification"])
+        config["vision_config"] = {
+            "depth": 2, "embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2, "num_heads": 2, "in_chans": 3,
+            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "hidden_act": "quick_gelu",
+        }  # fmt: skip
+    make_tiny_checkpoint(path, config=config, weights=False)
+    if family == "qwen2_vl":
+        pre = json.loads((path / "preprocessor_config.json").read_text())
+        pre["processor_class"] = "Qwen2VLProcessor"
+        (path / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+    from transformers import AutoConfig
+
+    model = vision_seq_cls_class(family)._from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+    _fill_random(model, seed)
+    model.save_pretrained(path)  # transformers 5's layout (model.language_model.*, model.visual.*, score.weight)
+    return path
+
+
+def vision_seq_cls_class(family: str):
+    """``Qwen2VLForSequenceClassification`` / ``Qwen2_5_VLForSequenceClassification`` as transformers
+    composes every text model's class (``GenericForSequenceClassification`` over the family's
+    pretrained model): transformers 5 ships none for these two, so this is the reference a hub
+    checkpoint with a ``score`` head is read against."""
+    from transformers.modeling_layers import GenericForSequenceClassification
+
+    if family == "qwen2_5_vl":
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrainedModel as base
+    elif family == "qwen2_vl":
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLPreTrainedModel as base
+    else:
+        raise ValueError(f"no vision sequence-classification family {family!r}")
+    name = {"qwen2_5_vl": "Qwen2_5_VLForSequenceClassification", "qwen2_vl": "Qwen2VLForSequenceClassification"}[family]
+    return type(name, (GenericForSequenceClassification, base), {})
+
+
+def cached_seq_cls_checkpoint(family: str, seed: int = 0) -> Path:
+    """``make_tiny_seq_cls_checkpoint`` in rewardplug's cache folder, built once (atomically)."""
+    root = Path(os.environ.get("REWARDPLUG_CACHE", Path.home() / ".cache" / "rewardplug"))
+    target = root / f"tiny-{family}-seq-cls-seed{seed}-v1"
+    if (target / "model.safetensors").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))
+    try:
+        make_tiny_seq_cls_checkpoint(tmp, family, seed=seed)
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / "model.safetensors").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -189,8 +189,42 @@ def test_nonexistent_path_that_is_not_a_hub_id(tmp_path, name, monkeypatch):
 
 def test_unsupported_model_type(tiny_path, tmp_path):
     path = copy_checkpoint(tiny_path, tmp_path)
-    (path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
-    with pytest.raises(CheckpointError, match=r"unsupported model_type 'llama' in config\.json.*qwen2_5_vl"):
+    config = {"model_type": "bert", "architectures": ["BertForSequenceClassification"], "id2label": {"0": "LABEL_0"}}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"holds no reward model rewardplug scores \(model_type 'bert', "
+                       r"architectures \['BertForSequenceClassification'\]\).*Qwen2\.5-VL.*'llama', 'qwen2', "
+                       r"'qwen3', 'gemma2'"):  # fmt: skip
+        load(path)
+
+
+def test_text_model_that_is_not_a_sequence_classifier(tiny_path, tmp_path):
+    """A causal LM has no reward head: the error names its class and what a text reward model is."""
+    path = copy_checkpoint(tiny_path, tmp_path)
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(CheckpointError, match=r"is a llama model but not a sequence classifier \(model_type 'llama', "
+                       r"architectures \['LlamaForCausalLM'\]\).*num_labels == 1"):  # fmt: skip
+        load(path)
+
+
+def test_sequence_classifier_with_several_labels(tiny_path, tmp_path):
+    path = copy_checkpoint(tiny_path, tmp_path)
+    config = {"model_type": "qwen3", "architectures": ["Qwen3ForSequenceClassification"],
+              "id2label": {"0": "bad", "1": "good"}}  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"sequence classifier with 2 labels .*Qwen3ForSequenceClassification"
+                       r".*exactly one \(num_labels == 1\)"):  # fmt: skip
+        load(path)
+
+
+def test_vision_sequence_classifier_without_score_weight(tiny_path, tmp_path):
+    """A Qwen2.5-VL config that names the sequence-classification class, with neither a head file nor
+    'score.weight': the error says which head is missing."""
+    path = copy_checkpoint(tiny_path, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(architectures=["Qwen2_5_VLForSequenceClassification"], num_labels=1)
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "value_head.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"Qwen2_5_VLForSequenceClassification.*weights hold no 'score\.weight'"):
         load(path)
 
 

@@ -108,3 +108,34 @@ def test_random_weights_are_usable(seed, tmp_path):
                        {"prompt": "Look.", "completion": "Noise.", "images": [random_image(56, 84)]}])  # fmt: skip
     assert all(abs(s) < 100 for s in scores)
     assert max(scores) - min(scores) > 1e-3, scores
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2", "qwen2_vl", "qwen2_5_vl"])
+def test_seq_cls_checkpoint_has_the_hub_layout(tmp_path, family):
+    """config.json names the family's *ForSequenceClassification with one label; the weights hold
+    score.weight [1, hidden] and no lm_head; the tokenizer carries the family's template and padding."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from rewardplug.testing import SEQ_CLS_FAMILIES, make_tiny_seq_cls_checkpoint
+
+    path = make_tiny_seq_cls_checkpoint(tmp_path / family, family)
+    config = json.loads((path / "config.json").read_text())
+    text = config.get("text_config", config)  # vision configs nest the language model's (transformers 5)
+    assert config["architectures"][0].endswith("ForSequenceClassification")
+    assert len(config["id2label"]) == 1 and text["pad_token_id"] is not None
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+        assert list(f.get_tensor("score.weight").shape) == [1, text["hidden_size"]]
+    assert not any(k.startswith("lm_head") for k in keys)
+    assert not (path / "value_head.safetensors").exists()
+    if family in SEQ_CLS_FAMILIES:
+        spec = SEQ_CLS_FAMILIES[family]
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        assert tokenizer.padding_side == spec.padding_side
+        assert tokenizer.pad_token_id == config["pad_token_id"] == tokenizer.convert_tokens_to_ids(spec.pad)
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], tokenize=False)
+        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        if spec.bos is not None:  # the template writes the BOS; the tokenizer would add a second one
+            assert ids.count(tokenizer.bos_token_id) == 1
+            assert tokenizer(rendered)["input_ids"][:2] == [tokenizer.bos_token_id] * 2
