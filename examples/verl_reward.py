@@ -53,8 +53,10 @@ service started with ``--image-root`` on shared storage). ``ground_truth`` is no
 model; mix in a rule-based score yourself if you have one.
 
 A sample the service cannot score (no image where the question has one, an unreadable image, ...)
-raises rewardplug.InvalidSampleError naming it; set REWARDPLUG_INVALID_SCORE=-10 (say) to give such
-samples that score instead.
+follows ``on_invalid``, the same option and default as in every adapter (docs/scores.md): "raise"
+(default) raises rewardplug.InvalidSampleError naming it; a float (``reward_kwargs.on_invalid=-10``, or
+REWARDPLUG_ON_INVALID=-10) gives such samples that score instead. "none" is refused: verl has no
+per-sample mask for a reward. REWARDPLUG_INVALID_SCORE is the old spelling (DeprecationWarning).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from typing import Any, Sequence
 
 logger = logging.getLogger(__name__)
@@ -109,10 +112,25 @@ def _sample(solution_str: str, extra_info: dict | None) -> dict:
     return {"prompt": question, "completion": solution_str, "images": [_image(im) for im in list(images)]}
 
 
-def _score(samples: list[dict], url: str | None, api_key: str | None, chunk: int = 256) -> list[float]:
+def _on_invalid(value: Any) -> str | float:
+    """``on_invalid`` from the call, else REWARDPLUG_ON_INVALID, else the old REWARDPLUG_INVALID_SCORE."""
+    from rewardplug.integrations.on_invalid import DEFAULT, parse_on_invalid
+    from rewardplug.integrations.verl import NO_MASK
+
+    if value is None:
+        value = os.environ.get("REWARDPLUG_ON_INVALID")
+    if value is None and os.environ.get("REWARDPLUG_INVALID_SCORE") is not None:
+        warnings.warn("REWARDPLUG_INVALID_SCORE is deprecated: use REWARDPLUG_ON_INVALID=<float>", DeprecationWarning,
+                      stacklevel=3)  # fmt: skip
+        value = os.environ["REWARDPLUG_INVALID_SCORE"]
+    return parse_on_invalid(DEFAULT if value is None else value, none_refused=NO_MASK)
+
+
+def _score(samples: list[dict], url: str | None, api_key: str | None, on_invalid: Any = None,
+           chunk: int = 256) -> list[float]:  # fmt: skip
     from rewardplug.errors import InvalidSampleError
 
-    fallback = os.environ.get("REWARDPLUG_INVALID_SCORE")
+    policy = _on_invalid(on_invalid)
     client = _client(url, api_key)
     out: list[float] = []
     for start in range(0, len(samples), chunk):
@@ -120,23 +138,24 @@ def _score(samples: list[dict], url: str | None, api_key: str | None, chunk: int
         try:
             scores = client.score(part)
         except InvalidSampleError as e:
-            if fallback is None:
+            if policy == "raise":
                 raise
-            logger.warning("rewardplug could not score %d samples: %s", len(e.errors), e)
+            logger.warning("rewardplug could not score %d samples (reward %s): %s", len(e.errors), policy, e)
             scores = client.score(part, on_invalid="none")
-        out += [float(fallback) if s is None else float(s) for s in scores]
+        out += [float(policy) if s is None else float(s) for s in scores]
     return out
 
 
 def compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None,
-                  *, url: str | None = None, api_key: str | None = None, **kwargs: Any) -> float:  # fmt: skip
+                  *, url: str | None = None, api_key: str | None = None, on_invalid: Any = None,
+                  **kwargs: Any) -> float:  # fmt: skip
     """verl's per-sample reward function: the reward model's score of ``solution_str``."""
-    return _score([_sample(solution_str, extra_info)], url, api_key)[0]
+    return _score([_sample(solution_str, extra_info)], url, api_key, on_invalid)[0]
 
 
 def compute_score_batch(data_sources: Sequence[str], solution_strs: Sequence[str], ground_truths: Sequence[Any],
                         extra_infos: Sequence[dict | None] | None = None, *, url: str | None = None,
-                        api_key: str | None = None, **kwargs: Any) -> list[float]:  # fmt: skip
+                        api_key: str | None = None, on_invalid: Any = None, **kwargs: Any) -> list[float]:  # fmt: skip
     """Older verl's batched reward function (``reward_model.reward_manager=batch``; verl 0.9 has no batch
     manager): one score per response, in order.
 
@@ -145,7 +164,7 @@ def compute_score_batch(data_sources: Sequence[str], solution_strs: Sequence[str
     extra_infos = list(extra_infos) if extra_infos is not None else [None] * len(solution_strs)
     if len(extra_infos) != len(solution_strs):
         raise ValueError(f"{len(solution_strs)} responses but {len(extra_infos)} extra_infos")
-    return _score([_sample(s, e) for s, e in zip(solution_strs, extra_infos)], url, api_key)
+    return _score([_sample(s, e) for s, e in zip(solution_strs, extra_infos)], url, api_key, on_invalid)
 
 
 if __name__ == "__main__":  # a quick check against a running service

@@ -25,8 +25,10 @@ Two doors:
    images must be in ``extra_info`` (``{"question": ..., "images": [...]}``).
 
 Options (``+reward.rewardplug.<key>=...`` for the manager, ``+reward.custom_reward_function.reward_kwargs.
-<key>=...`` for the function), see ``VerlRewardOptions``. A system failure (``ScoringError``: lost
-replica, device error, timeout) is raised and fails verl's step: it is never turned into a reward.
+<key>=...`` for the function), see ``VerlRewardOptions``. A bad sample follows ``on_invalid``, the same
+option and default as in every adapter: "raise" (default) fails the step naming it, a float is its reward;
+"none" is refused (verl has no per-sample mask). A system failure (``ScoringError``: lost replica,
+device error, timeout) is raised and fails verl's step: it is never turned into a reward.
 """
 
 from __future__ import annotations
@@ -38,10 +40,13 @@ import math
 import os
 import re
 import threading
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..errors import InvalidSampleError
+from .on_invalid import DEFAULT as ON_INVALID_DEFAULT
+from .on_invalid import parse_on_invalid, raise_hint
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +58,10 @@ except ImportError:  # pragma: no cover - exercised only where verl is absent
 BACKENDS = ("pool", "engine", "http")
 QUESTION_KEYS = ("question", "prompt", "problem", "query")
 END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "</s>")
+# Why on_invalid="none" is refused here (checked in verl 0.9.1).
+NO_MASK = ("verl has no per-sample mask for rewards: its GRPO advantage (core_algos.compute_grpo_outcome_advantage) "
+           "takes torch.mean and torch.std of each group's scores, so one NaN makes every advantage of its group "
+           "NaN, and a None is not a number in its rm_scores tensor")  # fmt: skip
 
 
 @dataclass
@@ -64,8 +73,10 @@ class VerlRewardOptions:
         service at ``url``) or "engine" (a RewardEngine in each reward worker: CPU tests, one-node debugging).
     pool_options: RewardPool options (num_replicas, gpus_per_replica, ...); model_options: RewardModel
         options for the engine backend (dtype, device, ...).
-    invalid_score: reward of a sample that cannot be scored (flagged ``rm_invalid = 1``); on_invalid
-        "raise" fails the step instead.
+    on_invalid: a sample that cannot be scored (flagged ``rm_invalid = 1``): "raise" (default, as in
+        every adapter) fails the step with InvalidSampleError naming it; a float is its reward. "none"
+        is refused (``NO_MASK``). ``invalid_score=<float>`` and ``on_invalid=fallback`` are the old
+        spellings of ``on_invalid=<float>`` (DeprecationWarning).
     truncated_score: None (a truncated response is scored as is), or the reward it gets instead.
         Truncated: the response ends without an end-of-turn id (``eos_token_ids``; default: the policy
         tokenizer's eos and the usual end-of-turn tokens it knows).
@@ -80,8 +91,8 @@ class VerlRewardOptions:
     address: str | None = None
     pool_options: dict = field(default_factory=dict)
     model_options: dict = field(default_factory=dict)
-    invalid_score: float = 0.0
-    on_invalid: str = "fallback"
+    on_invalid: str | float | None = None  # None: the default, "raise"
+    invalid_score: float | None = None  # deprecated: on_invalid=<float>
     truncated_score: float | None = None
     eos_token_ids: list[int] | None = None
     batch_wait_ms: float = 5.0
@@ -92,10 +103,22 @@ class VerlRewardOptions:
             self.backend = "http" if self.url else "pool"
         if self.backend not in BACKENDS:
             raise ValueError(f"rewardplug backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.on_invalid not in ("fallback", "raise"):
-            raise ValueError(f"rewardplug on_invalid must be 'fallback' or 'raise', got {self.on_invalid!r}")
+        self.on_invalid = self._resolve_on_invalid()
         if self.max_batch < 1 or self.batch_wait_ms < 0:
             raise ValueError("rewardplug max_batch must be >= 1 and batch_wait_ms >= 0")
+
+    def _resolve_on_invalid(self) -> str | float:
+        value, old = self.on_invalid, self.invalid_score
+        if value == "fallback" or (old is not None and value is None):
+            warnings.warn("rewardplug invalid_score=<x> / on_invalid=fallback are deprecated: use on_invalid=<x> "
+                          "(a float reward for unscorable samples; the default is 'raise')", DeprecationWarning,
+                          stacklevel=3)  # fmt: skip
+            value = 0.0 if old is None else old  # 0.0: the old default fallback
+        elif old is not None and value != "raise" and parse_on_invalid(value) != float(old):
+            raise ValueError(f"rewardplug on_invalid={value!r} and invalid_score={old!r} disagree; pass on_invalid only")
+        self.invalid_score = None
+        value = ON_INVALID_DEFAULT if value is None else value
+        return parse_on_invalid(value, where="rewardplug on_invalid", none_refused=NO_MASK)
 
     def check_source(self) -> None:
         """Raise ValueError unless the options name where the scores come from."""
@@ -122,9 +145,11 @@ class VerlRewardOptions:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "VerlRewardOptions":
-        """REWARDPLUG_URL / REWARDPLUG_API_KEY / REWARDPLUG_POOL / REWARDPLUG_MODEL, then ``overrides``."""
+        """REWARDPLUG_URL / REWARDPLUG_API_KEY / REWARDPLUG_POOL / REWARDPLUG_MODEL / REWARDPLUG_ON_INVALID,
+        then ``overrides``."""
         env = {"url": os.environ.get("REWARDPLUG_URL"), "api_key": os.environ.get("REWARDPLUG_API_KEY"),
-               "pool_name": os.environ.get("REWARDPLUG_POOL"), "model": os.environ.get("REWARDPLUG_MODEL")}  # fmt: skip
+               "pool_name": os.environ.get("REWARDPLUG_POOL"), "model": os.environ.get("REWARDPLUG_MODEL"),
+               "on_invalid": os.environ.get("REWARDPLUG_ON_INVALID")}  # fmt: skip
         values = {k: v for k, v in env.items() if v}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_mapping(values)
@@ -361,18 +386,30 @@ class RewardPlugManager(RewardManagerBase):
         item = data[-1:][0]  # multi-sequence outputs: the last sequence carries the answer (as verl's naive)
         sample, truncated = self.sample_of(item)
         raw, reason = await (await self.batcher()).score(sample)
-        return {"reward_score": self._reward(raw, reason, truncated),
-                "reward_extra_info": logged_fields(raw, truncated)}  # fmt: skip
-
-    def _reward(self, raw: float | None, reason: str | None, truncated: bool) -> float:
         if raw is None:
-            if self.options.on_invalid == "raise":
-                raise InvalidSampleError({0: reason or "not scored"})
-            logger.warning("rewardplug: sample not scored (reward %s): %s", self.options.invalid_score, reason)
-            return float(self.options.invalid_score)
-        if truncated and self.options.truncated_score is not None:
-            return float(self.options.truncated_score)
-        return float(raw)
+            return {"reward_score": invalid_reward(self.options, reason, describe(item)),
+                    "reward_extra_info": logged_fields(raw, truncated)}  # fmt: skip
+        reward = self.options.truncated_score if truncated and self.options.truncated_score is not None else raw
+        return {"reward_score": float(reward), "reward_extra_info": logged_fields(raw, truncated)}
+
+
+def describe(item: Any) -> str:
+    """Where a verl item comes from, for the error that names it: data_source, uid, extra_info's index."""
+    non_tensor = getattr(item, "non_tensor_batch", None) or {}
+    extra = non_tensor.get("extra_info")
+    found = {"data_source": non_tensor.get("data_source"), "uid": non_tensor.get("uid"),
+             "index": extra.get("index") if isinstance(extra, dict) else None}  # fmt: skip
+    return ", ".join(f"{k}={v}" for k, v in found.items() if v is not None) or "a rollout"
+
+
+def invalid_reward(options: VerlRewardOptions, reason: str | None, where: str) -> float:
+    """The reward of a sample that could not be scored, or InvalidSampleError naming it (on_invalid="raise")."""
+    reason = f"{reason or 'not scored'} ({where})"
+    if options.on_invalid == "raise":
+        logger.error("rewardplug: %s\n%s", reason, raise_hint("+reward.rewardplug.on_invalid={}", masks=False))
+        raise InvalidSampleError({0: reason})
+    logger.warning("rewardplug: sample not scored (reward %s): %s", options.on_invalid, reason)
+    return float(options.on_invalid)
 
 
 def _in_event_loop() -> bool:
@@ -435,8 +472,9 @@ async def compute_score(data_source: Any, solution_str: str, ground_truth: Any, 
         _fn_batchers[key] = MicroBatcher(scorer, options.batch_wait_ms / 1e3, options.max_batch)
     raw, reason = await _fn_batchers[key].score(_function_sample(solution_str, extra_info))
     if raw is None:
-        if options.on_invalid == "raise":
-            raise InvalidSampleError({0: reason or "not scored"})
-        logger.warning("rewardplug: sample not scored (reward %s): %s", options.invalid_score, reason)
-    score = float(options.invalid_score) if raw is None else float(raw)
+        index = extra_info.get("index") if isinstance(extra_info, dict) else None
+        where = f"data_source={data_source}" + (f", index={index}" if index is not None else "")
+        score = invalid_reward(options, reason, where)
+    else:
+        score = float(raw)
     return {"score": score, **logged_fields(raw, None)}

@@ -156,21 +156,71 @@ def test_reward_loop_worker_scores_like_model_in_one_request(model, tiny_path):
     assert rm.sum(-1).tolist() == pytest.approx(want, abs=TOL)
 
 
-def test_unscorable_item_gets_invalid_score_and_flag_or_raises(model, tiny_path):
+def _broken_rows(model):
     rows, expected = grpo_rows(model, group=2)
     broken = dict(rows[-1], multi_modal_data={"image": [rows[-1]["multi_modal_data"]["image"][0]]})  # 2 slots, 1 image
-    cfg = compose_config(tiny_path, *MANAGER, *engine_options(tiny_path), "+reward.rewardplug.invalid_score=-4.0")
-    worker = RewardLoopWorker(cfg)
-    outputs = score_batch(worker, rollout_batch(worker.input_tokenizer, rows[:-1] + [broken]))
-    want = model.score(expected[:-1])
-    assert [o["reward_score"] for o in outputs[:-1]] == pytest.approx(want, abs=TOL)
-    assert outputs[-1]["reward_score"] == -4.0
-    assert outputs[-1]["reward_extra_info"]["rm_invalid"] == 1.0 and math.isnan(outputs[-1]["reward_extra_info"]["rm_score"])
+    return rows[:-1] + [broken], expected[:-1]
 
-    cfg = compose_config(tiny_path, *MANAGER, *engine_options(tiny_path), "+reward.rewardplug.on_invalid=raise")
+
+def test_unscorable_item_fails_the_step_by_default_naming_it(model, tiny_path, caplog):
+    """on_invalid defaults to "raise", as in every adapter: verl's worker fails with InvalidSampleError
+    naming the item (its data_source) and the reason, and the log says what to set instead."""
+    rows, _ = _broken_rows(model)
+    cfg = compose_config(tiny_path, *MANAGER, *engine_options(tiny_path))
     worker = RewardLoopWorker(cfg)
-    with pytest.raises(InvalidSampleError, match="placeholder"):
-        score_batch(worker, rollout_batch(worker.input_tokenizer, [broken]))
+    assert worker.reward_manager.options.on_invalid == "raise"
+    with caplog.at_level("ERROR", logger="rewardplug.integrations.verl"):
+        with pytest.raises(InvalidSampleError, match=r"placeholder.*data_source=vqa"):
+            score_batch(worker, rollout_batch(worker.input_tokenizer, rows))
+    assert "+reward.rewardplug.on_invalid=<float>" in caplog.text
+
+
+def test_unscorable_item_gets_the_on_invalid_reward_and_flag_others_scored(model, tiny_path):
+    rows, expected = _broken_rows(model)
+    want = model.score(expected)
+    for option in ("+reward.rewardplug.on_invalid=-4.0", "+reward.rewardplug.invalid_score=-4.0"):  # new, old
+        cfg = compose_config(tiny_path, *MANAGER, *engine_options(tiny_path), option)
+        if "invalid_score" in option:
+            with pytest.warns(DeprecationWarning, match="on_invalid"):
+                worker = RewardLoopWorker(cfg)
+        else:
+            worker = RewardLoopWorker(cfg)
+        outputs = score_batch(worker, rollout_batch(worker.input_tokenizer, rows))
+        assert [o["reward_score"] for o in outputs[:-1]] == pytest.approx(want, abs=TOL)
+        assert outputs[-1]["reward_score"] == -4.0
+        info = outputs[-1]["reward_extra_info"]
+        assert info["rm_invalid"] == 1.0 and math.isnan(info["rm_score"])
+        # verl's own assembly of rm_scores and its GRPO advantage: finite for every item of both groups.
+        data = rollout_batch(worker.input_tokenizer, rows)
+        rm_scores = worker.reward_manager.assemble_rm_scores(data, [o["reward_score"] for o in outputs])
+        advantages, _ = _grpo_advantages(rm_scores, data, groups=[0, 0, 1, 1])
+        assert torch.isfinite(advantages).all()
+
+
+def _grpo_advantages(rm_scores, data, groups):
+    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+    response_mask = data.batch["attention_mask"][:, data.batch["prompts"].shape[1] :].float()
+    return compute_grpo_outcome_advantage(rm_scores, response_mask, np.array(groups))
+
+
+def test_on_invalid_none_is_refused_because_verl_cannot_mask_a_reward(model, tiny_path):
+    """What verl does with a NaN reward (why "none" is refused): its GRPO advantage turns the whole group NaN."""
+    cfg = compose_config(tiny_path, *MANAGER, *engine_options(tiny_path), "+reward.rewardplug.on_invalid=none")
+    with pytest.raises(ValueError, match="no per-sample mask"):
+        RewardLoopWorker(cfg)
+    rows, _ = _broken_rows(model)
+    data = rollout_batch(worker_tokenizer(tiny_path), rows)
+    rm_scores = rp_verl.RewardPlugManager.assemble_rm_scores(data, [0.5, -0.5, 0.3, float("nan")])
+    advantages, _ = _grpo_advantages(rm_scores, data, groups=[0, 0, 1, 1])
+    per_item = advantages.sum(-1)
+    assert torch.isfinite(per_item[:2]).all() and torch.isnan(per_item[2:]).all()  # the NaN's whole group
+
+
+def worker_tokenizer(tiny_path):
+    from verl.utils import hf_tokenizer
+
+    return hf_tokenizer(str(tiny_path))
 
 
 def test_truncated_score_replaces_reward_of_truncated_responses(model, tiny_path):
