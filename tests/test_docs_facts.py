@@ -2,6 +2,7 @@
 run in tests/test_docs.py; these are the statements in prose, tables and example scripts).
 
 - docs/api.md: every ``::: dotted.name`` and every member it lists imports under that name.
+- docs/layouts.md: the TRL, vLLM-server, Ray and Serve defaults it quotes are the installed ones.
 - docs/grpo.md: the batch budget's memory is the figure docs/sizing.md gives; the colocated recipe's
   replica count x the 7B's memory per replica is what the page says each trainer GPU holds, and the
   recipe says how Ray is started.
@@ -169,3 +170,31 @@ def test_openrlhf_example_gpus_fit_the_node():
     assert int(f["--vllm.num_engines"]) * int(f.get("--vllm.tensor_parallel_size", "1")) == actor
     options = json.loads(re.search(r"REWARDPLUG_POOL_OPTIONS:-'(\{.*?\})'", text).group(1))
     assert actor + options["num_replicas"] * options["gpus_per_replica"] <= node_gpus(text)
+
+
+# ---- docs/layouts.md: the defaults it quotes are the installed frameworks' --------------------------------
+
+
+def test_layouts_page_quotes_the_installed_frameworks_port_and_memory_defaults():
+    import dataclasses
+
+    from ray._private import ray_constants
+    from ray.serve.config import HTTPOptions
+    from trl import GRPOConfig
+    from trl.scripts.vllm_serve import ScriptArguments
+
+    text = page("layouts.md")
+    grpo = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+    serve_script = {f.name: f.default for f in dataclasses.fields(ScriptArguments)}
+    assert f'vllm_mode="{grpo["vllm_mode"]}"` (TRL\'s default mode)' in text
+    assert f"default {grpo['vllm_gpu_memory_utilization']} of the GPU" in text
+    rows = re.findall(r"^\| \**(\d+)\** \| ([^|]+)\|", text, re.M)  # (port, who opens it) of the ports table
+
+    def opened_by(port: int, who: str) -> bool:
+        return any(int(p) == port and who in opener for p, opener in rows)
+
+    assert opened_by(serve_script["port"], "trl vllm-serve") and opened_by(grpo["vllm_server_port"], "trl vllm-serve")
+    assert opened_by(HTTPOptions().port, "Ray Serve's HTTP proxy")
+    assert opened_by(grpo["vllm_group_port"], "vllm_group_port")
+    assert opened_by(ray_constants.DEFAULT_DASHBOARD_PORT, "dashboard")
+    assert opened_by(ray_constants.DEFAULT_PORT, "ray start --head")
