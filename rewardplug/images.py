@@ -20,6 +20,7 @@ import binascii
 import hashlib
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,8 @@ def _decode(data: bytes, policy: ImagePolicy, what: str) -> Image.Image:
     except SampleError:
         raise
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
-        raise SampleError(f"{what} could not be decoded as an image ({type(e).__name__}: {e})") from None
+        reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e))  # an address says nothing
+        raise SampleError(f"{what} could not be decoded as an image ({type(e).__name__}: {reason})") from None
     return image
 
 
