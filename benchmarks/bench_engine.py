@@ -7,8 +7,9 @@ Workload: prompts with one 448x448 image (256 image tokens) and a one-line quest
 completions of 16-256 tokens each, on a random-weight model sized for this CPU with the 7B's
 proportions (benchmarks/common.py), fp32.
 
-(a) the model card's way: one sample at a time, processor per sample, full model forward with hidden
-    states and full-vocabulary logits, fp32 head on hidden_states[-1] at attention_mask.sum()-1;
+(a) the model card's way (``rewardplug.bench.card_way``): one sample at a time, processor per sample,
+    full model forward with hidden states and full-vocabulary logits, fp32 head on hidden_states[-1] at
+    attention_mask.sum()-1;
 (b) naive batched: one processor call per group of G (right padding), one forward of the inner model
     (no logits), no sharing;
 (c) RewardEngine: one call with all samples (vision once per image, prompt prefix once per group).
@@ -34,53 +35,11 @@ from common import (  # noqa: E402
 )  # fmt: skip
 
 from rewardplug import RewardEngine, RewardModel  # noqa: E402
+from rewardplug.bench import card_way  # noqa: E402
 from rewardplug.engine.runner import ModelRunner  # noqa: E402
 from rewardplug.engine.scheduler import make_item, make_units, plan_batches  # noqa: E402
 from rewardplug.engine.stats import Stats  # noqa: E402
 from rewardplug.engine.caches import VisionCache  # noqa: E402
-
-
-def card_way(path: Path):
-    """The model card's code, ported to transformers 5 (TRL no longer has its head class)."""
-    from qwen_vl_utils import process_vision_info
-    from safetensors.torch import load_file
-    from transformers import AutoImageProcessor, AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(path)
-    processor.image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
-    head_sd = load_file(str(path / "value_head.safetensors"))
-    head = torch.nn.Linear(model.config.text_config.hidden_size, 1)
-    head.load_state_dict({"weight": head_sd["v_head.summary.weight"], "bias": head_sd["v_head.summary.bias"]})
-
-    def messages(s):
-        content = [{"type": "image", "image": im} for im in s["images"]] + [{"type": "text", "text": s["prompt"]}]
-        return [{"role": "user", "content": content}, {"role": "assistant", "content": s["completion"]}]
-
-    def encode_one(s):
-        msgs = messages(s)
-        text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
-        image_inputs, video_inputs = process_vision_info(msgs)
-        return processor(text=[text], images=image_inputs, videos=video_inputs, padding=True, return_tensors="pt")
-
-    @torch.inference_mode()
-    def score_one(s):
-        inputs = encode_one(s)
-        out = model(**inputs, output_hidden_states=True, return_dict=True)
-        values = head(out.hidden_states[-1].float()).squeeze(-1)
-        return values.gather(-1, inputs["attention_mask"].sum(-1, keepdim=True) - 1).item()
-
-    @torch.inference_mode()
-    def score_batch(group):
-        msgs = [messages(s) for s in group]
-        texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=False) for m in msgs]
-        image_inputs, _ = process_vision_info(msgs)
-        inputs = processor(text=texts, images=image_inputs, padding=True, return_tensors="pt")
-        hidden = model.model(**inputs).last_hidden_state
-        values = head(hidden.float()).squeeze(-1)
-        return values.gather(-1, inputs["attention_mask"].sum(-1, keepdim=True) - 1).squeeze(-1).tolist()
-
-    return score_one, score_batch, encode_one
 
 
 def timed(fn):
@@ -102,7 +61,7 @@ def run(args) -> None:
 
     samples = grpo_workload(args.prompts, args.group)
     card_subset = samples[: args.card_samples]
-    score_one, score_batch, encode_one = card_way(path)
+    score_one, score_batch, card_encode = card_way(rm)
     mem = PeakRSS()
 
     def fresh(seed: int) -> list:  # same shapes, images no run has seen
@@ -180,8 +139,7 @@ def run(args) -> None:
                        for k in range(3))  # fmt: skip
 
         t_rp, t_dev = best(rm, 5000), best(rm_dev, 7000)
-        card_work = grpo_workload(1, 8, side=side, seed=6000 + side)
-        t_card = timed(lambda: [encode_one(s) for s in card_work])[1] / len(card_work)
+        t_card = card_encode(grpo_workload(1, 8, side=side, seed=6000 + side), 1)
         # Scaling: two requests encoded by two threads at once vs one after the other (fresh images each).
         a, b, c, d = (grpo_workload(4, 8, side=side, seed=8000 + side + k) for k in range(4))
         t_seq = timed(lambda: (rm.encode_many(a), rm.encode_many(b)))[1]

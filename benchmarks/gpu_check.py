@@ -307,18 +307,21 @@ class Timeline:
     def summary(self, samples: int, gap_threshold_us: float) -> dict:
         events = self.prof.events()
         launches = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == self.LABEL)
+        kernels, source = [], "engine launch ranges (the CPU computes a batch inside its launch)"
         if self.device.type == "cuda":
             kernels = sorted((e.time_range.start, e.time_range.end) for e in events
                              if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)  # fmt: skip
-        else:
-            kernels = list(launches)
+            source = "profiler kernels and copies"
+            if not kernels:  # no CUPTI trace (a container without it): say so rather than report nothing
+                source = "NO KERNEL TRACE (CUPTI unavailable?): engine launch ranges, host time"
+        kernels = kernels or list(launches)
         busy = _union(kernels)
         span = (busy[-1][1] - busy[0][0]) if busy else 0.0
         busy_us = sum(b - a for a, b in busy)
         gaps = [busy[k + 1][0] - busy[k][1] for k in range(len(busy) - 1)]
         between = _gaps_before(busy, [start for start, _ in launches[1:]])
         return {
-            "source": "profiler kernels" if self.device.type == "cuda" else "engine launch ranges (CPU computes in launch)",
+            "source": source,
             "batches": len(launches), "wall_ms": span / 1e3, "busy_ms": busy_us / 1e3,
             "busy_fraction": busy_us / span if span else None,
             "device_ms_per_sample": busy_us / 1e3 / samples if samples else None,

@@ -2,6 +2,8 @@
 
     rewardplug bench                                   # tiny checkpoint, CPU or the first GPU
     rewardplug bench --model Skywork/Skywork-VL-Reward-7B --groups 32 --group-size 8 --image-size 448
+    rewardplug bench --model random-7b                 # the 7B's architecture, random weights, no download
+    rewardplug bench --model random-7b --layers 2 --device cpu --dtype float32   # its first 2 layers
 
 Each method scores a GRPO-like workload (``--groups`` prompts with one ``--image-size`` picture each,
 ``--group-size`` answers of ``--answer-tokens`` tokens per prompt) made of images no other run has seen,
@@ -13,6 +15,8 @@ are the useful work of the workload, counted the same for every method: the visi
 image, each prompt once per group, each answer on top of its prompt (matmuls and attention, 2 FLOPs
 per multiply-add). The peak is the device's dense bf16 figure from a table of known GPUs, or a measured
 dense matmul (CPU, unknown GPUs, fp32). Writes ``bench.json`` and ``bench.png`` into ``--out``.
+A random-weight model (``tiny``, ``bench-cpu``, ``random-7b``) is announced before and after the table
+and marked in the JSON (``random_weights``): its speed is the real model's, its scores mean nothing.
 
 This module imports only argparse at import time (``rewardplug --help`` stays fast).
 """
@@ -20,9 +24,6 @@ This module imports only argparse at import time (``rewardplug --help`` stays fa
 from __future__ import annotations
 
 import argparse
-
-TINY = "tiny"
-BENCH_CPU = "bench-cpu"
 
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) by device-name substring, most specific first.
 PEAK_BF16 = [
@@ -44,9 +45,12 @@ def add_command(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default=TINY,
-                   help=f"hub id or folder; '{TINY}' (default) the tiny test checkpoint, '{BENCH_CPU}' a "
-                        "CPU-sized random model with the 7B's proportions")  # fmt: skip
+    p.add_argument("--model", default="tiny",
+                   help="hub id or folder; 'tiny' (default) the tiny test checkpoint, 'bench-cpu' a CPU-sized "
+                        "random model with the 7B's proportions, 'random-7b' the 7B's architecture with random "
+                        "weights built on the device (no download)")  # fmt: skip
+    p.add_argument("--layers", type=int, default=None,
+                   help="random-7b only: keep its first N of 28 language layers (and 32N/28 vision blocks)")
     p.add_argument("--groups", type=int, default=4, help="prompts (one image each) per method (default 4)")
     p.add_argument("--group-size", type=int, default=8, help="answers per prompt, G (default 8)")
     p.add_argument("--image-size", type=int, default=448, help="image side in pixels (default 448)")
@@ -67,159 +71,132 @@ def run(args: argparse.Namespace) -> dict:
     ``bench.png`` into ``args.out``, and returns the JSON's content."""
     import json
     import logging
-    import shutil
-    import tempfile
     from pathlib import Path
 
     import torch
 
+    from . import named_models
+    from .workload import make_workload
+
     log = logging.getLogger(__name__)
     lo, hi = _token_range(args.answer_tokens)
+    if args.layers is not None and args.model != named_models.RANDOM_7B:
+        raise SystemExit(f"--layers applies to --model {named_models.RANDOM_7B} only")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    tmp = Path(tempfile.mkdtemp(prefix="rewardplug-bench-"))
-    try:
-        path = _model_path(args.model, tmp)
-        from .model import RewardModel
+    random_weights = named_models.is_random(args.model)
+    if random_weights:
+        print(named_models.banner(args.model), flush=True)
+    options = {"layers": args.layers} if args.layers is not None else {}
+    rm = named_models.load(args.model, dtype=dtype_name, device=device, image_roots=None, **options)
+    G, n_groups = args.group_size, args.groups
+    card_n = args.card_samples if args.card_samples is not None else G
+    tokenizer = rm.processor.tokenizer
 
-        rm = RewardModel.from_pretrained(path, dtype=dtype_name, device=device, image_roots=None)
-        G, n_groups = args.group_size, args.groups
-        card_n = args.card_samples if args.card_samples is not None else G
-        tokenizer = rm.processor.tokenizer
+    def workload(tag: int, groups: int = n_groups) -> list[dict]:
+        # A distinct seed per use: every timed run sees images nothing has cached.
+        return make_workload(tokenizer, groups, G, args.image_size, lo, hi, seed=args.seed * 1000 + tag)
 
-        def workload(tag: int, groups: int = n_groups) -> list[dict]:
-            # A distinct seed per use: every timed run sees images nothing has cached.
-            return make_workload(tokenizer, groups, G, args.image_size, lo, hi, seed=args.seed * 1000 + tag)
+    peak, peak_source = device_peak_flops(device, rm.dtype)
+    report: dict = {
+        "device": str(device), "device_name": _device_name(device), "model": args.model, "dtype": dtype_name,
+        "layers": rm.config.text_config.num_hidden_layers, "parameters": rm.num_parameters(),
+        "random_weights": random_weights, "torch_threads": torch.get_num_threads(),
+        "workload": {"groups": n_groups, "group_size": G, "image_size": args.image_size,
+                     "answer_tokens": [lo, hi], "samples": n_groups * G, "card_samples": card_n},
+        "peak_flops": peak, "peak_source": peak_source, "methods": {},
+    }  # fmt: skip
+    report["encode_ms_per_sample"] = {"rewardplug_1_thread": encode_ms_per_sample(rm, workload(5))}
+    methods = report["methods"]
 
-        peak, peak_source = device_peak_flops(device, rm.dtype)
-        report: dict = {
-            "device": str(device), "device_name": _device_name(device), "model": args.model, "dtype": dtype_name,
-            "torch_threads": torch.get_num_threads(),
-            "workload": {"groups": n_groups, "group_size": G, "image_size": args.image_size,
-                         "answer_tokens": [lo, hi], "samples": n_groups * G, "card_samples": card_n},
-            "peak_flops": peak, "peak_source": peak_source, "methods": {},
-        }  # fmt: skip
-        report["encode_ms_per_sample"] = {"rewardplug_1_thread": encode_ms_per_sample(rm, workload(5))}
-        methods = report["methods"]
+    card_one, naive_batch, card_encode = card_way(rm)
+    card_samples = workload(1, groups=-(-card_n // G))[:card_n]
+    card_one(workload(11)[0])  # warm-up on other images
+    methods["card"] = measure(rm, card_samples, lambda s: [card_one(x) for x in s], peak, device)
+    encode = report["encode_ms_per_sample"]
+    methods["card"]["encode_ms_per_sample"] = encode["card_processor_1_by_1"] = card_encode(workload(6, 1), 1) * 1e3
+    naive_batch(workload(12, groups=1))
+    methods["naive"] = measure(
+        rm, workload(2), lambda s: [v for k in range(0, len(s), G) for v in naive_batch(s[k : k + G])], peak, device
+    )
+    methods["naive"]["encode_ms_per_sample"] = encode["processor_per_group"] = card_encode(workload(7, 1), G) * 1e3
+    del card_one, naive_batch, card_encode
+    _free(device)
 
-        card_one, naive_batch, card_encode = card_way(path, device, rm.dtype)
-        card_samples = workload(1, groups=-(-card_n // G))[:card_n]
-        card_one(workload(11)[0])  # warm-up on other images
-        methods["card"] = measure(rm, card_samples, lambda s: [card_one(x) for x in s], peak, device)
-        encode = report["encode_ms_per_sample"]
-        methods["card"]["encode_ms_per_sample"] = encode["card_processor_1_by_1"] = card_encode(workload(6, 1), 1) * 1e3
-        naive_batch(workload(12, groups=1))
-        methods["naive"] = measure(
-            rm, workload(2), lambda s: [v for k in range(0, len(s), G) for v in naive_batch(s[k : k + G])], peak, device
-        )
-        methods["naive"]["encode_ms_per_sample"] = encode["processor_per_group"] = card_encode(workload(7, 1), G) * 1e3
-        del card_one, naive_batch, card_encode
+    from .engine import RewardEngine
+
+    def engine_score(samples):
+        with RewardEngine(rm) as engine:  # a fresh engine: fresh vision cache
+            return engine.score(samples)
+
+    engine_score(workload(13, groups=1))
+    methods["engine"] = measure(rm, workload(3), engine_score, peak, device)
+    methods["engine"]["encode_ms_per_sample"] = encode["rewardplug_1_thread"]
+
+    if args.replicas > 0 and _ray_importable():
+        pool_samples, pool_warmup = workload(4), workload(14)
+        reference = rm.score(pool_samples, batch_size=1)
+        stats = workload_stats(rm, pool_samples)
+        del rm, engine_score  # the replicas load their own copies
         _free(device)
+        pool_model = args.model if args.model == named_models.RANDOM_7B else named_models.checkpoint_path(args.model)
+        methods["pool"] = measure_pool(pool_model, args, device, dtype_name, pool_samples, pool_warmup, reference,
+                                       stats, peak)  # fmt: skip
+        if "error" not in methods["pool"]:
+            methods["pool"]["encode_ms_per_sample"] = encode["rewardplug_1_thread"]
+    ratios = {}
+    rate = {k: v.get("samples_per_s") for k, v in methods.items()}
+    for a, b in (("engine", "card"), ("engine", "naive"), ("pool", "engine"), ("naive", "card")):
+        if rate.get(a) and rate.get(b):
+            ratios[f"{a}_vs_{b}"] = rate[a] / rate[b]
+    report["ratios"] = ratios
 
-        from .engine import RewardEngine
-
-        def engine_score(samples):
-            with RewardEngine(rm) as engine:  # a fresh engine: fresh vision cache
-                return engine.score(samples)
-
-        engine_score(workload(13))
-        methods["engine"] = measure(rm, workload(3), engine_score, peak, device)
-        methods["engine"]["encode_ms_per_sample"] = encode["rewardplug_1_thread"]
-
-        if args.replicas > 0 and _ray_importable():
-            pool_samples, pool_warmup = workload(4), workload(14)
-            reference = rm.score(pool_samples, batch_size=1)
-            stats = workload_stats(rm, pool_samples)
-            del rm, engine_score  # the replicas load their own copies
-            _free(device)
-            methods["pool"] = measure_pool(path, args, device, dtype_name, pool_samples, pool_warmup, reference, stats, peak)
-            if "error" not in methods["pool"]:
-                methods["pool"]["encode_ms_per_sample"] = encode["rewardplug_1_thread"]
-        ratios = {}
-        rate = {k: v.get("samples_per_s") for k, v in methods.items()}
-        for a, b in (("engine", "card"), ("engine", "naive"), ("pool", "engine"), ("naive", "card")):
-            if rate.get(a) and rate.get(b):
-                ratios[f"{a}_vs_{b}"] = rate[a] / rate[b]
-        report["ratios"] = ratios
-
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-        print_table(report)
-        try:
-            plot(report, out / "bench.png")
-        except ImportError:
-            log.warning("matplotlib is not installed: no bench.png (pip install matplotlib)")
-        print(f"\nwrote {out / 'bench.json'} and {out / 'bench.png'}")
-        return report
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ---- workload ------------------------------------------------------------------------------------
-
-WORDS = "the a red blue cat dog sits on mat and is near big small picture shows two one of in".split()
-
-
-def make_image(side: int, seed: int):
-    """A smooth random picture (like a photo, unlike noise) of side x side pixels."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    small = rng.random((max(2, side // 16), max(2, side // 16), 3))
-    return Image.fromarray((small * 255).astype("uint8")).resize((side, side), Image.BICUBIC)
-
-
-def make_workload(tokenizer, groups: int, group_size: int, side: int, lo: int, hi: int, seed: int) -> list[dict]:
-    """GRPO-like samples: per group one fresh picture and question, ``group_size`` answers of lo..hi tokens."""
-    import random
-
-    rng = random.Random(seed)
-    samples = []
-    for g in range(groups):
-        image = make_image(side, seed * 7919 + g)
-        question = f"Question {seed}-{g}: what does this picture show, and how many objects are there?"
-        for _ in range(group_size):
-            samples.append({"prompt": question, "completion": text_of_tokens(tokenizer, rng.randint(lo, hi), rng),
-                            "images": [image]})  # fmt: skip
-    return samples
-
-
-def text_of_tokens(tokenizer, n: int, rng) -> str:
-    text = ""
-    while len(tokenizer.encode(text, add_special_tokens=False)) < n:
-        text += " ".join(rng.choice(WORDS) for _ in range(max(1, n // 2))) + " "
-    return tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[:n])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report)
+    if random_weights:
+        print(named_models.banner(args.model))
+    try:
+        plot(report, out / "bench.png")
+    except ImportError:
+        log.warning("matplotlib is not installed: no bench.png (pip install matplotlib)")
+    print(f"\nwrote {out / 'bench.json'} and {out / 'bench.png'}")
+    return report
 
 
 # ---- methods -------------------------------------------------------------------------------------
 
 
-def card_way(path, device, dtype):
+def card_way(rm):
     """The model card's code, ported to transformers 5 (TRL no longer has its head class): one sample at a
     time through the processor and the full model with hidden states and vocabulary logits. Also the
-    naive batched way: one processor call per group (right padding), the inner model, no sharing."""
+    naive batched way: one processor call per group (right padding), the inner model, no sharing.
+
+    Built around ``rm``'s own backbone and value head (no second copy of the weights; a 7B fits once
+    on a card): the full model is the backbone plus an ``lm_head`` in the model's dtype on its device.
+    The head's values never reach a score, so it is zeros; its matmul costs what the real one costs."""
+    import copy
     import time
 
     import torch
     from qwen_vl_utils import process_vision_info
-    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
 
-    from .checkpoint import read_value_head, resolve_checkpoint
     from .model import _backbone_class
 
-    folder = resolve_checkpoint(path)
-    config = AutoConfig.from_pretrained(folder)
-    model = _backbone_class(config.model_type).from_pretrained(folder, dtype=dtype).to(device).eval()
-    processor = AutoProcessor.from_pretrained(folder)
-    processor.image_processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
+    config = rm.config
+    device = rm.device
+    with torch.device("meta"):
+        model = _backbone_class(config.model_type)._from_config(config, dtype=rm.dtype)
+    model.model = rm.backbone
+    text = config.text_config
+    model.lm_head = torch.nn.Linear(text.hidden_size, text.vocab_size, bias=False, device=device, dtype=rm.dtype)
+    torch.nn.init.zeros_(model.lm_head.weight)
+    model.eval()
+    processor = copy.deepcopy(rm.processor)
+    processor.image_processor = copy.deepcopy(rm.image_processor)  # the PIL processor, as the card's era had
     processor.tokenizer.padding_side = "right"  # the card's index (attention_mask.sum() - 1) needs it
-    weight, bias = read_value_head(folder, "value_head.safetensors", config.text_config.hidden_size)
-    head = torch.nn.Linear(config.text_config.hidden_size, 1).to(device)
-    with torch.no_grad():
-        head.weight.copy_(weight)
-        head.bias.copy_(bias)
+    head = rm.value_head
 
     def messages(s):
         content = [{"type": "image", "image": im} for im in s["images"]] + [{"type": "text", "text": s["prompt"]}]
@@ -269,14 +246,14 @@ def measure(rm, samples, score, peak, device) -> dict:
     return summarize(workload_stats(rm, samples), got, reference, seconds, peak)
 
 
-def measure_pool(path, args, device, dtype_name, samples, warmup, reference, stats, peak) -> dict:
+def measure_pool(model, args, device, dtype_name, samples, warmup, reference, stats, peak) -> dict:
     import time
 
     try:
         from .serving.pool import RewardPool
 
         gpus = 1 if device.type == "cuda" else 0
-        with RewardPool(str(path), num_replicas=args.replicas, gpus_per_replica=gpus, dtype=dtype_name) as pool:
+        with RewardPool(str(model), num_replicas=args.replicas, gpus_per_replica=gpus, dtype=dtype_name) as pool:
             pool.score(warmup)
             t0 = time.perf_counter()
             got = pool.score(samples)
@@ -447,18 +424,6 @@ def _token_range(text: str) -> tuple[int, int]:
     if not 1 <= lo <= hi:
         raise SystemExit(f"--answer-tokens needs 1 <= LO <= HI, got {text!r}")
     return lo, hi
-
-
-def _model_path(model: str, tmp):
-    if model == TINY:
-        from .testing import cached_tiny_checkpoint
-
-        return cached_tiny_checkpoint()
-    if model == BENCH_CPU:
-        from .testing import make_tiny_checkpoint
-
-        return make_tiny_checkpoint(tmp / "bench-cpu", seed=0, config=bench_cpu_config(), max_pixels=12845056)
-    return model
 
 
 def bench_cpu_config() -> dict:

@@ -1,4 +1,5 @@
-"""``rewardplug bench`` through its run() with tiny sizes: the JSON's fields, the chart, exact scores."""
+"""``rewardplug bench`` through its run() with tiny sizes: the JSON's fields, the chart, exact scores; and the
+7B-shaped random model (``--model random-7b --layers 2``) through the same command."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import rewardplug.bench as bench
+from rewardplug.workload import make_workload
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -61,7 +63,7 @@ def test_useful_flops_count_shared_work_once(model):
     """Vision once per distinct image and the prompt once per group: G copies of a sample cost one image,
     one prompt and G answers, so each extra copy adds the same answer cost."""
     tok = model.processor.tokenizer
-    one = bench.make_workload(tok, 1, 1, 56, 5, 5, seed=1)
+    one = make_workload(tok, 1, 1, 56, 5, 5, seed=1)
     im_start = tok.convert_tokens_to_ids("<|im_start|>")
 
     def flops(copies: int) -> float:
@@ -78,8 +80,8 @@ def test_workloads_with_different_seeds_have_different_images():
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cached_tiny_checkpoint())
-    a = bench.make_workload(tok, 2, 2, 56, 3, 6, seed=1)
-    b = bench.make_workload(tok, 2, 2, 56, 3, 6, seed=2)
+    a = make_workload(tok, 2, 2, 56, 3, 6, seed=1)
+    b = make_workload(tok, 2, 2, 56, 3, 6, seed=2)
     assert a[0]["images"][0].tobytes() != b[0]["images"][0].tobytes()
     assert a[0]["images"][0] is a[1]["images"][0]  # one picture per group
     assert all(3 <= len(tok.encode(s["completion"], add_special_tokens=False)) <= 6 for s in a + b)
@@ -98,3 +100,27 @@ def test_bench_module_imports_only_argparse():
 def test_bad_answer_token_range_is_a_clear_error(text):
     with pytest.raises(SystemExit, match="answer-tokens"):
         bench._token_range(text)
+
+
+def test_layers_need_random_7b():
+    with pytest.raises(SystemExit, match="random-7b"):
+        bench.run(parse("--layers", "2", "--device", "cpu"))
+
+
+def test_bench_runs_random_7b_with_2_layers_exactly_and_says_its_scores_mean_nothing(tmp_path, capsys):
+    """The 7B's widths (3584 hidden, 18944 MLP, 152,064-row embeddings, 1280-wide vision) with 2 of its 28
+    layers, fp32 on the CPU: about 1.1B parameters, 4.4 GB (the card's way adds a 2.2 GB vocabulary head).
+    Kept to 2 + 1 + 2 scored samples of 56 px images so it stays about a minute on 2 cores."""
+    args = parse("--model", "random-7b", "--layers", "2", "--groups", "1", "--group-size", "2", "--image-size", "56",
+                 "--answer-tokens", "4-8", "--card-samples", "1", "--device", "cpu", "--dtype", "float32",
+                 "--out", str(tmp_path))  # fmt: skip
+    result = bench.run(args)
+    printed = capsys.readouterr().out
+    assert printed.count("RANDOM WEIGHTS, the scores mean nothing") == 2  # before and after the table
+    assert result["random_weights"] is True and result["model"] == "random-7b" and result["layers"] == 2
+    assert 1.09e9 < result["parameters"] < 1.11e9  # 2 of the 7B's layers, 2 vision blocks, full embeddings
+    assert set(result["methods"]) == {"card", "naive", "engine"}
+    for name, m in result["methods"].items():
+        assert m["samples_per_s"] > 0 and m["mfu"] > 0, name
+        assert m["max_abs_diff"] <= 1e-5, name  # the same scores as the model alone, batch of one
+    assert json.loads((tmp_path / "bench.json").read_text())["random_weights"] is True
