@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serving_commands(sub)  # pool start/status/stop, serve
 
-    add_offline_commands(sub)  # eval, pairs
+    add_offline_commands(sub, _Formatter)  # eval, pairs
     add_bench_command(sub)  # bench
     return p
 

@@ -40,6 +40,13 @@ def _model_arguments(p: argparse.ArgumentParser, *, pool: bool = True, required:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _wrap(text: str) -> str:
+    """A description as lines (the ``rewardplug`` help keeps descriptions' line breaks as written)."""
+    import textwrap
+
+    return textwrap.fill(text, 100, break_on_hyphens=False)
+
+
 def _model_options(args) -> dict:
     options = {"dtype": args.dtype, "device": args.device, "max_length": args.max_length}
     if args.image_root:
@@ -58,14 +65,15 @@ def _source(args) -> dict:
             "engine_options": {"max_batch_size": args.max_batch_size}}  # fmt: skip
 
 
-def add_eval_command(sub) -> argparse.ArgumentParser:
+def add_eval_command(sub, formatter_class=argparse.HelpFormatter) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
+        formatter_class=formatter_class,
         help="pairwise preference accuracy (VL-RewardBench protocol) with a report and charts",
-        description="Score each (chosen, rejected) pair; a pair is right when chosen scores strictly higher "
+        description=_wrap("Score each (chosen, rejected) pair; a pair is right when chosen scores strictly higher "
         "(ties and unscorable pairs count as wrong). Writes pairs.jsonl (resume log), scores.json, report.md "
         "and PNG charts into --out. Defaults fit VL-RewardBench's layout (query, image, response, "
-        "human_ranking, query_source); chosen/rejected columns are found too.",
+        "human_ranking, query_source); chosen/rejected columns are found too."),
     )
     p.add_argument("data", help="datasets folder (save_to_disk), .parquet or .jsonl")
     p.add_argument("--out", default="eval-out", help="output folder (default: eval-out)")
@@ -82,7 +90,7 @@ def add_eval_command(sub) -> argparse.ArgumentParser:
     c.add_argument("--category-column", default="auto",
                    help="'auto' (a category column, else VL-RewardBench's General/Hallucination/Reasoning "
                         "from query_source or id), 'vlrewardbench', 'none', or a column name")  # fmt: skip
-    p.add_argument("--pairs-per-request", type=int, default=16)
+    p.add_argument("--pairs-per-request", type=int, default=16, help="pairs per request (2 samples each)")
     p.add_argument("--no-resume", action="store_true", help="start over instead of skipping pairs already in --out")
     p.set_defaults(func=cmd_eval)
     return p
@@ -129,22 +137,24 @@ def _at_least(kind, low):
     return parse
 
 
-def add_pairs_command(sub) -> argparse.ArgumentParser:
+def add_pairs_command(sub, formatter_class=argparse.HelpFormatter) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "pairs",
+        formatter_class=formatter_class,
         help="preference pairs from N scored completions per prompt, as a TRL DPO dataset",
-        description="Group completions by prompt and images (or --group-column); per prompt keep best vs worst, "
+        description=_wrap("Group completions by prompt and images (or --group-column); per prompt keep best vs worst, "
         "or with --mode all every pair whose score gap is above --min-margin, largest first, at most "
         "--max-pairs-per-prompt. Rows without a score are scored with --model or --pool. OUT: .jsonl, "
         ".parquet, or a folder (datasets.save_to_disk, images embedded). The rule goes to OUT.meta.json "
-        "(or OUT/rewardplug_pairs.json).",
+        "(or OUT/rewardplug_pairs.json)."),
     )
     p.add_argument("input", help=".jsonl, .parquet or datasets folder with prompt, completion, images[, score]")
     p.add_argument("output")
-    p.add_argument("--mode", choices=["best-worst", "all"], default="best-worst")
+    p.add_argument("--mode", choices=["best-worst", "all"], default="best-worst",
+                   help="best-worst: one pair per prompt; all: every pair above --min-margin")  # fmt: skip
     p.add_argument("--min-margin", type=_at_least(float, 0), default=0.0, help="chosen - rejected must exceed this (default 0)")
     p.add_argument("--max-pairs-per-prompt", type=_at_least(int, 1), default=None, help="cap for --mode all")
-    p.add_argument("--score-column", default="score")
+    p.add_argument("--score-column", default="score", help="column holding each completion's score")
     p.add_argument("--group-column", default=None, help="column naming the prompt group (default: prompt + images)")
     p.add_argument("--rescore", action="store_true", help="score every row even when it has a score")
     _model_arguments(p, required=False)  # rows that all have a score need no model
@@ -221,10 +231,11 @@ def run_ray_score(args) -> int:
     return 0 if result.errors == 0 else 3  # exit code 3: some rows could not be scored (docs/cli.md)
 
 
-def add_commands(subparsers) -> None:
-    """Add ``eval`` and ``pairs`` to a ``rewardplug`` subparsers object."""
-    add_eval_command(subparsers)
-    add_pairs_command(subparsers)
+def add_commands(subparsers, formatter_class=argparse.HelpFormatter) -> None:
+    """Add ``eval`` and ``pairs`` to a ``rewardplug`` subparsers object (``formatter_class``: the
+    ``rewardplug`` command's, which shows each flag's default)."""
+    add_eval_command(subparsers, formatter_class)
+    add_pairs_command(subparsers, formatter_class)
 
 
 def build_parser() -> argparse.ArgumentParser:
