@@ -908,32 +908,3 @@ def test_next_batch_is_launched_before_the_last_one_is_read_across_rounds(make_e
         assert position[("launched", k + 1)] < position[("finish", k)], (k, k in round_ends, events)
         between = events[position[("launched", k + 1)] + 1 : position[("finish", k)]]
         assert not [e for e in between if e[0] == "read"], (k, between)
-
-
-def test_score_runs_the_model_on_the_callers_thread_and_submit_on_the_model_thread(make_engine, model, grpo, monkeypatch):
-    """A blocking score() runs the loop's steps on its own thread while it waits (as nano-vllm's generate
-    does; on a CPU torch is faster on the thread that ran it before); submit() leaves them to the model
-    thread. Scores are the same either way, and a request still in flight when the driver leaves is
-    finished by the model thread."""
-    from rewardplug.engine.runner import ModelRunner
-
-    threads: list[str] = []
-    real_launch = ModelRunner.launch
-
-    def launch(self, units):
-        threads.append(threading.current_thread().name)
-        return real_launch(self, units)
-
-    monkeypatch.setattr(ModelRunner, "launch", launch)
-    engine = make_engine(max_batch_tokens=1024, max_batch_size=4)
-    samples, expected = grpo
-    caller = threading.current_thread().name
-    assert_scores(engine.score(samples), expected, "score() on the caller's thread")
-    assert len(threads) >= 3 and set(threads) == {caller}, threads
-    threads.clear()
-    assert_scores(engine.submit(samples).result(timeout=60), expected, "submit() on the model thread")
-    assert threads and set(threads) == {"rewardplug-model"}, threads
-    threads.clear()
-    background = engine.submit(samples)  # the caller below finishes its own request; the rest is the model thread's
-    assert_scores(engine.score(samples[:2]), expected[:2], "a score() beside a submitted request")
-    assert_scores(background.result(timeout=60), expected, "the submitted request beside a score()")

@@ -12,6 +12,10 @@ the batch before it (``runner.finish`` reads its scores, the one synchronisation
 requests). Batch k+1 is launched before batch k is read, across rounds too, so the device never waits
 for the host's planning, collation and resolution between batches.
 
+The loop stays on its own thread even for a blocking ``score()`` (nano-vllm runs it on the caller's):
+on a CPU the caller's thread has an OpenMP pool that spins at full count, which on a busy host ran a
+score 3-6x slower than the model thread's throttled pool (bench-cpu, 448 px, load 15 on 2 cores).
+
 Failures of two kinds, never mixed: a bad sample gets its own reason (``InvalidSampleError`` or None);
 anything else (a device error, a bug, a closed engine) fails the whole request with ``ScoringError``
 whose ``__cause__`` is the original. No thread dies of a failure: it fails the request at hand and goes on.
@@ -133,12 +137,6 @@ class RewardEngine:
         self._probe_batch = None
         self._broken: BaseException | None = None  # the last system failure, until a batch succeeds
         self._lifecycle = threading.Lock()
-        # The loop's state: one step at a time, on the model thread or on a caller of score() that waits.
-        self._step_lock = threading.Lock()
-        self._inflight: InFlight | None = None  # launched, not yet read
-        self._touched: list[ScheduledBatch] = []  # batches the step in progress is launching or reading
-        self._drivers = 0  # score() callers running steps while they wait
-        self._drivers_lock = threading.Lock()
 
         self._encoders = EncoderPool(model, self.encode_workers, self._stats, self.scheduler.add,
                                      self.scheduler.producer_stopped)  # fmt: skip
@@ -170,17 +168,9 @@ class RewardEngine:
 
     def score(self, samples: Sequence[Any], *, on_invalid: str | None = None, timeout: float | None = None) -> list:
         """Scores of ``samples`` in order (blocking). ``timeout`` bounds the wait for room and result."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._drivers_lock:  # counted before the samples arrive, so the model thread leaves them to us
-            self._drivers += 1
-        try:
-            future = self.submit(samples, on_invalid=on_invalid, timeout=timeout)
-            self._drive(future, deadline)
-        finally:
-            with self._drivers_lock:
-                self._drivers -= 1
-            self.scheduler.poke()  # the model thread takes over whatever is left
-        return future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        start = time.monotonic()
+        future = self.submit(samples, on_invalid=on_invalid, timeout=timeout)
+        return future.result(None if timeout is None else max(0.0, timeout - (time.monotonic() - start)))
 
     async def ascore(self, samples: Sequence[Any], *, on_invalid: str | None = None, timeout: float | None = None) -> list:
         """Scores of ``samples``; waiting for room and for the result never blocks the event loop."""
@@ -299,71 +289,27 @@ class RewardEngine:
             self._stats.add(scoring_errors=1)
         self._admission.release(pending)
 
-    # ---- the loop: schedule, run, postprocess -------------------------------------------------------
+    # ---- the model thread: schedule, run, postprocess --------------------------------------------
 
     def _model_loop(self) -> None:
-        """The model thread: steps whenever there is work and no ``score()`` caller runs the steps."""
+        inflight: InFlight | None = None
         try:
-            while True:
-                self.scheduler.wait_until(self._model_thread_may_step)
-                with self._step_lock:
-                    if self._inflight is None and self.scheduler.finished:
-                        return  # closed and drained
-                    if self._drivers == 0 and (self._inflight is not None or self.scheduler.has_work):
-                        self._step()
+            while inflight is not None or not self.scheduler.finished:
+                inflight = self._step(inflight)
         finally:
             # Normally nothing is left here; if this thread ever stops otherwise, nobody waits forever.
             self._admission.fail_all(EngineClosedError, "the engine's model thread stopped")
 
-    def _model_thread_may_step(self) -> bool:
-        if self._drivers:
-            return False
-        return self._inflight is not None or self.scheduler.has_work or self.scheduler.finished
-
-    def _drive(self, future: Future, deadline: float | None) -> None:
-        """Run steps on the caller's thread until its request is resolved, as nano-vllm's ``generate``
-        does: on a CPU, torch runs at full speed only on a thread whose OpenMP pool is the only busy
-        one (another thread's pool makes libgomp stop spinning), and the caller's thread, not the model
-        thread, is where torch has run before. On a GPU it costs nothing: the host only queues kernels."""
-        future.add_done_callback(lambda _: self.scheduler.poke())
-        while not future.done():
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return
-            if not self.scheduler.wait_until(lambda: future.done() or self._inflight is not None or self.scheduler.has_work,
-                                             remaining):  # fmt: skip
-                return
-            with self._step_lock:
-                if future.done() or (self._inflight is None and not self.scheduler.has_work):
-                    continue
-                try:
-                    self._step()
-                except BaseException as error:  # e.g. Ctrl-C on the caller's thread: the batches at hand fail
-                    self._abandon_step(error)
-                    raise
-
-    def _step(self) -> None:
-        """Launch the next batch, then read and resolve the one in flight. Called with ``_step_lock`` held.
+    def _step(self, inflight: InFlight | None) -> InFlight | None:
+        """Launch the next batch, then read and resolve the one in flight; returns what is now in flight.
 
         With a batch in flight the scheduler does not wait for more samples: if none are ready, the batch
         in flight is read at once (on a CPU it has already run)."""
-        previous = self._inflight
-        batch = self._schedule(wait=previous is None)
-        self._touched = [b for b in (batch, previous and previous[0]) if b is not None]
+        batch = self._schedule(wait=inflight is None)
         launched = self.runner.launch(batch.units) if batch is not None else None
-        self._inflight = (batch, launched) if batch is not None else None
-        if previous is not None:
-            self._postprocess(*previous)
-        self._touched = []
-
-    def _abandon_step(self, error: BaseException) -> None:
-        """A step was interrupted: fail the requests of the batches it was launching or reading."""
-        items = [target for b in self._touched for item in b.items for target in b.targets(item)]
-        self._touched = []
-        self._inflight = None  # it is one of the touched batches (the one read or the one launched)
-        message = f"scoring was interrupted ({type(error).__name__})"
-        for owner in {id(i.owner): i.owner for i in items}.values():
-            fail(owner, message, error)
+        if inflight is not None:
+            self._postprocess(*inflight)
+        return (batch, launched) if batch is not None else None
 
     def _schedule(self, wait: bool) -> ScheduledBatch | None:
         try:

@@ -238,22 +238,6 @@ class Scheduler:
             self._producers -= 1
             self._cond.notify_all()
 
-    @property
-    def has_work(self) -> bool:
-        """Something to hand out now: ready items or planned batches."""
-        with self._cond:
-            return bool(self._ready or self._planned)
-
-    def wait_until(self, predicate, timeout: float | None = None) -> bool:
-        """Wait until ``predicate()`` holds (checked whenever items arrive, a producer stops, or ``poke``)."""
-        with self._cond:
-            return self._cond.wait_for(predicate, timeout)
-
-    def poke(self) -> None:
-        """Wake ``wait_until`` callers: something their predicate reads has changed."""
-        with self._cond:
-            self._cond.notify_all()
-
     def ready(self) -> int:
         """Samples waiting: ready, or planned and not yet handed out."""
         planned = list(self._planned)  # the model thread replaces it; a snapshot is enough for a gauge
