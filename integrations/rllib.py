@@ -23,8 +23,9 @@ installs it where Ray 2.60 wants it:
   computes episode returns, so ``env_runners/episode_return_mean`` shows the reward model's scores, and
   the learners train on them.
 
-Failures: a bad sample (InvalidSampleError) is handled as ``on_invalid`` says: "raise" (the step fails),
-"none" (the environment's reward is kept; counted in ``reward_model/invalid``) or a float (that reward).
+Failures: a bad sample (InvalidSampleError) is handled as ``on_invalid`` says, the same option and default
+as in every adapter: "raise" (default: the step fails naming it), "none" (the environment's reward is
+kept; counted in ``reward_model/invalid``) or a float (that reward).
 A system failure (``ScoringError`` and any other exception of the scorer) is never turned into a reward:
 it propagates and fails the training step.
 
@@ -45,18 +46,14 @@ from cachetools import LRUCache
 from ray.rllib.connectors.connector_v2 import ConnectorV2
 
 from ..errors import InvalidSampleError
+from .on_invalid import DEFAULT as ON_INVALID_DEFAULT
+from .on_invalid import parse_on_invalid, raise_hint
 
 logger = logging.getLogger(__name__)
 
 MODES = ("terminal", "per_step")
 TRACKED_EPISODES = 4096  # env-runner piece: episodes whose scored steps it remembers (LRU)
 COMBINE = ("replace", "add")
-
-
-def _check_on_invalid(value: Any) -> None:
-    if value in ("raise", "none") or (isinstance(value, int | float) and not isinstance(value, bool)):
-        return
-    raise ValueError(f"on_invalid must be 'raise', 'none' or a float fallback reward, got {value!r}")
 
 
 def score_batch(scorer: Any, samples: list, on_invalid: Any) -> tuple[list[float | None], dict[int, str]]:
@@ -67,6 +64,7 @@ def score_batch(scorer: Any, samples: list, on_invalid: Any) -> tuple[list[float
         return list(scores), {}
     except InvalidSampleError as e:
         if on_invalid == "raise":
+            logger.error("reward model: %s\n%s", e, raise_hint("on_invalid={}"))
             raise
         scores = e.scores if e.scores is not None else scorer.score(samples, on_invalid="none")
         return list(scores), dict(e.errors)
@@ -85,9 +83,10 @@ class RewardModelConnector(ConnectorV2):
         from chunk ends). On the env runner (``on_env_runner=True``) truncation is known exactly:
         ``score_truncated`` then scores truncated episodes at their last step.
     combine: "replace" the environment's reward, or "add" ``coeff * score`` to it.
-    on_invalid: what a sample that cannot be scored gets: "none" (default: the environment's reward is
-        kept; counted in ``reward_model/invalid``), "raise" (the step fails with InvalidSampleError), or a
-        float reward. ``missing=<float>`` is the old spelling of ``on_invalid=<float>``.
+    on_invalid: what a sample that cannot be scored gets: "raise" (default, as in every adapter: the step
+        fails with InvalidSampleError naming it), "none" (the environment's reward is kept; counted in
+        ``reward_model/invalid``), or a float reward. ``missing=<float>`` is the old spelling of
+        ``on_invalid=<float>``.
     on_env_runner: set by ``add_reward_model(in_returns=True)``: the piece runs in the env-to-module
         pipeline, once per vector step, and scores each newly taken step exactly once.
 
@@ -105,7 +104,7 @@ class RewardModelConnector(ConnectorV2):
         mode: str = "terminal",
         combine: str = "replace",
         coeff: float = 1.0,
-        on_invalid: str | float = "none",
+        on_invalid: str | float = ON_INVALID_DEFAULT,
         score_truncated: bool = False,
         on_env_runner: bool = False,
         missing: float | None = None,
@@ -119,7 +118,7 @@ class RewardModelConnector(ConnectorV2):
         if missing is not None:
             warnings.warn("missing=<float> is now on_invalid=<float>", DeprecationWarning, stacklevel=2)
             on_invalid = float(missing)
-        _check_on_invalid(on_invalid)
+        on_invalid = parse_on_invalid(on_invalid)
         self.scorer, self.sample_fn = scorer, sample_fn
         self.mode, self.combine, self.coeff, self.on_invalid = mode, combine, coeff, on_invalid
         self.score_truncated, self.on_env_runner = score_truncated, on_env_runner
@@ -230,7 +229,8 @@ class RewardModelWrapper(gym.Wrapper):
     ``terminal_only=True``) becomes the reward model's score of ``sample_fn(obs, info)``.
 
     sample_fn: (observation, info) -> sample or None (keep the environment's reward).
-    on_invalid: a bad sample: "none" (default: keep the environment's reward), "raise", or a float reward.
+    on_invalid: a bad sample: "raise" (default: the step fails naming it), "none" (keep the environment's
+        reward), or a float reward.
     The score or the reason goes into ``info["reward_model_score"]`` / ``info["reward_model_error"]``.
     A system failure of the scorer propagates out of ``step``. For vector envs use
     RewardModelVectorWrapper (one scorer call per vector step).
@@ -238,11 +238,11 @@ class RewardModelWrapper(gym.Wrapper):
 
     def __init__(self, env: gym.Env, *, scorer: Any, sample_fn: Callable[[Any, dict], Any],
                  terminal_only: bool = True, combine: str = "replace", coeff: float = 1.0,
-                 on_invalid: str | float = "none"):  # fmt: skip
+                 on_invalid: str | float = ON_INVALID_DEFAULT):  # fmt: skip
         super().__init__(env)
         if combine not in COMBINE:
             raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
-        _check_on_invalid(on_invalid)
+        on_invalid = parse_on_invalid(on_invalid)
         self.scorer, self.sample_fn = scorer, sample_fn
         self.terminal_only, self.combine, self.coeff, self.on_invalid = terminal_only, combine, coeff, on_invalid
 
@@ -274,14 +274,14 @@ class RewardModelVectorWrapper(gym.vector.VectorWrapper):
 
     def __init__(self, env: gym.vector.VectorEnv, *, scorer: Any, sample_fn: Callable[[Any, dict], Any],
                  terminal_only: bool = True, combine: str = "replace", coeff: float = 1.0,
-                 on_invalid: str | float = "none"):  # fmt: skip
+                 on_invalid: str | float = ON_INVALID_DEFAULT):  # fmt: skip
         super().__init__(env)
         if combine not in COMBINE:
             raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
         mode = env.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP)
         if mode != gym.vector.AutoresetMode.NEXT_STEP:
             raise ValueError(f"RewardModelVectorWrapper needs next-step autoreset (RLlib's), got {mode}")
-        _check_on_invalid(on_invalid)
+        on_invalid = parse_on_invalid(on_invalid)
         self.scorer, self.sample_fn = scorer, sample_fn
         self.terminal_only, self.combine, self.coeff, self.on_invalid = terminal_only, combine, coeff, on_invalid
         self._resetting = np.zeros(self.num_envs, bool)  # sub-envs whose next step is an autoreset

@@ -103,7 +103,7 @@ def test_add_reward_model_sets_the_learners_connector_without_deprecation(caplog
     assert config._learner_connector is not None and config._env_to_module_connector is None
     assert not [r for r in caplog.records if "deprecat" in r.getMessage().lower()]
     piece = config._learner_connector(None, None)
-    assert piece.on_env_runner is False and piece.on_invalid == "none"
+    assert piece.on_env_runner is False and piece.on_invalid == "raise"  # the default of every adapter
 
 
 def test_ppo_learner_batch_rewards_are_scores_and_bad_samples_get_the_fallback(ray_cluster, tiny_path, model):
@@ -232,18 +232,20 @@ def bad_sample(obs, info):
     return {"prompt": "q", "completion": "a", "images": [b"not an image"]}
 
 
-def test_wrapper_bad_sample_keeps_the_env_reward_or_gets_the_fallback_or_raises(model):
-    env = RewardModelWrapper(rllib_ppo.CaptionEnv(), scorer=model, sample_fn=bad_sample)
+def test_wrapper_bad_sample_raises_by_default_or_keeps_the_env_reward_or_gets_the_fallback(model, caplog):
+    env = RewardModelWrapper(rllib_ppo.CaptionEnv(), scorer=model, sample_fn=bad_sample)  # default "raise"
+    env.reset(seed=0)
+    with caplog.at_level(logging.ERROR, logger="rewardplug.integrations.rllib"):
+        with pytest.raises(InvalidSampleError, match="sample 0: image 0"):
+            env.step(0)
+    assert "on_invalid=<float>" in caplog.text
+    env = RewardModelWrapper(rllib_ppo.CaptionEnv(), scorer=model, sample_fn=bad_sample, on_invalid="none")
     env.reset(seed=0)
     _, reward, _, _, info = env.step(0)
     assert reward == 0.0 and "image 0" in info["reward_model_error"]
     env = RewardModelWrapper(rllib_ppo.CaptionEnv(), scorer=model, sample_fn=bad_sample, on_invalid=-3.0)
     env.reset(seed=0)
     assert env.step(0)[1] == -3.0
-    env = RewardModelWrapper(rllib_ppo.CaptionEnv(), scorer=model, sample_fn=bad_sample, on_invalid="raise")
-    env.reset(seed=0)
-    with pytest.raises(InvalidSampleError):
-        env.step(0)
 
 
 @pytest.mark.parametrize("vector", [False, True], ids=["wrapper", "vector_wrapper"])
