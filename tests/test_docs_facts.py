@@ -5,7 +5,8 @@ run in tests/test_docs.py; these are the statements in prose, tables and example
 - docs/layouts.md: the TRL, vLLM-server, Ray and Serve defaults it quotes are the installed ones.
 - docs/grpo.md: the batch budget's memory is the figure docs/sizing.md gives; the colocated recipe's
   replica count x the 7B's memory per replica is what the page says each trainer GPU holds, and the
-  recipe says how Ray is started.
+  recipe says how Ray is started; the dedicated-pool recipe gives the trainer and the pool separate GPUs
+  that fit the node.
 - examples/*.sh: the GPUs given to the trainer plus the reward replicas' GPUs fit the node the script
   names.
 """
@@ -198,3 +199,18 @@ def test_layouts_page_quotes_the_installed_frameworks_port_and_memory_defaults()
     assert opened_by(grpo["vllm_group_port"], "vllm_group_port")
     assert opened_by(ray_constants.DEFAULT_DASHBOARD_PORT, "dashboard")
     assert opened_by(ray_constants.DEFAULT_PORT, "ray start --head")
+
+
+def test_dedicated_pool_recipe_gives_trainer_and_pool_separate_gpus_that_fit_the_node():
+    text = page("grpo.md")
+    section = text[text.index("## A node with a dedicated reward pool") : text.index("## Colocated")]
+    node = int(re.search(r"On an (\d+)-GPU node", section).group(1))
+    ray_gpus = re.search(r"CUDA_VISIBLE_DEVICES=([\d,]+) ray start --head[^\n]*--num-gpus (\d+)", section)
+    trainer = re.search(r"CUDA_VISIBLE_DEVICES=([\d,]+) accelerate launch --num_processes (\d+)", section)
+    pool = re.search(r"rewardplug pool start [^\n]*--replicas (\d+) --gpus-per-replica ([\d.]+)", section)
+    assert ray_gpus and trainer and pool, "the recipe no longer starts Ray, the pool and the trainer"
+    reward_set, trainer_set = set(ray_gpus.group(1).split(",")), set(trainer.group(1).split(","))
+    assert len(reward_set) == int(ray_gpus.group(2)) and len(trainer_set) == int(trainer.group(2))
+    assert not reward_set & trainer_set and len(reward_set | trainer_set) <= node
+    assert int(pool.group(1)) * float(pool.group(2)) <= int(ray_gpus.group(2))
+    assert "RAY_ADDRESS" in section, "the ranks must be told which cluster holds the pool"
