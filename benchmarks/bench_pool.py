@@ -63,8 +63,7 @@ def run(args) -> None:
     # 3 CPUs declared: (b) and (c) stay up side by side; each replica asks for 1 CPU and runs 1 thread
     ray.init(num_cpus=3, namespace="rewardplug", log_to_driver=False, logging_level=logging.WARNING)
     one = RewardPool(path, num_replicas=1, gpus_per_replica=0, cpus_per_replica=1, **OPTS)
-    two = RewardPool(path, num_replicas=2, gpus_per_replica=0, cpus_per_replica=1,
-                     max_inflight_per_replica=30_000, **OPTS)  # fmt: skip
+    two = RewardPool(path, num_replicas=2, gpus_per_replica=0, cpus_per_replica=1, max_ongoing_requests=64, **OPTS)
     print(f"ray.init and 3 replicas ready in {time.perf_counter() - t0:.1f}s")
 
     def engine_run(samples):
@@ -121,9 +120,37 @@ def run(args) -> None:
     print(f"submit latency, 1,000 samples with images, {args.submits} calls on (c): "
           f"p50 {p50:.3f} ms, p99 {p99:.3f} ms, max {max(lat) * 1e3:.3f} ms")  # fmt: skip
     two.shutdown()  # the queued requests are dropped
+    two = RewardPool(path, num_replicas=2, gpus_per_replica=0, cpus_per_replica=1, **OPTS)
+    affinity(two, args)
+    two.shutdown()
     two_ranks(one, args)
     one.shutdown()
     ray.shutdown()
+
+
+def affinity(pool, args) -> None:
+    """Affinity under load from two processes: every group is scored once (its image is then cached on
+    the replica it went to), then again with new completions by two ranks at once, each sending its
+    half of the groups in one request. A group served by the replica holding its image runs no vision
+    pass: hit rate = 1 - (vision passes) / (groups)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def rank(pool, samples):
+        return pool.score(samples)
+
+    groups = args.prompts * 2
+    first = grpo_workload(groups, args.group, side=args.side, seed=4242)
+    again = [{**s, "completion": f"{s['completion']} Again."} for s in first]
+    ray.get(rank.remote(pool, first))
+    time.sleep(1.5)
+    before = sum(r["engine"]["vision_misses"] for r in pool.stats()["replicas"])
+    halves = [[s for k, s in enumerate(again) if (k // args.group) % 2 == h] for h in range(2)]
+    ray.get([rank.remote(pool, h) for h in halves])
+    time.sleep(1.5)
+    misses = sum(r["engine"]["vision_misses"] for r in pool.stats()["replicas"]) - before
+    print(f"\naffinity under load, two processes, {groups} groups x G={args.group} on 2 replicas: "
+          f"hit rate {1 - misses / groups:.2f} ({misses} of {groups} groups ran their vision pass again; target >= 0.9)")
 
 
 def two_ranks(pool, args) -> None:
@@ -173,4 +200,6 @@ if __name__ == "__main__":
     if args.quick:
         args.prompts, args.rounds = 8, 2
     print("command: python benchmarks/bench_pool.py " + " ".join(sys.argv[1:]))
+    serving = Path(__file__).parent.parent / "rewardplug" / "serving"
+    print(f"lines in rewardplug/serving/*.py: {sum(len(f.read_text().splitlines()) for f in serving.glob('*.py'))}")
     run(args)

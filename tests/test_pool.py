@@ -226,11 +226,10 @@ class TestSharedPool:
         assert sum(served) == len(samples) and all(s > 0 for s in served), f"samples per replica {served}"
 
     def test_a_burst_of_one_prompts_groups_spreads_once_its_replica_is_ahead(self, pool, model):
-        """16 requests at once, all groups of one prompt and image (so all prefer one replica): the router
-        counts what it sends from the moment it chooses (a burst is routed before any of it completes),
-        so once the preferred replica is more than imbalance_tokens ahead the rest go to the other one.
-        A second burst right after the first splits too (a replica's report of this process's own load
-        is never used: it is stale after a burst)."""
+        """16 requests at once, all groups of one prompt and image (so all prefer one replica): Serve's
+        queue length counts what the router sends from the moment it is sent, so once the preferred
+        replica's queue is more than ``imbalance`` requests longer the rest go by power of two choices.
+        A second burst right after the first splits too."""
         image = random_image(56, 48, seed=77)
         for burst in range(2):
             requests = [[{"prompt": "What is in the picture?", "images": [image],
@@ -372,27 +371,26 @@ def test_processes_racing_get_or_create_share_one_pool(tiny_path, model, cluster
 
 
 def test_flooding_processes_never_exceed_the_replica_bound(tiny_path, model, cluster):
-    pool = make_pool(tiny_path, name="flood", num_replicas=1, gpus_per_replica=0, max_inflight_per_replica=6)
+    """One admission bound: a replica holds at most max_ongoing_requests parts, whoever sends them
+    (each request here is one prompt group of 4: one part)."""
+    pool = make_pool(tiny_path, name="flood", num_replicas=1, gpus_per_replica=0, max_ongoing_requests=2)
     try:
         spec = {"model": str(tiny_path), "name": "flood", "requests": 8, "samples_per_request": 4, "threads": 4,
-                "options": {"num_replicas": 1, "gpus_per_replica": 0, "max_inflight_per_replica": 6, **OPTS}}  # fmt: skip
+                "options": {"num_replicas": 1, "gpus_per_replica": 0, "max_ongoing_requests": 2, **OPTS}}  # fmt: skip
         results = run_clients([{**spec, "seed": s} for s in range(3)], cluster)
         for r in results:
             for request, scores in zip(r["requests"], r["scores"]):
                 assert_scores(scores, model.score(request), "flooding client")
         (report,) = fresh_replicas(pool)
-        assert 4 <= report["peak_inflight_samples"] <= 6, report  # 3 x 4 threads x 4 samples sent at once
+        assert 4 <= report["peak_inflight_samples"] <= 2 * 4, report  # 3 x 4 threads x 4 samples sent at once
         assert report["engine"]["samples"] >= 3 * 8 * 4
 
-        busy = RewardPool.connect("flood", busy="raise")
-        full = [pool.submit(heavy_samples(6, seed=9 + k)) for k in range(4)]  # keeps the replica full for seconds
-        deadline = time.monotonic() + 30
-        while pool.stats()["replicas"][0]["inflight_samples"] < 6:
-            assert time.monotonic() < deadline, "the replica never filled up"
-            time.sleep(0.05)
-        with pytest.raises(PoolBusyError, match="bound 6"):
+        busy = RewardPool.connect("flood", busy="raise", max_pending_samples=6)
+        held = busy.submit(heavy_samples(6, seed=9))  # this handle's bound: 6 samples unanswered
+        with pytest.raises(PoolBusyError, match="max_pending_samples=6"):
             busy.score([{"prompt": "Hi", "completion": "x"}])
-        assert all(len(f.result(timeout=WAIT)) == 6 for f in full)
+        assert len(held.result(timeout=WAIT)) == 6
+        assert busy.score([{"prompt": "Hi", "completion": "x"}])[0] is not None  # room again
     finally:
         pool.shutdown()
 
@@ -504,9 +502,14 @@ def test_request_timeout(tiny_path):
     try:
         impatient = RewardPool.connect("slow", request_timeout_s=1.0)
         future = impatient.submit(heavy_samples(24, seed=3))  # about 7 s of compute
-        with pytest.raises(PoolTimeoutError, match="within request_timeout_s=1.0"):
+        with pytest.raises(PoolTimeoutError, match=r"within request_timeout_s=1.0 \(replicas: \w+ \(pid \d+"):
             future.result(timeout=60)  # a hang fails here
+        failed_at = time.time()
         assert impatient.stats()["timeouts"] == 1
+        # the timed-out part was cancelled: the replica let go of its samples long before their ~7 s of work
+        deadline = time.monotonic() + 6
+        while fresh_replicas(pool, after=failed_at + 1)[0]["inflight_samples"]:
+            assert time.monotonic() < deadline, "the replica still holds the samples of a request that timed out"
         assert pool.score([{"prompt": "Hi", "completion": "x"}])[0] is not None
     finally:
         pool.shutdown()

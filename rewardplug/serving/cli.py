@@ -2,9 +2,11 @@
 
 Only argparse at import (``rewardplug --help`` stays fast); Ray and the model load inside the commands.
 
-A pool started here outlives the command, so it needs a Ray cluster that does too: ``pool start``
-joins ``--address`` (or RAY_ADDRESS, or a cluster started with ``ray start`` on this machine) and,
-when there is none, starts one with ``ray start --head`` (stop it with ``ray stop``).
+Clusters: with an address (``--address`` or RAY_ADDRESS) a command joins that cluster or fails saying
+how to start one; it never starts one there. Without: ``pool start`` joins the cluster started with
+``ray start`` on this machine, or starts one with ``ray start --head`` (the pool outlives the command);
+``serve`` starts a cluster of its own that ends with it. ``serve`` stops on Ctrl-C or SIGTERM alike,
+removing its pool (exit codes 130 and 143).
 """
 
 from __future__ import annotations
@@ -18,34 +20,41 @@ import time
 
 logger = logging.getLogger("rewardplug")
 
-EXIT_OK, EXIT_NO_POOL, EXIT_FAILED = 0, 5, 4
+EXIT_OK, EXIT_CONFIG, EXIT_FAILED, EXIT_NO_POOL, EXIT_UNPLACEABLE = 0, 1, 4, 5, 6
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default, unless there is none to show (required flags, None)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.required or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 def add_commands(sub) -> None:
-    formatter = argparse.ArgumentDefaultsHelpFormatter
-    pool = sub.add_parser("pool", help="start, inspect or stop a named reward pool on a Ray cluster",
-                          formatter_class=formatter)  # fmt: skip
+    pool = sub.add_parser("pool", help="start, inspect or stop a named reward pool on a Ray cluster", formatter_class=_Formatter)
     verbs = pool.add_subparsers(dest="pool_command", required=True)
 
-    start = verbs.add_parser("start", help="start a named pool (returns once its replicas are ready)",
-                             formatter_class=formatter)  # fmt: skip
+    start = verbs.add_parser("start", help="start a named pool (returns once its replicas are ready)", formatter_class=_Formatter)
     start.add_argument("--name", required=True, help="pool name; trainers attach with RewardPool(model, name=NAME)")
     _pool_args(start)
     start.add_argument("--http-port", type=int, default=None, help="also open the HTTP door on this port")
     start.set_defaults(func=cmd_pool_start)
 
-    status = verbs.add_parser("status", help="replicas, health, queued samples and throughput", formatter_class=formatter)
-    status.add_argument("name", nargs="?", help="pool name (default: every pool on the cluster)")
-    status.add_argument("--address", default="auto", help="Ray cluster to look at")
+    status = verbs.add_parser("status", help="replicas, health, queued samples and recent throughput", formatter_class=_Formatter)
+    status.add_argument("name", nargs="?", help="pool name (every pool on the cluster if not given)")
+    status.add_argument("--address", default=None, help="Ray cluster to look at (RAY_ADDRESS, else this machine's `ray start` cluster)")
     status.set_defaults(func=cmd_pool_status)
 
-    stop = verbs.add_parser("stop", help="remove a named pool's replicas", formatter_class=formatter)
+    stop = verbs.add_parser("stop", help="remove a named pool's replicas", formatter_class=_Formatter)
     stop.add_argument("name")
-    stop.add_argument("--address", default="auto", help="Ray cluster the pool runs on")
+    stop.add_argument("--address", default=None, help="Ray cluster the pool runs on (RAY_ADDRESS, else this machine's `ray start` cluster)")
     stop.set_defaults(func=cmd_pool_stop)
 
-    serve = sub.add_parser("serve", help="the pool with its HTTP door open (loopback by default); Ctrl-C stops it",
-                           formatter_class=formatter)  # fmt: skip
+    serve = sub.add_parser("serve", help="the pool with its HTTP door open (loopback by default); Ctrl-C or SIGTERM stops it",
+                           formatter_class=_Formatter)  # fmt: skip
     serve.add_argument("--name", default="rewardplug", help="pool name")
     _pool_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only unless told)")
@@ -59,136 +68,196 @@ def add_commands(sub) -> None:
 
 
 def _pool_args(p) -> None:
-    p.add_argument("--model", default="tiny", help="hub id or checkpoint folder ('tiny': the embedded tiny checkpoint)")
-    p.add_argument("--replicas", type=int, default=None, help="number of replicas (default: one per free GPU, or 1)")
-    p.add_argument("--gpus-per-replica", type=float, default=None, help="GPUs per replica (default: 1 if the cluster has GPUs, else 0)")
-    p.add_argument("--cpus-per-replica", type=float, default=1)
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, a local `ray start` cluster, or start one)")
+    p.add_argument("--model", required=True, help="hub id (Skywork/Skywork-VL-Reward-7B) or checkpoint folder; 'tiny' is "
+                                                  "the built-in random-weight model (the scores mean nothing)")  # fmt: skip
+    p.add_argument("--replicas", type=int, default=None, help="number of replicas (one per free GPU, or 1, if not given)")
+    p.add_argument("--gpus-per-replica", type=float, default=None, help="GPUs per replica (1 if the cluster has GPUs, else 0, if not given)")
+    p.add_argument("--cpus-per-replica", type=float, default=1, help="CPUs per replica")
+    p.add_argument("--address", default=None, help="Ray cluster to join (RAY_ADDRESS if not given)")
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float32, ...")
     p.add_argument("--max-length", type=int, default=None, help="refuse samples longer than this many tokens")
-    p.add_argument("--max-inflight", type=int, default=512, help="samples one replica holds at once")
+    p.add_argument("--max-ongoing", type=int, default=8, help="parts (prompt groups, up to 64 samples) one replica holds at once")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take before it fails")
     p.add_argument("--autoscale", default=None, metavar="MIN-MAX", help="scale between MIN and MAX replicas on queued samples")
 
 
-def _model_path(model: str) -> str:
-    if model == "tiny":
-        from ..testing import cached_tiny_checkpoint
-
-        return str(cached_tiny_checkpoint())
-    return model
+def _given_address(args) -> str | None:
+    return args.address or os.environ.get("RAY_ADDRESS") or None
 
 
-def _join_or_start(address: str | None) -> None:
-    """Join a cluster that outlives this command, starting one with ``ray start --head`` if needed."""
+def _join(address: str) -> None:
+    """Join the cluster at ``address``; never start one there."""
+    import ray
+
+    hint = "start one there with `ray start --head` (or leave out --address and RAY_ADDRESS)"
+    host, _, port = address.rpartition(":")
+    if "://" not in address and port.isdigit():  # fail in seconds, not after Ray's minutes of retries
+        import socket
+
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+        except OSError as e:
+            raise _Refused(f"no Ray cluster answers at {address!r} ({e.strerror or e}); {hint}") from None
+    try:
+        ray.init(address=address, namespace="rewardplug", log_to_driver=False)
+    except ConnectionError as e:
+        raise _Refused(f"no Ray cluster answers at {address!r} ({e}); {hint}") from None
+
+
+def _join_or_start() -> None:
+    """``pool start`` without an address: this machine's `ray start` cluster, else a new one that
+    outlives the command (stop it with `ray stop`)."""
     import ray
 
     try:
-        ray.init(address=address or "auto", namespace="rewardplug", log_to_driver=False)
+        ray.init(address="auto", namespace="rewardplug", log_to_driver=False)
         return
     except ConnectionError:
-        if address not in (None, "auto"):
-            raise
-    print("no Ray cluster found: starting one with `ray start --head` (stop it with `ray stop`)", file=sys.stderr)
+        pass
+    print("no Ray cluster runs on this machine: starting one with `ray start --head` (stop it with `ray stop`)", file=sys.stderr)
     subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--disable-usage-stats"],
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     ray.init(address="auto", namespace="rewardplug", log_to_driver=False)
 
 
-def _open_pool(args, *, lasting: bool, **extra):
+class _Refused(Exception):
+    """A command that cannot go on; its message says what to do."""
+
+
+def pool_config(args, **extra):
+    """The PoolConfig of ``pool start`` / ``serve`` flags (after joining the cluster: GPU default)."""
     import ray
 
-    from .pool import RewardPool
+    from ..named_models import banner, checkpoint_path, is_random
+    from .config import PoolConfig
 
-    if lasting:  # the pool outlives this command
-        _join_or_start(args.address)
-    else:  # the pool lives as long as this command: any cluster will do, a new local one too
-        ray.init(address=args.address, namespace="rewardplug", log_to_driver=False)
+    if is_random(args.model):
+        print(banner(args.model), file=sys.stderr)
     gpus = args.gpus_per_replica
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
     autoscale = tuple(int(x) for x in args.autoscale.split("-")) if args.autoscale else None
-    options = {"dtype": args.dtype}
-    if args.max_length is not None:
-        options["max_length"] = args.max_length
+    model_options = {"dtype": args.dtype, **({"max_length": args.max_length} if args.max_length is not None else {})}
+    try:
+        model = checkpoint_path(args.model)
+    except ValueError as e:
+        raise _Refused(str(e)) from None
+    return PoolConfig(model=model, name=args.name, num_replicas=args.replicas,
+                      gpus_per_replica=gpus, cpus_per_replica=args.cpus_per_replica, max_ongoing_requests=args.max_ongoing,
+                      request_timeout_s=args.request_timeout, autoscale=autoscale, model_options=model_options, **extra)  # fmt: skip
+
+
+def _open(config, model: str):
+    from .pool import RewardPool
+
     t0 = time.perf_counter()
-    pool = RewardPool(_model_path(args.model), name=args.name, num_replicas=args.replicas, gpus_per_replica=gpus,
-                      cpus_per_replica=args.cpus_per_replica, max_inflight_per_replica=args.max_inflight,
-                      autoscale=autoscale, **extra, **options)  # fmt: skip
-    print(f"pool {pool.name!r}: {pool.num_replicas} replicas of {args.model} ready in {time.perf_counter() - t0:.1f}s",
-          file=sys.stderr)  # fmt: skip
+    pool = RewardPool(config=config)
+    print(f"pool {pool.name!r}: {pool.num_replicas} replicas of {model} ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return pool
 
 
+def _run(body) -> int:
+    """A command's body; a pool that cannot be placed or an address that does not answer is a message."""
+    try:
+        return body()
+    except _Refused as e:
+        print(f"rewardplug: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Exception as e:
+        from ..errors import PoolConfigError
+        from .pool import PoolPlacementError
+
+        if isinstance(e, PoolPlacementError):
+            print(f"rewardplug: the pool cannot be placed: {e.message}; {e.cli_hint}", file=sys.stderr)
+            return EXIT_UNPLACEABLE
+        if isinstance(e, PoolConfigError):
+            print(f"rewardplug: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        raise
+
+
 def cmd_pool_start(args) -> int:
-    pool = _open_pool(args, lasting=True, http_port=args.http_port)
-    print(f"attach from Python: RewardPool.connect({pool.name!r})  |  stop: rewardplug pool stop {pool.name}")
-    pool.close()
-    return EXIT_OK
+    def body() -> int:
+        address = _given_address(args)
+        _join(address) if address else _join_or_start()
+        pool = _open(pool_config(args, http_port=args.http_port), args.model)
+        print(f"attach from Python: RewardPool.connect({pool.name!r})  |  stop: rewardplug pool stop {pool.name}")
+        pool.close()
+        return EXIT_OK
+
+    return _run(body)
+
+
+def _connect_for_admin(args) -> None:
+    address = _given_address(args)
+    _join(address or "auto")
 
 
 def cmd_pool_status(args) -> int:
-    import ray
+    def body() -> int:
+        from ..errors import PoolNotFoundError
+        from .pool import RewardPool, pool_names
 
-    from .pool import RewardPool, pool_names
-
-    ray.init(address=args.address, namespace="rewardplug", log_to_driver=False)
-    names = [args.name] if args.name else pool_names()
-    if not names:
-        print("no pools run on this cluster")
-        return EXIT_NO_POOL
-    from ..errors import PoolNotFoundError
-
-    for name in names:
-        try:
-            pool = RewardPool.connect(name)
-        except PoolNotFoundError as e:
-            print(e, file=sys.stderr)
+        _connect_for_admin(args)
+        names = [args.name] if args.name else pool_names()
+        if not names:
+            print("no pools run on this cluster")
             return EXIT_NO_POOL
-        print(status_text(pool))
-        pool.close()
-    return EXIT_OK
+        for name in names:
+            try:
+                pool = RewardPool.connect(name)
+            except PoolNotFoundError as e:
+                print(e, file=sys.stderr)
+                return EXIT_NO_POOL
+            print(status_text(pool))
+            pool.close()
+        return EXIT_OK
+
+    return _run(body)
 
 
 def status_text(pool) -> str:
-    """Replicas (health, device, samples held, throughput) and the pool's totals as tables."""
+    """Replicas (health, device, samples held, throughput over the last minute) and the pool's totals."""
     from ..tables import format_table
 
-    health = pool.health()
     rows = []
-    for r in health:
+    for r in pool.health():
         engine = r.get("engine", {})
-        rate = engine.get("samples", 0) / max(r.get("uptime_s", 0), 1e-9)
+        recent = r.get("recent", {})
         rows.append((r["replica"], "yes" if r["alive"] else "no", r.get("device"), ",".join(r.get("gpu_ids") or []) or "-",
                      "yes" if r.get("offloaded") else "no", r.get("inflight_samples"), engine.get("queue_depth"),
-                     engine.get("samples"), engine.get("batches"), round(rate, 2), engine.get("latency_p50_ms"),
+                     recent.get("samples"), recent.get("samples_per_s"), engine.get("latency_p50_ms"),
                      engine.get("latency_p99_ms"), round(r.get("age_s", 0), 1)))  # fmt: skip
-    headers = ("replica", "healthy", "device", "gpus", "offloaded", "held", "queued", "samples", "batches",
-               "samples/s", "p50 ms", "p99 ms", "report age s")  # fmt: skip
+    headers = ("replica", "healthy", "device", "gpus", "offloaded", "held", "queued", "samples (last min)",
+               "samples/s (last min)", "p50 ms", "p99 ms", "report age s")  # fmt: skip
     stats = pool.stats()
     totals = [("replicas running", pool.num_replicas), ("samples held now", stats["inflight_samples"]),
-              ("samples scored", stats["engine_samples"]), ("batches", stats["engine_batches"]),
+              ("samples scored since start", stats["engine_samples"]), ("batches since start", stats["engine_batches"]),
               ("prompt prefixes shared", stats["engine_prefix_hits"]), ("vision tower runs", stats["engine_vision_misses"])]  # fmt: skip
     return f"pool {pool.name!r}\n{format_table(rows, headers=headers)}\n\n{format_table(totals)}\n"
 
 
 def cmd_pool_stop(args) -> int:
-    import ray
+    def body() -> int:
+        from ..errors import PoolNotFoundError
+        from .pool import RewardPool
 
-    from ..errors import PoolNotFoundError
-    from .pool import RewardPool
+        _connect_for_admin(args)
+        try:
+            pool = RewardPool.connect(args.name)
+        except PoolNotFoundError as e:
+            print(e, file=sys.stderr)
+            return EXIT_NO_POOL
+        pool.shutdown()
+        print(f"pool {args.name!r} stopped")
+        return EXIT_OK
 
-    ray.init(address=args.address, namespace="rewardplug", log_to_driver=False)
-    try:
-        pool = RewardPool.connect(args.name)
-    except PoolNotFoundError as e:
-        print(e, file=sys.stderr)
-        return EXIT_NO_POOL
-    pool.shutdown()
-    print(f"pool {args.name!r} stopped")
-    return EXIT_OK
+    return _run(body)
 
 
 def cmd_serve(args) -> int:
+    """Serve until Ctrl-C or SIGTERM (raised here as KeyboardInterrupt / the CLI's Terminated); the pool
+    is removed on the way out either way, and the exception gives the exit code."""
     from .http import HttpSettings
 
     api_key = args.api_key or os.environ.get("REWARDPLUG_API_KEY")
@@ -196,12 +265,24 @@ def cmd_serve(args) -> int:
         logger.warning("serving on %s without an API key: anyone who reaches this port can use it", args.host)
     http = HttpSettings(api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20), max_samples=args.max_samples,
                         image_roots=list(args.image_root), image_url_hosts=list(args.allow_url_host))  # fmt: skip
-    pool = _open_pool(args, lasting=False, http_port=args.port, http_host=args.host, http=http)
-    print(f"rewardplug is serving on http://{args.host}:{args.port} (POST /v1/score, POST /get_reward, GET /healthz)",
-          flush=True)  # fmt: skip
-    try:
+    opened = []
+
+    def body() -> int:
+        import ray
+
+        address = _given_address(args)
+        if address:
+            _join(address)
+        else:  # a cluster of its own: its Serve and HTTP proxy take the options asked here
+            ray.init(address="local", namespace="rewardplug", log_to_driver=False, include_dashboard=False)
+        opened.append(_open(pool_config(args, http_port=args.port, http_host=args.host, http=http), args.model))
+        print(f"rewardplug is serving on http://{args.host}:{args.port} (POST /v1/score, POST /get_reward, GET /healthz)",
+              flush=True)  # fmt: skip
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        pool.shutdown()
-    return EXIT_OK
+
+    try:
+        return _run(body)
+    finally:
+        for pool in opened:
+            pool.shutdown()

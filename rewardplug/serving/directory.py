@@ -21,23 +21,18 @@ class PoolDirectory:
     def __init__(self):
         self.pools: dict[str, dict[str, Any]] = {}
 
-    def claim(self, name: str, request: dict, settings: dict) -> dict:
-        """First caller for ``name`` gets role "create"; later ones "attach" with the pool's request.
-        ``request`` is what callers compare; ``settings`` what the replicas were built from."""
+    def claim(self, name: str, request: dict) -> dict:
+        """First caller for ``name`` gets role "create"; later ones "attach" with the pool's identity
+        (``request``: the options callers compare)."""
         entry = self.pools.get(name)
         if entry is None or entry["state"] == "failed":
-            self.pools[name] = {"request": request, "settings": settings, "state": "deploying", "error": None, "replicas": {},
-                                "created": time.time(), "user_config": {}, "deployed": None}  # fmt: skip
+            self.pools[name] = {"request": request, "state": "deploying", "error": None, "replicas": {}}
             return {"role": "create"}
         return {"role": "attach", "request": entry["request"], "state": entry["state"], "error": entry["error"]}
 
-    def set_state(self, name: str, state: str, error: str | None = None, deployed: dict | None = None) -> None:
+    def set_state(self, name: str, state: str, error: str | None = None) -> None:
         if name in self.pools:
-            self.pools[name].update(state=state, error=error, deployed=deployed)
-
-    def set_user_config(self, name: str, user_config: dict) -> None:
-        if name in self.pools:
-            self.pools[name]["user_config"] = dict(user_config)
+            self.pools[name].update(state=state, error=error)
 
     def get(self, name: str) -> dict | None:
         entry = self.pools.get(name)

@@ -2,8 +2,8 @@
 
 The replicas are a Serve application (``rewardplug.serving.replica.RewardReplica``); this handle
 finds or creates it by name, cuts each request into parts by prompt group (images once through the
-object store), sends the parts through Serve (routed by ``PromptGroupRouter``), re-sends the parts of a
-replica that died, and resolves each request's future exactly once.
+object store), sends each part through Serve with its content key (routed by ``ContentKeyRouter``),
+and resolves each request's future exactly once, by its deadline.
 
 >>> from rewardplug import RewardPool
 >>> pool = RewardPool("Skywork/Skywork-VL-Reward-7B", name="rm", gpus_per_replica=1)  # doctest: +SKIP
@@ -14,126 +14,85 @@ With a name, the pool is shared: every process on the cluster that asks for the 
 (each rank of a training job) attaches to the same replicas, and it lives until ``pool.shutdown()`` or
 ``rewardplug pool stop NAME``; ``close()`` only detaches a handle. Without a name the pool is private
 and removed with the handle that made it.
+
+A request never waits past its deadline (``request_timeout_s``, per pool or per call). A part that has
+no answer after ``hedge_after_s`` is sent again (the router passes over a replica that holds requests
+and completes none: a hung device or host), and the first answer counts. A part whose replica died is
+sent again. When one part fails, the request fails and its other parts are cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import hashlib
-import inspect
+import concurrent.futures
 import logging
-import os
 import re
 import threading
 import time
 import uuid
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, fields
 from typing import Any, Sequence
 
 from ..engine.pending import PendingRequest, check_on_invalid
 from ..errors import (BusyError, PoolBusyError, PoolConfigError, PoolNotFoundError, PoolTimeoutError, ReplicaError,
                       ScoringError)  # fmt: skip
 from ..samples import token_samples
-from .http import HttpSettings
+from .config import HANDLE_FIELDS, PoolConfig
 from .replica import DEPLOYMENT, ReplicaSettings
-from .transport import Part, TokenFormat, externalize, split
+from .router import TO_REPLICA
+from .transport import Part, externalize, split
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PART_SAMPLES = 64  # samples per call to a replica: small enough to spread, big enough to batch
-DEFAULT_HTTP_PORT = 8000
+MAX_ATTEMPTS = 5  # sends of one part whose replica died, before the request fails
+MAX_HEDGES = 3  # concurrent sends of one part that waits past hedge_after_s
 
 
-@dataclass(frozen=True)
-class HandleOptions:
-    """Per-handle behavior; not part of the pool's identity."""
+class PoolPlacementError(ReplicaError):
+    """The cluster can never place the pool's replicas (the CLI exits with code 6)."""
 
-    busy: str = "wait"
-    request_timeout_s: float = 600.0
-    part_samples: int = DEFAULT_PART_SAMPLES
-    max_pending_samples: int = 65536
-    max_attempts: int = 5
+    def __init__(self, message: str, python_hint: str, cli_hint: str):
+        super().__init__(f"{message}; {python_hint}")
+        self.message, self.cli_hint = message, cli_hint
 
 
 class RewardPool:
-    """Replicas of a reward model on a Ray cluster (Ray Serve), with the engine's calls.
-
-    model: hub id or checkpoint folder (readable from every node).
-    name: a pool shared by every process of the cluster that uses the name (get-or-create); None: a
-        private pool removed with this handle (context manager, ``shutdown()`` or process exit).
-    address: an existing Ray cluster ("auto", "ray://host:10001", "host:6379"); None: the cluster this
-        process is connected to, else RAY_ADDRESS or a cluster started with ``ray start``, else a new
-        local one (which ends with this process: start Ray first to share a pool between processes).
-    num_replicas: default one per GPU the cluster has free (``gpus_per_replica`` each), 1 without GPUs.
-    gpus_per_replica: 1; >1 splits one replica over that many GPUs of one node (balanced device map);
-        a fraction (0.5) shares a GPU with a trainer; 0 runs on CPUs.
-    placement: "pack" (Serve's default) or "spread" (at most one replica per node).
-    max_inflight_per_replica: samples a replica holds at once, whoever sends them (a bound enforced by
-        the replica); more wait there, or fail with PoolBusyError when ``busy="raise"``.
-    request_timeout_s: a request not answered by then fails with PoolTimeoutError.
-    autoscale: None (fixed size) or (min_replicas, max_replicas): Serve scales on ongoing requests, each
-        at most ``part_samples`` samples, so on queued samples.
-    http_port: also open the HTTP door on this port (``http``: its HttpSettings: API key, limits, roots).
-    runtime_env: Ray runtime environment of the replicas (env vars such as HF_HOME, pip packages).
-    options: RewardModel.from_pretrained options (dtype, min_pixels, max_length, ...) and RewardEngine
-        options (max_batch_tokens, vision_cache_mb, ...).
+    """Replicas of a reward model on a Ray cluster (Ray Serve), with the engine's calls. Options: a
+    ``PoolConfig`` (``config=``) or its fields as keywords (see ``rewardplug.serving.config``).
     Failures: a bad sample -> InvalidSampleError (or None with ``on_invalid="none"``); a system failure
     -> ScoringError (ReplicaError, PoolTimeoutError), never None.
     """
 
-    def __init__(
-        self,
-        model: str | os.PathLike,
-        *,
-        name: str | None = None,
-        address: str | None = None,
-        num_replicas: int | None = None,
-        gpus_per_replica: float = 1,
-        cpus_per_replica: float = 1,
-        placement: str = "pack",
-        max_inflight_per_replica: int = 512,
-        max_ongoing_requests: int = 64,
-        request_timeout_s: float = 600.0,
-        busy: str = "wait",
-        ready_timeout_s: float = 600.0,
-        autoscale: tuple[int, int] | None = None,
-        http_port: int | None = None,
-        http_host: str = "127.0.0.1",
-        http: HttpSettings | dict | None = None,
-        part_samples: int = DEFAULT_PART_SAMPLES,
-        max_pending_samples: int = 65536,
-        runtime_env: dict | None = None,
-        **options: Any,
-    ):
-        if placement not in ("pack", "spread"):
-            raise ValueError(f"placement must be 'pack' or 'spread', got {placement!r}")
-        if busy not in ("wait", "raise"):
-            raise ValueError(f"busy must be 'wait' or 'raise', got {busy!r}")
-        if autoscale is not None and not (len(autoscale) == 2 and 0 <= autoscale[0] <= autoscale[1] and autoscale[1] > 0):
-            raise ValueError(f"autoscale must be (min_replicas, max_replicas) with 0 <= min <= max, got {autoscale!r}")
-        model_options, engine_options = split_options(options)
-        http_settings = http if isinstance(http, HttpSettings) else HttpSettings(**(http or {}))
-        settings = ReplicaSettings(str(model), model_options, engine_options, max_inflight_per_replica,
-                                   asdict(http_settings))  # fmt: skip
-        deploy = dict(num_replicas=num_replicas, gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica,
-                      placement=placement, max_ongoing_requests=max_ongoing_requests,
-                      autoscale=list(autoscale) if autoscale else None, http_port=http_port, http_host=http_host,
-                      runtime_env=runtime_env)  # fmt: skip
-        self._options = HandleOptions(busy, request_timeout_s, part_samples, max_pending_samples)
-        _connect(address)
-        self.owner = name is None
-        self.name = name or f"rewardplug-{uuid.uuid4().hex[:8]}"
-        self._open(settings, deploy, ready_timeout_s)
+    def __init__(self, model: Any = None, *, config: PoolConfig | None = None, **kwargs: Any):
+        if config is None:
+            if model is None:
+                raise TypeError("RewardPool needs a model (or config=PoolConfig(...))")
+            config = PoolConfig.from_kwargs(model, **kwargs)
+        elif model is not None or kwargs:
+            raise TypeError("give config= or the pool's options as keywords, not both")
+        _connect(config.address)
+        self.owner = config.name is None
+        self.name = config.name or f"rewardplug-{uuid.uuid4().hex[:8]}"
+        self.config = config.with_(name=self.name)
+        self._init_handle()
+        self._open()
+        self._attach()
         if self.owner:
             atexit.register(self.shutdown)
+
+    def _init_handle(self) -> None:
+        self._attach_lock = threading.Lock()
+        self._attached = False
+        self._closed = False
 
     # ---- finding or making the pool -----------------------------------------------------------------
 
     @classmethod
     def connect(cls, name: str, *, address: str | None = None, **handle_options: Any) -> "RewardPool":
-        """Attach to a running named pool (PoolNotFoundError if there is none)."""
+        """Attach to a running named pool (PoolNotFoundError if there is none). ``handle_options``:
+        this handle's busy, request_timeout_s, hedge_after_s, part_samples, max_pending_samples."""
         _connect(address)
         entry = _directory_call("get", name)
         if entry is None or entry["state"] != "ready" or not _app_running(name):
@@ -141,47 +100,49 @@ class RewardPool:
             raise PoolNotFoundError(f"no pool named {name!r} runs on this Ray cluster (running pools: {running or 'none'})")
         pool = cls.__new__(cls)
         pool.name, pool.owner = name, False
-        pool._options = HandleOptions(**handle_options)
+        pool.config = _config_of(entry["request"], name=name, address=address, **handle_options)
+        pool._init_handle()
         pool._attach()
         return pool
 
-    def _open(self, settings: ReplicaSettings, deploy: dict, ready_timeout_s: float) -> None:
-        request = {"settings": _comparable(asdict(settings)), **deploy}
-        deadline = time.monotonic() + ready_timeout_s
+    def _open(self) -> None:
+        asked = self.config.identity()
+        deadline = time.monotonic() + self.config.ready_timeout_s
         while True:
-            claim = _directory_call("claim", self.name, request, asdict(settings))
+            claim = _directory_call("claim", self.name, asked)
             if claim["role"] == "create":
                 try:
-                    self._deploy(settings, deploy, deadline)
+                    self._deploy(deadline)
                 except BaseException as e:
                     _directory_call("set_state", self.name, "failed", str(e))
                     raise
-                _directory_call("set_state", self.name, "ready", None, self._deployed)
-                break
-            _check_same(self.name, claim["request"], request)
+                _directory_call("set_state", self.name, "ready")
+                return
+            _check_same(self.name, claim["request"], asked)
             if claim["state"] == "ready" and not _app_running(self.name):
                 _directory_call("remove", self.name)  # removed behind the directory's back: make it again
                 continue
             _wait_ready(self.name, deadline)
-            break
-        self._attach()
+            return
 
-    def _deploy(self, settings: ReplicaSettings, deploy: dict, deadline: float) -> None:
+    def _deploy(self, deadline: float) -> None:
         import ray
         from ray import serve
 
-        gpus = deploy["gpus_per_replica"]
-        replicas = deploy["num_replicas"] or _default_replicas(gpus)
-        _check_resources(replicas if not deploy["autoscale"] else deploy["autoscale"][0] or 1, gpus,
-                         deploy["cpus_per_replica"])  # fmt: skip
-        _start_serve(deploy)
-        self._deployed = {"num_replicas": replicas}
-        logger.info("deploying pool %r: %s replicas of %s", self.name, deploy["autoscale"] or replicas, settings.model)
-        _run(_application(settings, deploy, replicas, {"offloaded": False}, self.name), self.name, deploy)
+        c = self.config
+        replicas = c.num_replicas or _default_replicas(c.gpus_per_replica)
+        _check_resources(replicas if not c.autoscale else c.autoscale[0] or 1, c.gpus_per_replica, c.cpus_per_replica)
+        _start_serve(c)
+        if c.http_port is not None:
+            _check_proxy(self.name, c.http_host, c.http_port)
+        logger.info("deploying pool %r: %s replicas of %s", self.name, c.autoscale or replicas, c.model)
+        serve.run_many([serve.RunTarget(_application(c, replicas), name=self.name,
+                                        route_prefix="/" if c.http_port is not None else None)],
+                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)  # fmt: skip
         while True:
             status = serve.status().applications.get(self.name)
             if status is not None and status.status == "RUNNING":
-                return
+                break
             if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
                 reason = _first_error(status)
                 serve.delete(self.name)
@@ -192,43 +153,38 @@ class RewardPool:
             time.sleep(0.2)
 
     def _attach(self) -> None:
-        """Per-process state of a handle: Serve's handle, the event loop that drives requests."""
+        """Per-process state of a handle: Serve's handle, the event loop that drives requests. Marked
+        attached last, so a thread that sees it attached sees all of it."""
         from ray import serve
 
-        entry = _directory_call("get", self.name)
-        if entry is None:
-            raise PoolNotFoundError(f"no pool named {self.name!r} runs on this Ray cluster")
-        self._request, self._deployed = entry["request"], entry["deployed"]
-        self._lazy = None
         self._handle = serve.get_deployment_handle(DEPLOYMENT, app_name=self.name)
-        self._tokens = TokenFormat(**self._handle.token_format.remote().result(timeout_s=120))
+        self._im_start = self._handle.token_format.remote().result(timeout_s=120)["im_start"]
         self._loop = _loop()
-        self._closed = False
         self._pending_samples = 0
-        self._room = threading.Condition()
-        self._counts = {"requests": 0, "samples": 0, "retries": 0, "timeouts": 0}
+        self._room = threading.Condition()  # guards _pending_samples and _counts
+        self._counts = {"requests": 0, "samples": 0, "retries": 0, "hedges": 0, "timeouts": 0}
         with _HANDLES_LOCK:
             if self.name not in _HANDLES or _HANDLES[self.name]._closed:
                 _HANDLES[self.name] = self
+        self._attached = True
 
     # ---- handles that travel ------------------------------------------------------------------------
 
     def _ready(self) -> None:
-        """Attach a handle that was unpickled (connecting to its cluster first), on its first use."""
-        if getattr(self, "_lazy", None) is None:
+        """Attach a handle that was unpickled (connecting to its cluster first), on its first use; once,
+        whichever threads use it first."""
+        if self._attached:
             return
         with self._attach_lock:
-            if self._lazy is not None:
-                import ray
-
-                _connect(self._lazy)
+            if not self._attached:
+                _connect(self.config.address)
                 self._attach()
 
     def __reduce__(self):
         import ray
 
-        address = self._lazy if getattr(self, "_lazy", None) else ray.get_runtime_context().gcs_address
-        return (_reattach, (self.name, address, asdict(self._options)))
+        address = self.config.address if not self._attached else ray.get_runtime_context().gcs_address
+        return (_reattach, (self.name, address, {k: getattr(self.config, k) for k in HANDLE_FIELDS[:5]}))
 
     # ---- scoring ------------------------------------------------------------------------------------
 
@@ -242,8 +198,10 @@ class RewardPool:
             return 0
         return status.deployments[DEPLOYMENT].replica_states.get("RUNNING", 0)
 
-    def submit(self, samples: Sequence[Any], *, on_invalid: str = "raise", timeout: float | None = None) -> Future:
-        """Queue samples; returns at once a Future of their scores, in input order.
+    def submit(self, samples: Sequence[Any], *, on_invalid: str = "raise", timeout: float | None = None,
+               request_timeout_s: float | None = None) -> Future:  # fmt: skip
+        """Queue samples; returns at once a Future of their scores, in input order, resolved by
+        ``request_timeout_s`` (this pool's by default) at the latest.
 
         This handle keeps at most ``max_pending_samples`` samples unresolved: beyond that ``submit``
         waits up to ``timeout`` (busy="wait") or raises PoolBusyError (busy="raise").
@@ -253,35 +211,49 @@ class RewardPool:
             raise TypeError("submit() takes a list of samples; wrap a single sample in a list")
         if self._closed:
             raise RuntimeError("this RewardPool handle is closed")
+        limit = self._limit(request_timeout_s)
         self._ready()
         samples = list(samples)
         n = len(samples)
         self._reserve(n, timeout)
         pending = PendingRequest(n, on_invalid, on_done=lambda p: self._unreserve(p.size))
         if n:
-            self._loop.call_soon_threadsafe(self._start, pending, samples)
+            self._loop.call_soon_threadsafe(self._start, pending, samples, limit)
         return pending.future
 
-    def score(self, samples: Sequence[Any], *, on_invalid: str = "raise") -> list:
-        return self.submit(samples, on_invalid=on_invalid).result()
+    def score(self, samples: Sequence[Any], *, on_invalid: str = "raise", request_timeout_s: float | None = None) -> list:
+        limit = self._limit(request_timeout_s)
+        future = self.submit(samples, on_invalid=on_invalid, request_timeout_s=limit)
+        try:
+            return future.result(timeout=limit + 30)  # the loop fails it at the deadline; this is the backstop
+        except concurrent.futures.TimeoutError:
+            if future.done():  # PoolTimeoutError is a TimeoutError too: the loop's own, naming the replicas
+                raise
+            raise PoolTimeoutError(f"pool {self.name!r}: no answer within request_timeout_s={limit}") from None
 
-    async def ascore(self, samples: Sequence[Any], *, on_invalid: str = "raise") -> list:
+    async def ascore(self, samples: Sequence[Any], *, on_invalid: str = "raise", request_timeout_s: float | None = None) -> list:
         """Like ``score``; never blocks the running event loop (waiting for room happens in a thread)."""
-        future = await asyncio.to_thread(self.submit, samples, on_invalid=on_invalid)
+        future = await asyncio.to_thread(self.submit, samples, on_invalid=on_invalid, request_timeout_s=request_timeout_s)
         return await asyncio.wrap_future(future)
 
     def score_tokens(self, input_ids: Any, images: list | None = None, attention_mask: Any = None, **kw) -> list:
         """Score conversations given as token ids (see ``rewardplug.samples.token_samples``)."""
         return self.score(token_samples(input_ids, images, attention_mask), **kw)
 
+    def _limit(self, request_timeout_s: float | None) -> float:
+        limit = self.config.request_timeout_s if request_timeout_s is None else request_timeout_s
+        if not (0 < limit < float("inf")):
+            raise ValueError(f"request_timeout_s must be a positive finite number of seconds, got {limit!r}")
+        return limit
+
     def _reserve(self, n: int, timeout: float | None) -> None:
-        limit = self._options.max_pending_samples
+        limit = self.config.max_pending_samples
         with self._room:
             def room() -> bool:
                 return self._closed or self._pending_samples == 0 or self._pending_samples + n <= limit
 
             if not room():
-                if self._options.busy == "raise":
+                if self.config.busy == "raise":
                     raise PoolBusyError(f"{self._pending_samples} samples pending in this handle (max_pending_samples={limit})")
                 if not self._room.wait_for(room, timeout):
                     raise PoolBusyError(f"no room in this handle after {timeout}s ({self._pending_samples} samples pending)")
@@ -296,67 +268,112 @@ class RewardPool:
             self._pending_samples -= n
             self._room.notify_all()
 
+    def _count(self, key: str) -> None:
+        with self._room:
+            self._counts[key] += 1
+
     # ---- on the event loop --------------------------------------------------------------------------
 
-    def _start(self, pending: PendingRequest, samples: list) -> None:
+    def _start(self, pending: PendingRequest, samples: list, limit: float) -> None:
         import ray
 
         try:
-            parts = split(externalize(samples, ray.put), min(self._options.part_samples, 1 << 30), self._tokens)
+            parts = split(externalize(samples, ray.put), max(1, self.config.part_samples), self._im_start)
+            tasks = [asyncio.ensure_future(self._run_part(pending, part)) for part in parts]
         except Exception as e:  # noqa: BLE001 - a bug here fails the request, never the loop
-            pending.fail(ScoringError(f"could not prepare the request: {type(e).__name__}: {e}"))
+            pending.fail(ScoringError(f"pool {self.name!r}: could not send the request: {type(e).__name__}: {e}"))
             return
-        deadline = time.monotonic() + self._options.request_timeout_s
-        for part in parts:
-            asyncio.ensure_future(self._run_part(pending, part, deadline))
+        deadline = self._loop.call_later(limit, lambda: asyncio.ensure_future(self._expire(pending, limit)))
 
-    async def _run_part(self, pending: PendingRequest, part: Part, deadline: float) -> None:
+        def finished(_):  # resolved, failed or expired: cancel what still runs (releases the replicas' slots)
+            deadline.cancel()
+            for task in tasks:
+                task.cancel()
+
+        pending.future.add_done_callback(lambda f: self._loop.call_soon_threadsafe(finished, f))
+
+    async def _expire(self, pending: PendingRequest, limit: float) -> None:
+        if pending.done:
+            return
+        try:
+            replicas = await asyncio.wait_for(asyncio.to_thread(self._replica_states), 5)
+        except Exception:  # noqa: BLE001 - the error below is what matters
+            replicas = "unknown (no reports)"
+        self._count("timeouts")
+        pending.fail(PoolTimeoutError(f"pool {self.name!r}: no answer within request_timeout_s={limit} "
+                                      f"(replicas: {replicas})"))  # fmt: skip
+
+    def _replica_states(self) -> str:
+        reports = _directory_call("replicas", self.name).values()
+        return ", ".join(f"{r['replica']} (pid {r['pid']}, last report {r['age_s']:.1f}s ago)" for r in reports) or "none reporting"
+
+    async def _run_part(self, pending: PendingRequest, part: Part) -> None:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-
-        from .router import SENDER, part_done
 
         attempts = 0
         while not pending.done:
             attempts += 1
-            part_id = uuid.uuid4().hex  # the router counts this attempt on its replica until its answer is back
-            response = self._handle.score_samples.remote(part.samples, busy=self._options.busy, route_key=part.route_key,
-                                                         tokens=part.tokens, sender=SENDER, part=part_id)  # fmt: skip
             try:
-                try:
-                    scores, errors = await asyncio.wait_for(_result(response), max(0.0, deadline - time.monotonic()))
-                finally:
-                    part_done(part_id)
-            except asyncio.TimeoutError:
-                response.cancel()
-                self._counts["timeouts"] += 1
-                limit = self._options.request_timeout_s
-                pending.fail(PoolTimeoutError(f"pool {self.name!r}: no answer within request_timeout_s={limit}"))
-                return
+                scores, errors = await self._hedged(part)
             except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
                 # The replica died with this part: scores are a pure function of the samples, so re-run it.
-                if attempts >= self._options.max_attempts or self._closed_for_good():
+                if attempts >= MAX_ATTEMPTS or not _app_running(self.name):
                     pending.fail(ReplicaError(f"pool {self.name!r}: replicas kept failing ({attempts} attempts): {_cause(e)}"))
                     return
-                self._counts["retries"] += 1
+                self._count("retries")
                 logger.warning("pool %r: a replica died (%s); re-sending %d samples", self.name, _cause(e), len(part.indices))
                 await asyncio.sleep(min(2.0, 0.2 * attempts))
                 continue
             except BusyError as e:
                 pending.fail(_plain(e, PoolBusyError))
-                return
             except ScoringError as e:
                 pending.fail(_plain(e, ScoringError))
-                return
             except Exception as e:  # noqa: BLE001 - anything else is a system failure with its cause
                 error = ScoringError(f"pool {self.name!r}: scoring failed: {_cause(e)}")
                 error.__cause__ = e
                 pending.fail(error)
-                return
-            pending.resolve(part.indices, scores, errors)
+            else:
+                pending.resolve(part.indices, scores, errors)
             return
 
-    def _closed_for_good(self) -> bool:
-        return not _app_running(self.name)
+    async def _hedged(self, part: Part) -> tuple[list, dict]:
+        """The first answer of up to MAX_HEDGES sends of the part, one more each ``hedge_after_s``
+        without an answer. Sends still running are left to finish (their answers are dropped): a send
+        cancelled on a hung replica would look like progress there to the router."""
+        running: set[asyncio.Task] = set()
+        error: BaseException | None = None
+        try:
+            while True:
+                if error is None and len(running) < MAX_HEDGES:
+                    if running:
+                        self._count("hedges")
+                        logger.warning("pool %r: a part waited %.0fs; sending it again", self.name, self.config.hedge_after_s)
+                    running.add(asyncio.ensure_future(self._send(part)))
+                done, running = await asyncio.wait(running, timeout=self.config.hedge_after_s,
+                                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                for task in done:
+                    if task.exception() is None:
+                        return task.result()
+                    error = error or task.exception()
+                if error is not None and not running:
+                    raise error
+        except asyncio.CancelledError:
+            for task in running:
+                task.cancel()
+            raise
+        finally:
+            for task in running:
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _send(self, part: Part) -> tuple[list, dict]:
+        response = None
+        try:  # the send itself inside: anything it raises resolves the request
+            response = self._handle.options(session_id=part.key).score_samples.remote(part.samples)
+            return await response
+        except asyncio.CancelledError:
+            if response is not None:
+                response.cancel()
+            raise
 
     # ---- state --------------------------------------------------------------------------------------
 
@@ -382,29 +399,32 @@ class RewardPool:
         reports = _directory_call("replicas", self.name)
         return [{"alive": r["age_s"] < 30, "serve_replica_states": states, **r} for r in reports.values()]
 
-    def offload(self, timeout_s: float = 300.0) -> None:
+    def offload(self, timeout_s: float = 300.0) -> list[dict]:
         """Move every replica's weights to host memory (colocation: the trainer gets the GPU memory).
-        Requests sent meanwhile wait until ``onload()``."""
-        self._set_user_config({"offloaded": True}, timeout_s)
+        Requests sent meanwhile wait until ``onload()``. Returns each replica's answer (RSS before/after)."""
+        return self._broadcast("sleep", timeout_s)
 
-    def onload(self, timeout_s: float = 300.0) -> None:
-        """Bring the weights back to the replicas' devices."""
-        self._set_user_config({"offloaded": False}, timeout_s)
+    def onload(self, timeout_s: float = 300.0) -> list[dict]:
+        """Bring the weights back to the replicas' devices. Returns each replica's answer (onload_s)."""
+        return self._broadcast("wake", timeout_s)
 
-    def _set_user_config(self, user_config: dict, timeout_s: float) -> None:
+    def _broadcast(self, method: str, timeout_s: float) -> list[dict]:
+        """Call ``method`` once on every running replica (the router sends ``replica:<id>`` sessions to
+        that replica only); replicas are known by their reports."""
         self._ready()
-        request = self._request
-        settings = ReplicaSettings(**_directory_call("get", self.name)["settings"])
-        _run(_application(settings, request, self._deployed["num_replicas"], user_config, self.name), self.name, request)
-        _directory_call("set_user_config", self.name, user_config)
-        want = user_config["offloaded"]
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            reports = _directory_call("replicas", self.name).values()
-            if reports and all(r.get("offloaded") == want for r in reports) and _app_running(self.name):
-                return
+        while True:
+            ids = sorted(r["replica"] for r in _directory_call("replicas", self.name).values() if r["age_s"] < 5)
+            if ids and len(ids) >= self.num_replicas:
+                break
+            if time.monotonic() > deadline:
+                raise ScoringError(f"pool {self.name!r}: not every replica reported within {timeout_s}s ({ids})")
             time.sleep(0.2)
-        raise ScoringError(f"pool {self.name!r}: replicas did not {'offload' if want else 'onload'} within {timeout_s}s")
+        calls = [getattr(self._handle.options(session_id=TO_REPLICA + i), method).remote() for i in ids]
+        try:
+            return [c.result(timeout_s=max(1.0, deadline - time.monotonic())) for c in calls]
+        except TimeoutError:
+            raise ScoringError(f"pool {self.name!r}: replicas did not {method} within {timeout_s}s") from None
 
     def close(self) -> None:
         """Detach this handle (its requests in flight still resolve); the pool keeps running."""
@@ -462,8 +482,9 @@ def _loop() -> asyncio.AbstractEventLoop:
         return _LOOP
 
 
-async def _result(response):
-    return await response
+def _config_of(identity: dict, **handle: Any) -> PoolConfig:
+    names = {f.name for f in fields(PoolConfig)}
+    return PoolConfig(**{k: v for k, v in identity.items() if k in names}, **handle)
 
 
 def _reattach(name: str, address: str, options: dict) -> RewardPool:
@@ -474,10 +495,9 @@ def _reattach(name: str, address: str, options: dict) -> RewardPool:
         if pool is not None and not pool._closed:
             return pool
         pool = RewardPool.__new__(RewardPool)
-        pool.name, pool.owner, pool._closed = name, False, False
-        pool._options = HandleOptions(**options)
-        pool._lazy = address
-        pool._attach_lock = threading.Lock()
+        pool.name, pool.owner = name, False
+        pool.config = PoolConfig(model="", name=name, address=address, **options)
+        pool._init_handle()
         _HANDLES[name] = pool
         return pool
 
@@ -540,14 +560,6 @@ def _wait_ready(name: str, deadline: float) -> None:
         time.sleep(0.2)
 
 
-def _comparable(settings: dict) -> dict:
-    """Settings as they are compared between processes (the API key only as present or not)."""
-    http = dict(settings.get("http", {}))
-    if http.get("api_key"):
-        http["api_key"] = "<set>"
-    return {**settings, "http": http}
-
-
 def _check_same(name: str, existing: dict, asked: dict) -> None:
     diffs = []
 
@@ -580,32 +592,41 @@ def _check_resources(replicas: int, gpus_per_replica: float, cpus_per_replica: f
     total, free = ray.cluster_resources(), ray.available_resources()
     need_gpus = replicas * gpus_per_replica
     if gpus_per_replica > 0 and total.get("GPU", 0) == 0:
-        raise ReplicaError(
-            f"the pool asks for {gpus_per_replica} GPU per replica but the Ray cluster has no GPUs "
-            f"(it has {_resources(total)}); pass gpus_per_replica=0 to run on CPUs, or start Ray on GPU nodes"
+        raise PoolPlacementError(
+            f"the pool asks for {gpus_per_replica:g} GPU per replica but the Ray cluster has no GPUs "
+            f"(it has {_resources(total)})",
+            "pass gpus_per_replica=0 to run on CPUs, or start Ray on GPU nodes",
+            "pass --gpus-per-replica 0 to run on CPUs, or start Ray on GPU nodes",
         )
     if gpus_per_replica > 0 and need_gpus > free.get("GPU", 0) + 1e-9:
-        raise ReplicaError(
+        raise PoolPlacementError(
             f"the pool needs {need_gpus:g} GPUs ({replicas} replicas x {gpus_per_replica:g}) but the cluster has "
-            f"{free.get('GPU', 0):g} free of {total.get('GPU', 0):g}; lower num_replicas or gpus_per_replica"
+            f"{free.get('GPU', 0):g} free of {total.get('GPU', 0):g}",
+            "lower num_replicas or gpus_per_replica", "lower --replicas or --gpus-per-replica",
         )
     if replicas * cpus_per_replica > total.get("CPU", 0) + 1e-9:
-        raise ReplicaError(f"the pool needs {replicas * cpus_per_replica:g} CPUs but the cluster has {total.get('CPU', 0):g}")
+        raise PoolPlacementError(f"the pool needs {replicas * cpus_per_replica:g} CPUs but the cluster has "
+                                 f"{total.get('CPU', 0):g}", "lower num_replicas or cpus_per_replica",
+                                 "lower --replicas or --cpus-per-replica")  # fmt: skip
 
 
 def _resources(resources: dict) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU", "memory") or k.startswith("accelerator"))
 
 
-def _start_serve(deploy: dict) -> None:
-    """Start Serve on the cluster (its HTTP proxy where the pool has an HTTP door). Processes that make
-    different pools at once race to start Serve's controller; the loser finds it running."""
+def _start_serve(config: PoolConfig) -> None:
+    """Start Serve on the cluster: with its HTTP proxy only where the pool has an HTTP door (a pool used
+    from Python alone leaves every port alone). Processes that make pools at once race to start Serve's
+    controller; the loser finds it running (and its proxy as the first one started it)."""
     from ray import serve
 
-    http = {"http_options": {"host": deploy["http_host"], "port": deploy["http_port"]}} if deploy["http_port"] else {}
+    if config.http_port is None:
+        options: dict = {"proxy_location": "Disabled"}
+    else:
+        options = {"proxy_location": "HeadOnly", "http_options": {"host": config.http_host, "port": config.http_port}}
     for attempt in range(5):
         try:
-            serve.start(**http)
+            serve.start(**options)
             return
         except Exception as e:  # noqa: BLE001 - ActorAlreadyExistsError and friends from the race
             if "already" not in str(e).lower() or attempt == 4:
@@ -613,51 +634,62 @@ def _start_serve(deploy: dict) -> None:
             time.sleep(0.5 * (attempt + 1))
 
 
-def _application(settings: ReplicaSettings, deploy: dict, replicas: int, user_config: dict, name: str):
+def proxy_address(wait_s: float = 10.0) -> tuple[str, int] | None:
+    """Where Serve's HTTP proxy on the connected cluster listens; None when Serve runs without one."""
+    from ray import serve
+    from ray.serve.context import _get_global_client  # Serve keeps its HTTP options only there
+
+    deadline = time.monotonic() + wait_s
+    while not serve.status().proxies:
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.2)
+    http = _get_global_client().http_config
+    return http.host, http.port
+
+
+def _check_proxy(name: str, host: str, port: int) -> None:
+    """Refuse an HTTP door that would not be where it was asked (Serve's proxy was started earlier,
+    by another pool or job, with its own address or none)."""
+    real = proxy_address()
+    if real != (host, port):
+        where = f"on http://{real[0]}:{real[1]}" if real else "without an HTTP proxy"
+        raise PoolConfigError(f"pool {name!r}: asked for the HTTP door on {host}:{port}, but Serve already runs "
+                              f"on this Ray cluster {where}, and its proxy cannot move; use that address, or a "
+                              f"Ray cluster of its own (no --address, no RAY_ADDRESS)")  # fmt: skip
+
+
+def _application(config: PoolConfig, replicas: int):
     """The pool's Serve application: the replica deployment with its placement, router and limits."""
     from ray import serve
 
     from .replica import RewardReplica
-    from .router import PromptGroupRouter
+    from .router import ContentKeyRouter
 
+    settings = ReplicaSettings(config.model, config.model_options, config.engine_options, asdict(config.http))
     options: dict[str, Any] = dict(
         name=DEPLOYMENT,
-        ray_actor_options={"num_cpus": deploy["cpus_per_replica"], "num_gpus": deploy["gpus_per_replica"],
-                           **({"runtime_env": deploy["runtime_env"]} if deploy.get("runtime_env") else {})},
-        max_ongoing_requests=deploy["max_ongoing_requests"],
+        ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica,
+                           **({"runtime_env": config.runtime_env} if config.runtime_env else {})},
+        max_ongoing_requests=config.max_ongoing_requests,
         health_check_period_s=10.0,
         health_check_timeout_s=60.0,
         max_constructor_retry_count=1,
-        request_router_config={"request_router_class": PromptGroupRouter, "request_routing_stats_period_s": 1.0,
-                               "request_routing_stats_timeout_s": 10.0},
-        user_config=user_config,
+        request_router_config={"request_router_class": ContentKeyRouter, "request_routing_stats_period_s": 1.0,
+                               "request_routing_stats_timeout_s": 10.0,
+                               "request_router_kwargs": {"stall_s": 0.9 * config.hedge_after_s}},
     )  # fmt: skip
-    if deploy["autoscale"]:
-        low, high = deploy["autoscale"]
+    if config.autoscale:
+        low, high = config.autoscale
         # Each ongoing request is one part (a prompt group, or up to part_samples samples): scaling on
         # ongoing requests is scaling on queued samples. RL load comes in bursts: scale up fast, down slowly.
         options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high, "initial_replicas": max(low, 1),
                                          "target_ongoing_requests": 2, "upscale_delay_s": 5, "downscale_delay_s": 60}  # fmt: skip
     else:
         options["num_replicas"] = replicas
-    if deploy["placement"] == "spread":
+    if config.placement == "spread":
         options["max_replicas_per_node"] = 1
-    # A version fixed by everything but user_config: Serve then applies a new user_config to the running
-    # replicas (reconfigure) instead of replacing them (it picks a random version otherwise).
-    # (Serve's public API no longer takes a version; its deploy path still reads this attribute.)
-    fixed = {k: v for k, v in options.items() if k not in ("user_config", "request_router_config")}
-    version = hashlib.blake2b(repr((asdict(settings), sorted(fixed.items()), name)).encode(), digest_size=8).hexdigest()
-    deployment = serve.deployment(RewardReplica).options(**options)
-    deployment._version = version
-    return deployment.bind(asdict(settings), name)
-
-
-def _run(app, name: str, deploy: dict) -> None:
-    from ray import serve
-
-    route = "/" if deploy["http_port"] is not None else None
-    serve.run_many([serve.RunTarget(app, name=name, route_prefix=route)],
-                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)  # fmt: skip
+    return serve.deployment(RewardReplica).options(**options).bind(asdict(settings), config.name)
 
 
 def _first_error(status) -> str:
@@ -675,19 +707,6 @@ def _plain(error: BaseException, kind: type) -> BaseException:
     plain = kind(_cause(error))
     plain.__cause__ = error
     return plain
-
-
-def split_options(options: dict) -> tuple[dict, dict]:
-    from ..engine import RewardEngine
-    from ..model import RewardModel
-
-    model_keys = set(inspect.signature(RewardModel.from_pretrained).parameters) - {"name_or_path", "cls"}
-    engine_keys = set(inspect.signature(RewardEngine.__init__).parameters) - {"self", "model", "on_invalid"}
-    unknown = set(options) - model_keys - engine_keys
-    if unknown:
-        raise TypeError(f"unknown RewardPool options {sorted(unknown)}; "
-                        f"model options: {sorted(model_keys)}; engine options: {sorted(engine_keys)}")  # fmt: skip
-    return ({k: v for k, v in options.items() if k in model_keys}, {k: v for k, v in options.items() if k in engine_keys})
 
 
 def _cause(error: BaseException) -> str:

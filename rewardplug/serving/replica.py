@@ -1,14 +1,17 @@
 """The replica: one RewardModel and its RewardEngine as a Ray Serve deployment, with two doors: the
 pool handle calls ``score_samples``; the HTTP routes (``rewardplug.serving.http``) are its other methods.
 
-What Serve does for it: placement (``num_gpus`` per replica), routing (``PromptGroupRouter``), the bound
-on ongoing requests, health checks (``check_health``) and restarts, autoscaling, lightweight
-reconfiguration (``reconfigure``: offload/onload). What it adds: a bound on the samples it holds
-(``max_inflight_samples``), counted whoever sends, and its stats reported to the pool directory.
+What Serve does for it: placement (``num_gpus`` per replica), routing (``ContentKeyRouter``), the one
+admission bound (``max_ongoing_requests`` calls per replica; beyond it calls wait in Serve's router
+queue), health checks (``check_health``) and restarts, autoscaling. What it adds: ``sleep``/``wake``
+(weights to host memory and back, called on every replica by ``RewardPool.offload``/``onload``), and its
+figures reported to the pool directory (on Serve's routing-stats and health-check calls, which run on
+this replica's event loop, beside requests: a snapshot, never a structure read while it changes).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the routes' parameter types at class creation.
 import asyncio
+import collections
 import logging
 import os
 import time
@@ -17,7 +20,7 @@ from fastapi import HTTPException, Request
 from fastapi.responses import PlainTextResponse
 from ray import serve
 
-from ..errors import InvalidSampleError, PoolBusyError
+from ..errors import InvalidSampleError
 from .get_reward import GetRewardRequestError, get_reward
 from .http import HttpSettings, app, authorize, check_count, read_json, resolve_images
 from .transport import internalize
@@ -29,12 +32,11 @@ DEPLOYMENT = "RewardReplica"
 
 @dataclass
 class ReplicaSettings:
-    """Everything a replica is built from; a named pool's identity (with its deployment options)."""
+    """Everything a replica is built from."""
 
     model: str
     model_options: dict = field(default_factory=dict)
     engine_options: dict = field(default_factory=dict)
-    max_inflight_samples: int = 512
     http: dict = field(default_factory=lambda: asdict(HttpSettings()))
 
 
@@ -59,6 +61,12 @@ def _move_home(homes: list) -> None:
     for tensor, device in homes:
         if tensor.device != device:
             tensor.data = tensor.data.to(device, non_blocking=True)
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
 
 
 # Serve copies the methods with the module globals of this moment: helpers must be defined above.
@@ -87,38 +95,25 @@ class RewardReplica:
                           **s.engine_options}  # metrics through Ray: one scrape target per node
         self.engine = RewardEngine(self.model, on_invalid="none", **engine_options)
         self.inflight = 0
-        self.outstanding_tokens = 0
         self.peak_inflight = 0
-        self.rejected = 0
-        self.requests = {"score": 0, "get_reward": 0, "rejected": 0}
-        self.offloaded = False
+        self.requests = {"score": 0, "get_reward": 0}
+        self._awake: asyncio.Event | None = None  # cleared while the weights are in host memory
         self._homes: list = []
-        self._room: asyncio.Condition | None = None
-        self._by_sender: dict[str | None, int] = {}  # outstanding tokens per sending process (routing stats)
         self._started = time.time()
         self._directory = None
+        self._history: collections.deque = collections.deque(maxlen=256)  # (time, samples scored) per report
 
     # ---- the Python door ----------------------------------------------------------------------------
 
-    async def score_samples(self, samples: list, *, busy: str = "wait", route_key: str | None = None,
-                            tokens: int = 0, sender: str | None = None, part: str | None = None) -> tuple[list, dict]:  # fmt: skip
-        """Scores (None for a bad sample) and the reasons of the bad ones, by position.
-
-        Waits for room under ``max_inflight_samples`` (or raises PoolBusyError with ``busy="raise"``),
-        and while the replica is offloaded. A system failure raises (ScoringError). ``tokens`` and
-        ``sender`` feed the routing stats (outstanding tokens per sending process); ``part`` is the
-        sender's id of this call (its router's bookkeeping)."""
-        n = len(samples)
-        await self._admit(n, tokens, busy)
-        self._by_sender[sender] = self._by_sender.get(sender, 0) + tokens
+    async def score_samples(self, samples: list) -> tuple[list, dict]:
+        """Scores (None for a bad sample) and the reasons of the bad ones, by position. Waits while the
+        replica sleeps. A system failure raises (ScoringError)."""
+        await self._wait_awake()
+        self._hold(len(samples))
         try:
-            samples = await internalize(samples)
-            return await self._score(samples)
+            return await self._score(await internalize(samples))
         finally:
-            left = self._by_sender.pop(sender, 0) - tokens
-            if left > 0:
-                self._by_sender[sender] = left
-            await self._release(n, tokens)
+            self.inflight -= len(samples)
 
     async def _score(self, samples: list) -> tuple[list, dict]:
         try:
@@ -126,69 +121,79 @@ class RewardReplica:
         except InvalidSampleError as e:
             return e.scores, e.errors
 
-    def _has_room(self, n: int) -> bool:
-        return not self.offloaded and (self.inflight == 0 or self.inflight + n <= self.settings.max_inflight_samples)
+    def _hold(self, n: int) -> None:
+        self.inflight += n
+        self.peak_inflight = max(self.peak_inflight, self.inflight)
 
-    async def _admit(self, n: int, tokens: int, busy: str) -> None:
-        if self._room is None:
-            self._room = asyncio.Condition()
-        async with self._room:
-            if not self._has_room(n):
-                if busy == "raise":
-                    self.rejected += 1
-                    state = "offloaded" if self.offloaded else f"holds {self.inflight} samples"
-                    raise PoolBusyError(f"replica {self.replica_id} {state} (bound {self.settings.max_inflight_samples})")
-                await self._room.wait_for(lambda: self._has_room(n))
-            self.inflight += n
-            self.outstanding_tokens += tokens
-            self.peak_inflight = max(self.peak_inflight, self.inflight)
+    def _event(self) -> asyncio.Event:
+        if self._awake is None:  # made on the replica's event loop
+            self._awake = asyncio.Event()
+            self._awake.set()
+        return self._awake
 
-    async def _release(self, n: int, tokens: int) -> None:
-        async with self._room:
-            self.inflight -= n
-            self.outstanding_tokens -= tokens
-            self._room.notify_all()
+    async def _wait_awake(self) -> None:
+        await self._event().wait()
 
     def token_format(self) -> dict:
-        tok = self.model.processor.tokenizer
-        return {"im_start": tok.convert_tokens_to_ids("<|im_start|>"), "image_pad": tok.convert_tokens_to_ids("<|image_pad|>")}
+        return {"im_start": self.model.processor.tokenizer.convert_tokens_to_ids("<|im_start|>")}
 
-    # ---- Serve's hooks ------------------------------------------------------------------------------
+    # ---- sleep and wake (called on every replica: RewardPool.offload / onload) ----------------------
 
-    def check_health(self) -> None:
+    async def sleep(self) -> dict:
+        """Weights to host memory once the samples in hand are scored; requests wait until ``wake``."""
+        awake = self._event()
+        if awake.is_set():
+            awake.clear()
+            self._homes = []
+        while self.inflight:
+            await asyncio.sleep(0.01)
+        before = _rss()
+        self._homes = self._homes or _move_to_host(self.model)
+        self._report()
+        return {"replica": self.replica_id, "offloaded": True, "rss_before": before, "rss_after": _rss()}
+
+    async def wake(self) -> dict:
+        t0 = time.perf_counter()
+        awake = self._event()
+        if not awake.is_set():
+            _move_home(self._homes)
+            self._homes = []
+            awake.set()
+        self._report()
+        return {"replica": self.replica_id, "offloaded": False, "onload_s": time.perf_counter() - t0}
+
+    @property
+    def offloaded(self) -> bool:
+        return self._awake is not None and not self._awake.is_set()
+
+    # ---- Serve's hooks (on this replica's event loop) -----------------------------------------------
+
+    async def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy, and Serve replaces it."""
         self.engine.check_health()
         self._report()
 
-    def record_routing_stats(self) -> dict:
-        """Read by every handle's router (global least-outstanding-tokens routing)."""
+    async def record_routing_stats(self) -> dict:
         self._report()
-        return {"outstanding_tokens": self.outstanding_tokens, "inflight_samples": self.inflight,
-                "outstanding_by_sender": {k: v for k, v in self._by_sender.items() if k is not None}}  # fmt: skip
-
-    async def reconfigure(self, user_config: dict) -> None:
-        """Serve applies ``user_config`` to every replica without restarting it: offload and onload."""
-        want = bool((user_config or {}).get("offloaded", False))
-        if want == self.offloaded:
-            return
-        if want:
-            self.offloaded = True  # new requests wait from now on
-            while self.inflight:
-                await asyncio.sleep(0.01)
-            self._homes = _move_to_host(self.model)
-        else:
-            _move_home(self._homes)
-            self.offloaded = False
-            if self._room is not None:
-                async with self._room:
-                    self._room.notify_all()
-        self._report()
+        return {"inflight_samples": self.inflight}
 
     # ---- what the pool reads ------------------------------------------------------------------------
+
+    def _recent(self, samples: int, window_s: float = 60.0) -> dict:
+        """Samples scored over about the last minute (reports come about once a second)."""
+        now = time.time()
+        self._history.append((now, samples))
+        while len(self._history) > 1 and now - self._history[1][0] >= window_s:
+            self._history.popleft()
+        then, before = self._history[0]
+        span = max(now - then, 1e-9)
+        return {"window_s": round(span, 1), "samples": samples - before,
+                "samples_per_s": round((samples - before) / span, 2) if now > then else 0.0}
 
     def info(self) -> dict:
         import ray
 
+        engine = self.engine.stats()
         return {
             "replica": self.replica_id,
             "pid": os.getpid(),
@@ -199,10 +204,9 @@ class RewardReplica:
             "offloaded": self.offloaded,
             "inflight_samples": self.inflight,
             "peak_inflight_samples": self.peak_inflight,
-            "outstanding_tokens": self.outstanding_tokens,
-            "rejected_requests": self.rejected,
             "uptime_s": time.time() - self._started,
-            "engine": self.engine.stats(),
+            "engine": engine,
+            "recent": self._recent(engine.get("samples", 0)),
         }
 
     def _report(self) -> None:
@@ -256,11 +260,12 @@ class RewardReplica:
         keep = [i for i in range(len(samples)) if i not in errors]
         scores: list = [None] * len(samples)
         if keep:
-            await self._admit(len(keep), 0, "wait")
+            await self._wait_awake()
+            self._hold(len(keep))
             try:
                 got, bad = await self._score([loaded[i] for i in keep])
             finally:
-                await self._release(len(keep), 0)
+                self.inflight -= len(keep)
             for k, i in enumerate(keep):
                 scores[i] = got[k]
                 if k in bad:

@@ -1,9 +1,12 @@
 """What a pool request carries to a replica: its samples cut into parts by prompt group, each distinct
-in-memory image put once in the object store, a routing key and a token estimate per part.
+in-memory image put once in the object store, and one content key per part.
 
 A prompt group (the G completions of a GRPO prompt) is one part, so it lands on one replica and its
-vision and prefix caches hit. The routing key is a content digest: the same prompt and images give
-the same key in every process, so every rank of a training job sends a group to the same replica.
+vision and prefix caches hit. The key is a content digest of everything before the answer, images by
+``rewardplug.images.image_digest`` (the digest the engine's vision cache uses): the same prompt and
+images give the same key in every process, so every rank sends a group to the same replica. Samples
+alone in their group are packed into parts that go by their first sample's key (a one-sample call, as
+verl and OpenRLHF make, goes by its own key).
 """
 
 from __future__ import annotations
@@ -15,8 +18,7 @@ from typing import Any, Callable
 
 from PIL import Image
 
-# Tokens an image is assumed to cost before it is encoded (a 448x448 picture is 256 LLM tokens).
-IMAGE_TOKENS_ESTIMATE = 256
+from ..images import image_digest
 
 
 @dataclass(frozen=True)
@@ -33,24 +35,14 @@ class Part:
 
     indices: list[int]  # positions in the request
     samples: list  # with ImageRefs
-    route_key: str
-    tokens: int
-
-
-@dataclass(frozen=True)
-class TokenFormat:
-    """Special token ids of the reward model, for keys of token-level samples."""
-
-    im_start: int
-    image_pad: int
+    key: str  # content key: the router's session id
 
 
 def _digest(value: Any) -> str:
-    h = hashlib.blake2b(digest_size=16)
     if isinstance(value, Image.Image):
-        h.update(f"{value.mode}{value.size}".encode())
-        h.update(value.tobytes())
-    elif hasattr(value, "__array_interface__"):
+        return image_digest(value)
+    h = hashlib.blake2b(digest_size=16)
+    if hasattr(value, "__array_interface__"):
         import numpy as np
 
         array = np.ascontiguousarray(value)
@@ -151,16 +143,15 @@ def _image_keys(value: Any) -> list:
     return [value] if isinstance(value, str) else []
 
 
-def group_key(sample: Any, tokens: TokenFormat | None = None) -> str:
-    """Samples with the same prompt (everything before the answer) and the same images share a key."""
+def group_key(sample: Any, im_start: int | None = None) -> str:
+    """Samples with the same prompt (everything before the answer) and the same images share a key.
+    Token samples: the ids up to the last ``<|im_start|>`` (the answer's turn)."""
     h = hashlib.blake2b(digest_size=12)
     if not isinstance(sample, dict):
         h.update(repr(id(sample)).encode())
     elif "input_ids" in sample:
         ids = list(sample["input_ids"]) if not hasattr(sample["input_ids"], "tolist") else sample["input_ids"].tolist()
-        cut = len(ids)
-        if tokens is not None and tokens.im_start in ids:
-            cut = len(ids) - ids[::-1].index(tokens.im_start)  # up to the last <|im_start|>: the answer's turn
+        cut = len(ids) - ids[::-1].index(im_start) if im_start in ids else len(ids)
         h.update(repr(ids[:cut]).encode())
         h.update(repr(_image_keys(sample.get("images"))).encode())
     else:
@@ -180,49 +171,23 @@ def _strip_images(value: Any) -> Any:
     return value
 
 
-def estimate_tokens(sample: Any, tokens: TokenFormat | None = None) -> int:
-    """A sample's cost for routing: its token count for token-level samples, else characters / 3 plus
-    a fixed cost per image (the replica knows the real count only after encoding)."""
-    if not isinstance(sample, dict):
-        return 64
-    n_images = len(_image_keys([sample.get("images"), sample.get("image"), sample.get("messages"),
-                                sample.get("prompt")]))  # fmt: skip
-    if "input_ids" in sample:
-        ids = sample["input_ids"]
-        n = len(ids) if not hasattr(ids, "shape") else int(ids.shape[-1])
-        pads = 0
-        if tokens is not None:
-            pads = sum(1 for t in (ids.tolist() if hasattr(ids, "tolist") else ids) if t == tokens.image_pad)
-        return n + max(0, IMAGE_TOKENS_ESTIMATE * n_images - pads)
-    text = repr(sample.get("completion", "")) + repr(_strip_images(sample.get("messages", "")))
-    return len(text) // 3 + IMAGE_TOKENS_ESTIMATE * n_images + 64
-
-
-def split(samples: list, max_samples: int, tokens: TokenFormat | None = None) -> list[Part]:
-    """Cut externalized samples into parts of at most ``max_samples``.
-
-    A prompt group of two or more samples is a part of its own (cut only when larger than
-    ``max_samples``), routed by its key: it lands on the replica that has, or will keep, its vision and
-    prefix caches, whichever request or process sends it. Samples alone in their group share nothing;
-    they are packed together and go to the least loaded replica (no key).
-    """
+def split(samples: list, max_samples: int, im_start: int | None = None) -> list[Part]:
+    """Cut externalized samples into parts of at most ``max_samples``: each prompt group of two or more
+    samples a part of its own (cut only when larger), the lone samples packed together."""
     groups: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
-        groups.setdefault(group_key(s, tokens), []).append(i)
+        groups.setdefault(group_key(s, im_start), []).append(i)
     parts: list[Part] = []
-    singles: list[int] = []
+    singles: list[tuple[int, str]] = []
     for key, indices in groups.items():
         if len(indices) == 1:
-            singles += indices
+            singles.append((indices[0], key))
             continue
         for start in range(0, len(indices), max_samples):
-            parts.append(_part(samples, indices[start : start + max_samples], key, tokens))
+            parts.append(Part(indices[start : start + max_samples], [], key))
     for start in range(0, len(singles), max_samples):
-        parts.append(_part(samples, singles[start : start + max_samples], "", tokens))
+        chunk = singles[start : start + max_samples]
+        parts.append(Part([i for i, _ in chunk], [], chunk[0][1]))
+    for part in parts:
+        part.samples = [samples[i] for i in part.indices]
     return parts
-
-
-def _part(samples: list, indices: list[int], key: str, tokens: TokenFormat | None) -> Part:
-    indices = sorted(indices)
-    chosen = [samples[i] for i in indices]
-    return Part(indices, chosen, key, sum(estimate_tokens(s, tokens) for s in chosen))
