@@ -21,7 +21,7 @@ REWARD_URL=${REWARD_URL:-examples/openrlhf_reward_func.py}
 export REWARDPLUG_MODEL=${REWARDPLUG_MODEL:-Skywork/Skywork-VL-Reward-7B}
 export REWARDPLUG_POOL=${REWARDPLUG_POOL:-skywork-rm}
 export REWARDPLUG_POOL_OPTIONS=${REWARDPLUG_POOL_OPTIONS:-'{"num_replicas": 2, "gpus_per_replica": 1}'}
-export REWARDPLUG_INVALID_REWARD=${REWARDPLUG_INVALID_REWARD:-0.0}
+export REWARDPLUG_ON_INVALID=${REWARDPLUG_ON_INVALID:-raise}   # a sample that cannot be scored fails the step (docs/scores.md)
 
 python3 -m openrlhf.cli.train_ppo_ray \
   --actor.model_name_or_path "$POLICY" \

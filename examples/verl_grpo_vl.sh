@@ -10,6 +10,8 @@
 # rollouts it gets into one request per few ms, so a GRPO group's n responses are scored together, on one
 # replica, sharing the prompt and the image. Batch sizes divide over the 6 trainer GPUs (verl checks it):
 # 192 prompts x 8 responses / 6 GPUs, mini-batches of 48 prompts. See docs/layouts.md.
+# A response that cannot be scored fails the step, naming it (on_invalid=raise, the default; a float
+# makes it that reward instead; docs/scores.md says why no number is neutral).
 #
 # Data: verl's RLHFDataset parquet (prompt messages with "<image>" tags and an "images" column), e.g.
 # made by verl's examples/data_preprocess/geo3k.py.
@@ -55,7 +57,7 @@ python3 -m verl.trainer.main_ppo \
   +reward.rewardplug.pool_options.num_replicas=2 \
   +reward.rewardplug.pool_options.gpus_per_replica=1 \
   +reward.rewardplug.pool_options.dtype=bfloat16 \
-  +reward.rewardplug.invalid_score=0.0 \
+  +reward.rewardplug.on_invalid=raise \
   +reward.rewardplug.batch_wait_ms=5 \
   trainer.n_gpus_per_node=6 \
   trainer.nnodes=1 \
