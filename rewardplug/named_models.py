@@ -74,7 +74,6 @@ def load(model: str | os.PathLike, **options: Any):
         return load_random_7b(**options)
     if options.pop("layers", None) is not None:
         raise ValueError(f"layers applies to {RANDOM_7B!r} only, not to {str(model)!r}")
-    options.pop("seed", None)
     from .model import RewardModel
 
     return RewardModel.from_pretrained(checkpoint_path(model), **options)
