@@ -446,12 +446,7 @@ def every_command() -> list[list[str]]:
     return walk(build_parser(), [])
 
 
-SERVING_PARSERS = pytest.mark.xfail(strict=False, reason="pool start / serve parsers live in rewardplug/serving/cli.py "
-                                    "(the serving engineer's): ArgumentDefaultsHelpFormatter prints (default: None)")  # fmt: skip
-
-
-@pytest.mark.parametrize("command", [pytest.param(c, marks=SERVING_PARSERS) if c[0] in ("pool", "serve") else c
-                                     for c in every_command()], ids=" ".join)  # fmt: skip
+@pytest.mark.parametrize("command", every_command(), ids=" ".join)
 def test_help_prints_no_default_none(command, capsys):
     """A required option or one without a default shows no "(default: None)"."""
     with pytest.raises(SystemExit):

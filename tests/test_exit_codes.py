@@ -192,7 +192,4 @@ def test_each_listed_exit_code_is_what_the_command_returns(code, request, tmp_pa
     kwargs = {"monkeypatch": monkeypatch} if code == 4 else {}
     if code in POOL_CODES:
         kwargs["cluster_address"] = request.getfixturevalue("cluster_address")
-    if code == 6:
-        request.applymarker(pytest.mark.xfail(strict=False, reason="exit code 6 (a pool that cannot be placed) is the "
-                                              "serving engineer's to implement in rewardplug/serving/cli.py"))  # fmt: skip
     assert driver(tmp_path, tiny_path, capsys, **kwargs) == code
