@@ -188,3 +188,18 @@ def test_docs_site_builds_strictly(tmp_path):
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert (tmp_path / "site" / "index.html").is_file()
+
+
+def test_every_page_is_in_the_site_navigation():
+    """A page left out of mkdocs.yml's nav builds but cannot be found from the site's menu."""
+
+    def pages_of(nav) -> set[str]:
+        if isinstance(nav, str):
+            return {nav}
+        items = nav.values() if isinstance(nav, dict) else nav
+        return set().union(*(pages_of(item) for item in items))
+
+    nav = pages_of(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"])
+    on_disk = {str(p.relative_to(ROOT / "docs")) for p in (ROOT / "docs").rglob("*.md")}
+    assert on_disk - nav == set(), f"pages missing from mkdocs.yml nav: {sorted(on_disk - nav)}"
+    assert nav - on_disk == set(), f"nav entries without a page: {sorted(nav - on_disk)}"
