@@ -99,11 +99,13 @@ def load_image(source: ImageSource, policy: ImagePolicy) -> Image.Image:
     return _read_local(source, policy)
 
 
-def image_digest(image: Image.Image) -> str:
-    """Content hash of a decoded image: same pixels, same size and mode give the same digest."""
+def image_digest(image: Image.Image, data: bytes | None = None) -> str:
+    """Content hash of a decoded image: same pixels, same size and mode give the same digest.
+
+    data: ``image.tobytes()`` when the caller has them already (all of them: the digest covers every byte)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{image.mode}:{image.size}".encode())
-    h.update(image.tobytes())
+    h.update(image.tobytes() if data is None else data)
     return h.hexdigest()
 
 

@@ -14,6 +14,8 @@ One job per module:
   pixel_cache.py     byte-bounded cache of prepared pixels by content digest
   encoded.py         EncodedSample and the encoder's counters
   collate.py         encoded samples -> one padded Batch
+  workers.py         encoding in worker processes (EncoderProcesses), bitwise the same results
+  handoff.py         encoded samples through one shared-memory segment per request
 """
 
 from .collate import Batch, collate
@@ -23,6 +25,7 @@ from .pixel_cache import DEFAULT_PIXEL_CACHE_BYTES, PixelCache
 from .pixel_codes import PixelCodes, cat_pixels, pixel_values
 from .pixels import ExactPixels
 from .tokens import IMAGE_TOKEN, VIDEO_TOKEN, token_type_ids
+from .workers import EncoderProcesses
 
 __all__ = [
     "DEFAULT_PIXEL_CACHE_BYTES",
@@ -32,6 +35,7 @@ __all__ = [
     "EncodedSample",
     "Encoder",
     "EncoderCounters",
+    "EncoderProcesses",
     "ExactPixels",
     "PixelCache",
     "PixelCodes",

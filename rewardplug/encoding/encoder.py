@@ -169,7 +169,18 @@ class Encoder:
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
 
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=add_special_tokens, return_attention_mask=False)["input_ids"]
+        tok = self.tokenizer
+        backend = getattr(tok, "_tokenizer", None)
+        # What the tokenizer's __call__ does for one text with no truncation or padding, without its Python
+        # layers (a quarter of a sample's encode time): the same backend call, so the same ids.
+        if (
+            type(backend).__module__ == "tokenizers"
+            and backend.truncation is None
+            and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(tok, "split_special_tokens", False))
+        ):
+            return backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return tok(text, add_special_tokens=add_special_tokens, return_attention_mask=False)["input_ids"]
 
     def positions(self, ids: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor | None:
         if self.rope_index is None:

@@ -59,15 +59,16 @@ class PixelCache:
             with self._lock:
                 self._entries[digest] = entry
 
-    def get(self, image: Image.Image, digest: str) -> tuple["torch.Tensor | PixelCodes", torch.Tensor]:
-        """(pixels: PixelCodes or float pixel_values [patches, dim], image_grid_thw [1, 3]) of one resized image."""
+    def get(self, image: Image.Image, digest: str, data: bytes | None = None) -> tuple["torch.Tensor | PixelCodes", torch.Tensor]:
+        """(pixels: PixelCodes or float pixel_values [patches, dim], image_grid_thw [1, 3]) of one resized image
+        (data: its ``tobytes()`` when known)."""
         with self._lock:
             hit = self._entries.get(digest) if self._entries is not None else None
             if hit is not None:
                 self.hits += 1
                 return hit
             self.misses += 1
-        entry = self.fast(image) if self.fast is not None else None
+        entry = self.fast(image, data) if self.fast is not None else None
         if entry is None:
             out = self.image_processor(images=[image], return_tensors="pt")
             entry = (out["pixel_values"], out["image_grid_thw"])

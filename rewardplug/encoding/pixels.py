@@ -45,7 +45,8 @@ class ExactPixels:
         self.factor = int(ip.patch_size) * int(ip.merge_size)
         self.enabled = self._agrees_with_processor()
 
-    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def __call__(self, image: Image.Image, data: bytes | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Codes and grid of an image the processor would not resize; data: its ``tobytes()`` if known."""
         if not self.enabled or image.mode != "RGB":
             return None
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
@@ -59,11 +60,13 @@ class ExactPixels:
 
         p, m, t = int(ip.patch_size), int(ip.merge_size), int(ip.temporal_patch_size)
         gh, gw = h // p, w // p
-        codes = np.asarray(image).reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)
+        values = np.asarray(image) if data is None else np.frombuffer(data, dtype=np.uint8)
+        codes = values.reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)
         codes = torch.from_numpy(np.ascontiguousarray(codes).reshape(gh * gw, 3, p, p))
         return PixelCodes([(codes, None)], self.table, t, p, m), torch.tensor([[1, gh, gw]], dtype=torch.long)
 
-    def deferred(self, image: Image.Image, height: int, width: int) -> tuple[PixelCodes, torch.Tensor] | None:
+    def deferred(self, image: Image.Image, height: int, width: int, data: bytes | None = None
+                 ) -> tuple[PixelCodes, torch.Tensor] | None:  # fmt: skip
         """Codes of an RGB image not resized yet: the resize to (height, width) happens where the pixels
         are used (``PixelCodes.values``); None where that would not give the processor's bits."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
@@ -77,7 +80,9 @@ class ExactPixels:
         import numpy as np
 
         p, m, t = int(ip.patch_size), int(ip.merge_size), int(ip.temporal_patch_size)
-        whole = torch.from_numpy(np.array(image))  # [H, W, 3] uint8, a copy of its own
+        w, h = image.size
+        values = np.array(image) if data is None else np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3).copy()
+        whole = torch.from_numpy(values)  # [H, W, 3] uint8, a copy of its own
         return PixelCodes([(whole, (height, width))], self.table, t, p, m), torch.tensor(
             [[1, height // p, width // p]], dtype=torch.long)  # fmt: skip
 

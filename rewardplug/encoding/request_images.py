@@ -28,6 +28,7 @@ class PreparedImage:
     digest: str
     pixels: "torch.Tensor | PixelCodes | None" = None
     grid: torch.Tensor | None = None
+    data: bytes | None = None  # image.tobytes() when already read (the source's, where the resize kept them)
 
 
 class RequestImages:
@@ -69,14 +70,15 @@ class RequestImages:
         by_object = (id(image), options)
         found = self._by_object.get(by_object)
         if found is None:
-            content = image_digest(image)
+            data = image.tobytes() if image.mode == "RGB" else None  # read once: digest, then codes
+            content = image_digest(image, data)
             found = self._resized.get((content, options))
             if found is None:
                 # Resizing is deterministic: the picture's content and the resize settings identify the result,
                 # so pixels an earlier request made are found before resizing again.
                 key = digest(content, options, _resize_settings(encoder))
                 cached = encoder.pixel_cache.peek(key)
-                deferred = None if cached is not None else _deferred(encoder, image, index, size)
+                deferred = None if cached is not None else _deferred(encoder, image, index, size, data)
                 if cached is not None:
                     found = PreparedImage(None, key, *cached)
                 elif deferred is not None:
@@ -84,13 +86,17 @@ class RequestImages:
                     found = PreparedImage(None, key, *deferred)
                     encoder.count(images_resized=1)
                 else:
-                    found = PreparedImage(_resize(encoder, image, index, size), key)
+                    resized = _resize(encoder, image, index, size)
+                    # Pillow's resize to the same size is a copy, and RGB stays RGB: the bytes already read.
+                    same = data is not None and resized.mode == "RGB" and resized.size == image.size
+                    found = PreparedImage(resized, key, data=data if same else None)
                     encoder.count(images_resized=1)
                 self._resized[(content, options)] = found
             self._by_object[by_object] = found
             self._keep.append(image)
         if found.pixels is None:
-            found.pixels, found.grid = encoder.pixel_cache.get(found.image, found.digest)
+            found.pixels, found.grid = encoder.pixel_cache.get(found.image, found.digest, found.data)
+            found.image = found.data = None  # the pixels are made: the request no longer needs the image
         return found
 
     def predecode(self, sample: Any) -> Any:
@@ -138,7 +144,7 @@ def _resize_settings(encoder: "Encoder") -> tuple:
     return ("qwen-vl-utils", encoder.min_pixels, encoder.max_pixels, encoder.patch_size)
 
 
-def _deferred(encoder: "Encoder", image: Image.Image, index: int, size: dict | None):
+def _deferred(encoder: "Encoder", image: Image.Image, index: int, size: dict | None, data: bytes | None = None):
     """(PixelCodes, grid) of an image whose resize is left to the device, or None (resize here)."""
     fast = encoder.pixel_cache.fast
     if not encoder.resize_on_device or fast is None or not fast.enabled or image.mode != "RGB":
@@ -161,7 +167,7 @@ def _deferred(encoder: "Encoder", image: Image.Image, index: int, size: dict | N
             )  # fmt: skip
     except ValueError as e:  # e.g. aspect ratio over 200
         raise SampleError(f"image {index}: {e}") from None
-    return fast.deferred(image, height, width)
+    return fast.deferred(image, height, width, data)
 
 
 def _resize(encoder: "Encoder", image: Image.Image, index: int, size: dict | None = None) -> Image.Image:
