@@ -255,6 +255,20 @@ def cmd_pool_stop(args) -> int:
     return _run(body)
 
 
+def _sigterm_kept(join):
+    """Run ``join`` (ray.init), then put this process's SIGTERM handler back: Ray installs its own (a
+    stack dump and abort, or exit 15), and SIGTERM must stop ``serve`` like Ctrl-C (pool removed, 143)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return join()
+    before = signal.getsignal(signal.SIGTERM)
+    join()
+    if callable(before):
+        signal.signal(signal.SIGTERM, before)
+
+
 def cmd_serve(args) -> int:
     """Serve until Ctrl-C or SIGTERM (raised here as KeyboardInterrupt / the CLI's Terminated); the pool
     is removed on the way out either way, and the exception gives the exit code."""
@@ -272,9 +286,10 @@ def cmd_serve(args) -> int:
 
         address = _given_address(args)
         if address:
-            _join(address)
+            _sigterm_kept(lambda: _join(address))
         else:  # a cluster of its own: its Serve and HTTP proxy take the options asked here
-            ray.init(address="local", namespace="rewardplug", log_to_driver=False, include_dashboard=False)
+            _sigterm_kept(lambda: ray.init(address="local", namespace="rewardplug", log_to_driver=False,
+                                           include_dashboard=False))  # fmt: skip
         opened.append(_open(pool_config(args, http_port=args.port, http_host=args.host, http=http), args.model))
         print(f"rewardplug is serving on http://{args.host}:{args.port} (POST /v1/score, POST /get_reward, GET /healthz)",
               flush=True)  # fmt: skip
@@ -284,5 +299,8 @@ def cmd_serve(args) -> int:
     try:
         return _run(body)
     finally:
+        import ray
+
         for pool in opened:
             pool.shutdown()
+        ray.shutdown()  # leave the cluster (its own one ends here) before the interpreter exits
