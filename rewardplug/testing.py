@@ -562,7 +562,8 @@ def make_tiny_seq_cls_checkpoint(
     if family in VISION_SEQ_CLS_FAMILIES:
         return _make_vision_seq_cls(path, family, seed)
     if family not in SEQ_CLS_FAMILIES:
-        raise ValueError(f"unknown family {family!r}; one of {sorted(SEQ_CLS_FAMILIES) + list(VISION_SEQ_CLS_FAMILIES)}")
+        known = sorted(SEQ_CLS_FAMILIES) + list(VISION_SEQ_CLS_FAMILIES)
+        raise ValueError(f"unknown family {family!r}; one of {known}")
     spec = SEQ_CLS_FAMILIES[family]
     tokenizer = _text_tokenizer(spec)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in spec.specials}

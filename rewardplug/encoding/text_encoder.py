@@ -136,9 +136,10 @@ def text_messages(sample: Any) -> list[dict]:
             raise SampleError("sample has no 'prompt'")
         prompt, completion = sample["prompt"], sample["completion"]
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _turns(prompt, "prompt")
-        messages += (
-            [{"role": "assistant", "content": completion}] if isinstance(completion, str) else _turns(completion, "completion")
-        )
+        if isinstance(completion, str):
+            messages.append({"role": "assistant", "content": completion})
+        else:
+            messages += _turns(completion, "completion")
     else:
         raise SampleError(f"sample needs 'messages', or 'prompt' and 'completion' (keys: {sorted(sample)})")
     if not messages:
@@ -161,6 +162,9 @@ def _turns(messages: Any, where: str) -> list[dict]:
     return out
 
 
+MEDIA_TYPES = ("image", "image_url", "video")  # content items a text model leaves out
+
+
 def _text(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
@@ -171,7 +175,7 @@ def _text(content: Any, where: str) -> str:
                 parts.append(item)
             elif isinstance(item, dict) and isinstance(item.get("text"), str):
                 parts.append(item["text"])
-            elif not (isinstance(item, dict) and (item.get("type") in ("image", "image_url", "video") or "image" in item)):
+            elif not (isinstance(item, dict) and (item.get("type") in MEDIA_TYPES or "image" in item)):
                 raise SampleError(f"{where}: content item {item!r:.60} is neither text nor an image")
         return "\n".join(parts)
     raise SampleError(f"{where}: content must be a string or a list of items, got {type(content).__name__}")

@@ -147,7 +147,9 @@ class TextRewardModel(RewardModel):
         }
 
     @torch.inference_mode()
-    def forward(self, batch: Batch, image_embeds: Sequence[torch.Tensor] | None = None, *, on_device: bool = False) -> torch.Tensor:
+    def forward(
+        self, batch: Batch, image_embeds: Sequence[torch.Tensor] | None = None, *, on_device: bool = False
+    ) -> torch.Tensor:
         out = self.backbone(**self._inputs(batch, None), use_cache=False)
         scores = self._head(out.last_hidden_state, batch.last_index)
         return scores if on_device else scores.cpu()

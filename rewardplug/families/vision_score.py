@@ -31,7 +31,9 @@ class ScoreHeadVisionModel(RewardModel):
         weight = tensors.get("score.weight")
         if weight is None or tuple(weight.shape) != (1, hidden):
             found = {k: list(v.shape) for k, v in tensors.items()} or "no head keys"
-            raise CheckpointError(f"{str(folder)!r}: expected 'score.weight' [1, {hidden}] in the main weights; found {found}")
+            raise CheckpointError(
+                f"{str(folder)!r}: expected 'score.weight' [1, {hidden}] in the main weights; found {found}"
+            )
         return weight.clone(), None
 
     @classmethod
