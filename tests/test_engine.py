@@ -908,3 +908,35 @@ def test_next_batch_is_launched_before_the_last_one_is_read_across_rounds(make_e
         assert position[("launched", k + 1)] < position[("finish", k)], (k, k in round_ends, events)
         between = events[position[("launched", k + 1)] + 1 : position[("finish", k)]]
         assert not [e for e in between if e[0] == "read"], (k, between)
+
+
+def test_encoder_processes_give_the_same_scores_and_are_closed_with_the_engine(model, grpo, mixed, monkeypatch):
+    """encode_processes=True: requests are encoded in worker processes (shared-memory handoff); scores
+    equal in-process encoding's, every sharing path still works (vision cache, prefixes, duplicates),
+    and close() stops the processes and leaves no shared-memory segment."""
+    import glob
+    import os
+
+    engine = RewardEngine(model, encode_workers=2, encode_processes=True)
+    try:
+        pids = engine._processes.pids()
+        assert len(pids) == 2
+
+        def in_this_process(samples):
+            raise AssertionError("encoded in the engine's process, not in its encoder processes")
+
+        monkeypatch.setattr(model, "encode_many", in_this_process)
+        samples = grpo[0] + mixed[0]
+        futures = [engine.submit(samples[k : k + 5]) for k in range(0, len(samples), 5)]  # several requests at once
+        got = [score for f in futures for score in f.result(timeout=120)]
+        assert_scores(got, grpo[1] + mixed[1], "encoded in processes")
+        assert_scores(engine.score(grpo[0] + grpo[0][:3]), grpo[1] + grpo[1][:3], "duplicates, encoded in processes")
+        stats = engine.stats()
+        assert stats["prefix_hits"] > 0 and stats["duplicate_hits"] >= 3
+    finally:
+        engine.close(timeout=60)
+    assert engine._processes.alive() == 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not glob.glob(f"/dev/shm/rp-enc-{engine._processes._id}-*")  # this pool's segments (others run beside)

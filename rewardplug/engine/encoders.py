@@ -32,11 +32,14 @@ class EncoderPool:
     """``workers`` threads reading one intake queue (bounded by the engine's admission, in samples).
 
     deliver: receives each request's items, together. on_stopped: called once per worker that stops
-    (after ``close``, once every queued request is encoded)."""
+    (after ``close``, once every queued request is encoded). encode: what encodes a request (the
+    contract of ``RewardModel.encode_many``); default the model's own, in these threads; an
+    ``EncoderProcesses``' ``encode_many`` makes each thread hand its request to a worker process."""
 
     def __init__(self, model, workers: int, stats: Stats, deliver: Callable[[list[WorkItem]], None],
-                 on_stopped: Callable[[], None]):  # fmt: skip
+                 on_stopped: Callable[[], None], encode: Callable | None = None):  # fmt: skip
         self.model = model
+        self._encode_many = encode
         self.stats = stats
         self._deliver = deliver
         self._on_stopped = on_stopped
@@ -80,7 +83,8 @@ class EncoderPool:
         pending = job.pending
         if pending.done:
             return  # failed already (closed)
-        encoded, errors = self.model.encode_many(job.samples)
+        encode_many = self._encode_many or self.model.encode_many
+        encoded, errors = encode_many(job.samples)
         items = [make_item(e, self._im_start, pending, i) for i, e in enumerate(encoded) if e is not None and i not in errors]
         bad = sorted(set(errors) | {i for i, e in enumerate(encoded) if e is None})
         if bad:

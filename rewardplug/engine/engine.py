@@ -81,8 +81,14 @@ class RewardEngine:
         (``RewardModel.from_pretrained(pixel_cache_mb=...)``, default 256 MiB).
         Stats keep at most 10,000 latencies and 64 ``stats(since=...)`` consumers.
 
-    Threads:
-        encode_workers: encoder threads (default ``min(4, os.cpu_count())``).
+    Encoding:
+        encode_workers: encoder workers (default ``min(4, os.cpu_count())``).
+        encode_processes: False (default): the workers are threads of this process (Python-bound host
+            work then shares one interpreter lock); True: each worker thread hands its request to one of
+            ``encode_workers`` encoder processes (``rewardplug.encoding.EncoderProcesses``), so host
+            encoding scales with cores: the same token ids and pixels, returned through shared memory.
+            A process that dies fails the request it held with ``ScoringError`` and is replaced.
+            Each process keeps ``1/encode_workers`` of the model's pixel cache budget.
 
     Bad samples and failures:
         on_invalid: "raise" (default): a request with bad samples fails with InvalidSampleError, whose
@@ -109,6 +115,7 @@ class RewardEngine:
         share_prefix: bool = True,
         on_invalid: str = "raise",
         encode_workers: int | None = None,
+        encode_processes: bool = False,
         max_queued_samples: int = 4096,
         busy: str = "wait",
         queue_timeout_s: float | None = None,
@@ -138,8 +145,14 @@ class RewardEngine:
         self._broken: BaseException | None = None  # the last system failure, until a batch succeeds
         self._lifecycle = threading.Lock()
 
+        self._processes = None
+        if encode_processes:
+            from ..encoding import EncoderProcesses
+
+            self._processes = EncoderProcesses.for_model(model, workers=self.encode_workers)
         self._encoders = EncoderPool(model, self.encode_workers, self._stats, self.scheduler.add,
-                                     self.scheduler.producer_stopped)  # fmt: skip
+                                     self.scheduler.producer_stopped,
+                                     self._processes.encode_many if self._processes else None)  # fmt: skip
         self._worker = threading.Thread(target=self._model_loop, name="rewardplug-model", daemon=True)
         self._worker.start()
 
@@ -248,6 +261,8 @@ class RewardEngine:
         for thread in [*self._encoders.threads, self._worker]:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         self._admission.fail_all(EngineClosedError, "the engine was closed before this request was scored")
+        if self._processes is not None:  # after its threads: a thread still stuck on a process gets an error
+            self._processes.close(timeout=10.0 if deadline is None else max(0.5, deadline - time.monotonic()))
 
     def __enter__(self) -> "RewardEngine":
         return self
