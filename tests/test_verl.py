@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shlex
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -281,8 +282,11 @@ def test_example_launch_config_composes(tiny_path):
                  for w in words[3:] if "=" in w]  # fmt: skip
     assert any(o.startswith("reward.reward_manager.name=RewardPlugManager") for o in overrides)
     cfg = compose_config(tiny_path, *overrides)
-    options = rp_verl.VerlRewardOptions.from_mapping(cfg.reward.rewardplug)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # no deprecated option (invalid_score) in the example
+        options = rp_verl.VerlRewardOptions.from_mapping(cfg.reward.rewardplug)
     assert options.backend == "pool" and options.pool_name and options.model
+    assert options.on_invalid == "raise"
     assert cfg.reward.reward_manager.module.path == "pkg://rewardplug.integrations.verl"
 
 
