@@ -204,3 +204,20 @@ def test_closing_stops_the_processes_and_leaves_no_segment(model):
         os.kill(pid, 0)
     with pytest.raises(ScoringError, match="closed"):
         processes.encode_many([{"prompt": "q", "completion": "a"}])
+
+
+def test_handoff_carries_float_pixels_bitwise_and_removes_its_segment(tiny_path):
+    """The image processor's own float pixels (the torchvision backend: no exact table) go through a
+    segment as they are; the segment is gone once read."""
+    from rewardplug.encoding import handoff
+
+    rm = RewardModel.from_pretrained(tiny_path, dtype="float32", device="cpu", image_backend="torchvision")
+    samples = corpus(rm.encoder.image_token_id)
+    want, want_errors = rm.encode_many(samples)
+    assert any(isinstance(w.pixels, torch.Tensor) for w in want if w is not None)
+    name = f"rp-enc-test-{os.getpid()}-1"
+    packed = handoff.pack(want, name)
+    assert os.path.exists(f"/dev/shm/{name}")
+    got = handoff.unpack(packed)
+    assert not os.path.exists(f"/dev/shm/{name}")
+    assert_bitwise_equal(got, want_errors, want, want_errors)
