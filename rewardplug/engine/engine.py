@@ -14,7 +14,7 @@ for the host's planning, collation and resolution between batches.
 
 The loop stays on its own thread even for a blocking ``score()`` (nano-vllm runs it on the caller's):
 on a CPU the caller's thread has an OpenMP pool that spins at full count, which on a busy host ran a
-score 3-6x slower than the model thread's throttled pool (bench-cpu, 448 px, load 15 on 2 cores).
+score 3-7x slower than the model thread's throttled pool (bench-cpu, 448 px, load 15 on 2 cores).
 
 Failures of two kinds, never mixed: a bad sample gets its own reason (``InvalidSampleError`` or None);
 anything else (a device error, a bug, a closed engine) fails the whole request with ``ScoringError``
