@@ -17,7 +17,7 @@ Sections (each records an ``error`` instead of stopping the others; the exit cod
   path, which needs Ray Serve's module; skipped with a note without it);
 - throughput at two image sizes and two group sizes: the model card's way, naive batches and the engine
   (``rewardplug bench``'s methods), samples/s and MFU against the device's dense bf16 peak;
-- device wait: an engine run under the torch profiler: the device's busy fraction, its idle gaps between
+- device wait: an engine run (on a GPU under the torch profiler): the device's busy fraction, its idle gaps between
   batches (the gap before each batch's first kernel), device ms per sample beside host encode ms per
   sample (one thread, fresh images);
 - attention: SDPA against FlashAttention-2 when ``flash_attn`` is importable.
@@ -37,6 +37,7 @@ import statistics
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,7 @@ class Plan:
     batch_tokens: tuple[int, ...]  # the memory section's three max_batch_tokens
     wait_batch_tokens: int  # max_batch_tokens of the device-wait run (several batches, so there are gaps)
     gap_threshold_us: float
+    budget_s: float | None = None  # sections not started by then are skipped (the command's 8 minutes)
     notes: list[str] = field(default_factory=list)
 
 
@@ -82,7 +84,7 @@ def gpu_plan(device: str, exact_layers: int) -> Plan:
                 exact_groups=2, exact_group_size=4, exact_side=224, model=named_models.RANDOM_7B, layers=None,
                 dtype="bfloat16", sides=(448, 1024), group_sizes=(8, 16), samples_per_config=64, card_samples=8,
                 answer_tokens=(16, 256), batch_tokens=(4096, 16384, 65536), wait_batch_tokens=16384,
-                gap_threshold_us=10.0)  # fmt: skip
+                gap_threshold_us=10.0, budget_s=420.0)  # fmt: skip
 
 
 def smoke_plan() -> Plan:
@@ -276,72 +278,72 @@ def attention(plan: Plan, loaded: Loaded, peak: float) -> dict:
 class Timeline:
     """Device activity during an engine run and where each batch starts on it.
 
-    Batches are marked by wrapping the engine's ``runner.launch`` in a profiler range (the engine itself
-    is untouched). On a GPU the activity is the profiler's kernels; on the CPU, where a launch computes
-    its batch before returning, the launch ranges themselves. The idle gap before a batch is the time
-    between the end of all device work before the batch's first kernel and that kernel's start."""
+    Batches are marked by wrapping the engine's ``runner.launch`` (the engine itself is untouched) with
+    host clock readings. On a GPU the activity is the profiler's kernels and copies, put on the host clock
+    by a marker the main thread records as the profiler starts; on the CPU, where a launch computes its
+    batch before returning, the launch ranges themselves. The idle gap before a batch is the time between
+    the end of all device work before the batch's first activity and that activity's start."""
 
-    LABEL = "gpu_check.launch"
+    MARKER = "gpu_check.clock"
 
     def __init__(self, device: torch.device):
         self.device = device
         self.prof = None
+        self.launches: list[tuple[float, float]] = []  # host perf_counter seconds
+        self.marker_s = 0.0
 
     def attach(self, engine) -> None:
         runner = engine.runner
         launch = runner.launch
 
         def marked(*args, **kwargs):
-            with torch.profiler.record_function(self.LABEL):
+            begin = time.perf_counter()
+            try:
                 return launch(*args, **kwargs)
+            finally:
+                self.launches.append((begin, time.perf_counter()))
 
         runner.launch = marked
 
+    @contextmanager
     def record(self):
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if self.device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        self.prof = torch.profiler.profile(activities=activities)
-        return _Recording(self)
+        _sync(self.device)
+        if self.device.type != "cuda":
+            yield
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as self.prof:
+            with torch.profiler.record_function(self.MARKER):
+                self.marker_s = time.perf_counter()
+            yield
+            _sync(self.device)
 
     def summary(self, samples: int, gap_threshold_us: float) -> dict:
-        events = self.prof.events()
-        launches = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == self.LABEL)
-        kernels, source = [], "engine launch ranges (the CPU computes a batch inside its launch)"
+        launches = sorted((a * 1e6, b * 1e6) for a, b in self.launches)  # host clock, microseconds
+        activity, source = list(launches), "engine launch ranges (the CPU computes a batch inside its launch)"
         if self.device.type == "cuda":
+            events = self.prof.events()
+            marker = [e for e in events if e.name == self.MARKER]
             kernels = sorted((e.time_range.start, e.time_range.end) for e in events
                              if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)  # fmt: skip
-            source = "profiler kernels and copies"
-            if not kernels:  # no CUPTI trace (a container without it): say so rather than report nothing
-                source = "NO KERNEL TRACE (CUPTI unavailable?): engine launch ranges, host time"
-        kernels = kernels or list(launches)
-        busy = _union(kernels)
+            if kernels and marker:
+                shift = self.marker_s * 1e6 - marker[0].time_range.start  # profiler clock -> host clock
+                activity, source = [(a + shift, b + shift) for a, b in kernels], "profiler kernels and copies"
+            else:  # no CUPTI trace (a container without it): say so rather than report nothing
+                source = "NO KERNEL TRACE (CUPTI unavailable?): engine launch ranges on the host clock"
+        busy = _union(activity)
         span = (busy[-1][1] - busy[0][0]) if busy else 0.0
         busy_us = sum(b - a for a, b in busy)
         gaps = [busy[k + 1][0] - busy[k][1] for k in range(len(busy) - 1)]
         between = _gaps_before(busy, [start for start, _ in launches[1:]])
         return {
-            "source": source,
-            "batches": len(launches), "wall_ms": span / 1e3, "busy_ms": busy_us / 1e3,
+            "source": source, "batches": len(launches), "wall_ms": span / 1e3, "busy_ms": busy_us / 1e3,
             "busy_fraction": busy_us / span if span else None,
             "device_ms_per_sample": busy_us / 1e3 / samples if samples else None,
             "gaps_between_batches": _gap_stats(between),
             "all_idle_gaps": _gap_stats([g for g in gaps if g >= gap_threshold_us]),
             "gap_threshold_us": gap_threshold_us,
         }  # fmt: skip
-
-
-class _Recording:
-    def __init__(self, timeline: Timeline):
-        self.timeline = timeline
-
-    def __enter__(self):
-        _sync(self.timeline.device)
-        self.timeline.prof.__enter__()
-
-    def __exit__(self, *exc):
-        _sync(self.timeline.device)
-        self.timeline.prof.__exit__(*exc)
 
 
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -356,14 +358,15 @@ def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def _gaps_before(busy: list[tuple[float, float]], starts: list[float]) -> list[float]:
     """For each batch start (host time of its launch), the idle time before the first activity at or
-    after it: 0 when the device was still busy with earlier work."""
+    after it: 0 when the device was still busy with earlier work (an activity began before the launch
+    and had not ended). On the CPU a batch's activity begins exactly at its launch."""
     out = []
     for t in starts:
         k = next((i for i, (a, b) in enumerate(busy) if b > t), None)
         if k is None:
             continue
         a, _ = busy[k]
-        out.append(0.0 if a <= t or k == 0 else a - busy[k - 1][1])
+        out.append(0.0 if a < t or k == 0 else a - busy[k - 1][1])
     return out
 
 
@@ -469,7 +472,11 @@ def run(plan: Plan, out: Path) -> dict:
     }  # fmt: skip
 
     def section(name, fn, *args):
-        log.info("section %s (%.0f s in)", name, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        log.info("section %s (%.0f s in)", name, elapsed)
+        if plan.budget_s is not None and elapsed > plan.budget_s:
+            report[name] = {"skipped": f"not started: {elapsed:.0f} s had passed (budget {plan.budget_s:.0f} s)"}
+            return
         try:
             report[name] = fn(*args)
         except Exception as error:  # noqa: BLE001 - the other sections still stand; say why this one failed
@@ -515,7 +522,7 @@ def markdown(r: dict) -> str:
                          f"{e['alone_vs_cpu_fp32']:.1e} | {e['engine_vs_alone']:.1e} | {e['score_range']:.2f} | {e['ok']} |")  # fmt: skip
         lines.append("")
     m = r.get("memory")
-    if m:
+    if m and "skipped" not in m:
         unit = "CUDA allocated" if m["kind"] == "cuda_allocated" else "process RSS"
         lines += [f"Memory ({unit}): parameters {m['parameters_bytes'] / gib:.2f} GiB, peak at load "
                   f"{m['load_peak'] / gib:.2f} GiB, steady {m['steady'] / gib:.2f} GiB (load {m['load_s']:.1f} s); "
@@ -525,7 +532,7 @@ def markdown(r: dict) -> str:
             lines.append(f"| {s['max_batch_tokens']} | {s['image_size']} | {s['group_size']} | {s['samples']} | "
                          f"{s['peak'] / gib:.2f} | {s['over_steady'] / gib:.2f} |")  # fmt: skip
         lines.append("")
-    if r.get("throughput"):
+    if isinstance(r.get("throughput"), list):
         lines += ["| image px | G | card s/s | naive s/s | engine s/s | engine MFU | engine/card | engine/naive | max diff |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for t in r["throughput"]:
@@ -535,7 +542,7 @@ def markdown(r: dict) -> str:
                          f"{e['samples_per_s']:.2f} | {(e['mfu'] or 0):.1%} | {t['engine_vs_card']:.1f}x | "
                          f"{t['engine_vs_naive']:.2f}x | {diff:.1e} |")  # fmt: skip
         lines.append("")
-    if r.get("device_wait"):
+    if isinstance(r.get("device_wait"), list):
         lines += ["| image px | G | batches | busy | gaps between batches (n, total ms, max ms) | device ms/sample | "
                   "host encode ms/sample (1 thread) |", "|---:|---:|---:|---:|---|---:|---:|"]  # fmt: skip
         for w in r["device_wait"]:
@@ -554,6 +561,9 @@ def markdown(r: dict) -> str:
                          f"samples/s, FlashAttention-2 {a['flash_attention_2']['samples_per_s']:.2f} "
                          f"({a['flash_vs_sdpa']:.2f}x), max |score diff| {a['max_abs_diff_flash_vs_sdpa']:.1e}.")  # fmt: skip
         lines.append("")
+    for name in ("memory", "device_wait", "throughput"):
+        if isinstance(r.get(name), dict) and "skipped" in r[name]:
+            lines.append(f"**{name} skipped**: {r[name]['skipped']}")
     for name, error in r.get("errors", {}).items():
         lines.append(f"**{name} failed**: {error.splitlines()[0]}")
     return "\n".join(lines) + "\n"
