@@ -809,7 +809,7 @@ def test_client_retries_connection_refused_then_raises():
 def test_cli_serve_defaults_to_loopback():
     from rewardplug.cli import build_parser
 
-    args = build_parser().parse_args(["serve"])
+    args = build_parser().parse_args(["serve", "--model", "tiny"])  # --model is required
     assert args.host == "127.0.0.1"
     assert args.api_key is None and not args.image_root and not args.allow_url_host
     exe = shutil.which("rewardplug", path=str(Path(sys.executable).parent))
