@@ -43,7 +43,7 @@ class EncoderPool:
         self.stats = stats
         self._deliver = deliver
         self._on_stopped = on_stopped
-        self._im_start = model.processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
+        self._turn_start = model.turn_start_token_id  # the family's own (None: no prefix sharing)
         self._intake: queue.Queue[Job | None] = queue.Queue()
         self.threads = [
             threading.Thread(target=self._loop, name=f"rewardplug-encoder-{k}", daemon=True) for k in range(workers)
@@ -85,7 +85,7 @@ class EncoderPool:
             return  # failed already (closed)
         encode_many = self._encode_many or self.model.encode_many
         encoded, errors = encode_many(job.samples)
-        items = [make_item(e, self._im_start, pending, i) for i, e in enumerate(encoded) if e is not None and i not in errors]
+        items = [make_item(e, self._turn_start, pending, i) for i, e in enumerate(encoded) if e is not None and i not in errors]
         bad = sorted(set(errors) | {i for i, e in enumerate(encoded) if e is None})
         if bad:
             self.stats.add(invalid_samples=len(bad))

@@ -218,7 +218,8 @@ class RewardEngine:
     @property
     def kv_bytes_per_token(self) -> int:
         """Key/value bytes one token takes over all layers (the unit of ``max_kv_tokens``)."""
-        text = self.model.config.text_config
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else getattr(config, "text_config", config)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         return 2 * text.num_hidden_layers * heads * head_dim * self.model.dtype.itemsize

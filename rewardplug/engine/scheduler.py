@@ -38,17 +38,18 @@ class WorkItem:
         return self.encoded.num_tokens
 
 
-def make_item(encoded: EncodedSample, im_start_id: int, owner: Any = None, index: int = 0) -> WorkItem:
+def make_item(encoded: EncodedSample, turn_start_id: int | None, owner: Any = None, index: int = 0) -> WorkItem:
     """Compute identity and prefix keys.
 
-    The shareable prefix ends at the last ``<|im_start|>`` (inclusive): a special token is always a token
-    of its own, so the tokens before it never depend on the answer. Samples with image tokens after it
-    (images in the answer) share nothing.
+    The shareable prefix ends at the last turn-start token (inclusive; ``<|im_start|>`` for Qwen, the
+    model's ``turn_start_token_id``): a special token is always a token of its own, so the tokens
+    before it never depend on the answer. Samples with image tokens after it (images in the answer)
+    share nothing; with no turn-start token (None) nothing is shared.
     """
     ids = encoded.input_ids
     images = "|".join(encoded.image_digests).encode()
     key = hashlib.blake2b(ids.numpy().tobytes() + b"#" + images, digest_size=16).digest()
-    starts = (ids == im_start_id).nonzero()
+    starts = (ids == turn_start_id).nonzero() if turn_start_id is not None else []
     prefix_len, prefix_key = 0, b""
     if len(starts):
         p = int(starts[-1]) + 1
