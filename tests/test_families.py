@@ -83,27 +83,7 @@ def test_text_family_batched_scores_equal_its_class_on_one_unpadded_sample(check
     assert got == pytest.approx(class_scores(checkpoints[family], samples), abs=TOL)
 
 
-def _engine_takes_turn_start() -> bool:
-    """Whether the engine cuts prompt prefixes at the model's ``turn_start_token_id`` (its scheduler's
-    ``make_item(encoded, turn_start_id, ...)``), not at "<|im_start|>" looked up by name."""
-    import inspect
-
-    from rewardplug.engine.scheduler import make_item
-
-    return "turn_start_id" in inspect.signature(make_item).parameters
-
-
-# Llama's and Gemma's turns open with <|start_header_id|> / <start_of_turn>: an engine that looks up
-# "<|im_start|>" by name fails them (expected, strictly, until it takes model.turn_start_token_id).
-ENGINE_NEEDS_TURN_START = pytest.mark.xfail(
-    not _engine_takes_turn_start(), strict=True, reason="engine must take model.turn_start_token_id (issue 23 report)"
-)
-
-
-@pytest.mark.parametrize(
-    "family",
-    [pytest.param(f, marks=ENGINE_NEEDS_TURN_START) if f in ("llama", "gemma2") else f for f in TEXT],
-)
+@pytest.mark.parametrize("family", TEXT)
 def test_text_family_engine_scores_with_shared_prefixes_equal_its_class(checkpoints, family):
     model = RewardModel.from_pretrained(checkpoints[family], dtype="float32", device="cpu")
     suffix_passes = count_suffix_passes(model.backbone)
