@@ -41,6 +41,7 @@ TOL = 1e-4
 OPTS = dict(dtype="float32", image_roots=None)  # what the reference model uses (tests/conftest.py)
 WAIT = 120  # seconds any single future may take before the test calls it a hang
 WORKER = Path(__file__).parent / "workers" / "pool_client.py"
+from rewardplug.serving.pool import _connect  # noqa: E402
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -53,6 +54,7 @@ def cluster():
     if ray.is_initialized():  # another module's cluster: start ours with 4 fake GPUs
         ray.shutdown()
     ray.init(num_cpus=8, num_gpus=4, namespace="rewardplug", log_to_driver=False, include_dashboard=False)
+    _connect(None)  # Serve keeps a client of an earlier module's cluster in this process: drop it
     yield ray.get_runtime_context().gcs_address
     serve.shutdown()
     ray.shutdown()

@@ -18,6 +18,7 @@ import pytest
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
+from rewardplug.serving.pool import _connect  # noqa: E402
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -66,6 +67,7 @@ def cluster():
     if ray.is_initialized():
         ray.shutdown()
     ray.init(address="local", num_cpus=4, namespace="rewardplug", log_to_driver=False, include_dashboard=False)
+    _connect(None)  # Serve keeps a client of an earlier module's cluster in this process: drop it
     port = free_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     yield ray.get_runtime_context().gcs_address, port

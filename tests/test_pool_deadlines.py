@@ -27,6 +27,7 @@ from rewardplug.errors import ScoringError  # noqa: E402
 TOL = 1e-5
 OPTS = dict(dtype="float32", image_roots=None)
 WAIT = 120
+from rewardplug.serving.pool import _connect  # noqa: E402
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -36,6 +37,7 @@ def cluster():
     if ray.is_initialized():
         ray.shutdown()
     ray.init(address="local", num_cpus=6, namespace="rewardplug", log_to_driver=False, include_dashboard=False)
+    _connect(None)  # Serve keeps a client of an earlier module's cluster in this process: drop it
     yield ray.get_runtime_context().gcs_address
     serve.shutdown()
     ray.shutdown()
