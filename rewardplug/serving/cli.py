@@ -23,17 +23,9 @@ logger = logging.getLogger("rewardplug")
 EXIT_OK, EXIT_CONFIG, EXIT_FAILED, EXIT_NO_POOL, EXIT_UNPLACEABLE = 0, 1, 4, 5, 6
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each flag's default, unless there is none to show (required flags, None)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text or action.required or action.default in (None, False, [], argparse.SUPPRESS):
-            return text
-        return super()._get_help_string(action)
-
-
 def add_commands(sub) -> None:
+    from ..cli import _Formatter  # each flag's default, none for required flags or None
+
     pool = sub.add_parser("pool", help="start, inspect or stop a named reward pool on a Ray cluster", formatter_class=_Formatter)
     verbs = pool.add_subparsers(dest="pool_command", required=True)
 
