@@ -215,7 +215,8 @@ class MicroBatcher:
     """Gathers the samples submitted on one event loop within ``wait_s`` (or until ``max_items``) and
     scores them in one request: verl starts a worker's run_single calls together, so a GRPO group's
     responses travel together (and land on one replica, where its prompt and image are shared).
-    Holds at most ``max_items`` samples before sending."""
+    Holds at most ``max_items`` samples before sending. Measured against one request per item (the
+    engine's window and the pool's routing left to gather them): benchmarks/bench_verl.py, docs/verl.md."""
 
     def __init__(self, scorer: Any, wait_s: float = 0.005, max_items: int = 512):
         self.scorer = scorer
@@ -357,6 +358,10 @@ class RewardPlugManager(RewardManagerBase):
         self.eos_token_ids = set(self.options.eos_token_ids or _end_ids(tokenizer))
         self._batchers: dict[int, MicroBatcher] = {}
 
+    async def score_one(self, sample: dict) -> tuple[float | None, str | None]:
+        """``(score, None)``, or ``(None, reason)`` for a sample that cannot be scored, through the batcher."""
+        return await (await self.batcher()).score(sample)
+
     async def batcher(self) -> MicroBatcher:
         """The batcher of the running event loop (verl runs a worker's calls on one loop)."""
         if self.scorer is None:
@@ -385,7 +390,7 @@ class RewardPlugManager(RewardManagerBase):
         """Score one rollout: ``{"reward_score": float, "reward_extra_info": {...}}``."""
         item = data[-1:][0]  # multi-sequence outputs: the last sequence carries the answer (as verl's naive)
         sample, truncated = self.sample_of(item)
-        raw, reason = await (await self.batcher()).score(sample)
+        raw, reason = await self.score_one(sample)
         if raw is None:
             return {"reward_score": invalid_reward(self.options, reason, describe(item)),
                     "reward_extra_info": logged_fields(raw, truncated)}  # fmt: skip
