@@ -157,6 +157,23 @@ def test_reward_loop_worker_scores_like_model_in_one_request(model, tiny_path):
     assert rm.sum(-1).tolist() == pytest.approx(want, abs=TOL)
 
 
+def test_grpo_step_goes_out_as_one_engine_request_sharing_each_groups_prompt(model, tiny_path):
+    """verl calls run_single once per rollout: the manager's batcher sends a step as one request, so the
+    engine encodes each group's prompt and pictures once (one request per item, measured against this
+    in benchmarks/bench_verl.py, loses throughput and prefix sharing)."""
+    from rewardplug import RewardEngine
+
+    worker = RewardLoopWorker(compose_config(tiny_path, *MANAGER, *engine_options(tiny_path)))
+    rows, expected = grpo_rows(model, group=4)  # 2 groups of 4
+    with RewardEngine(model, metrics=None) as engine:
+        worker.reward_manager.scorer = engine
+        outputs = score_batch(worker, rollout_batch(worker.input_tokenizer, rows))
+        stats = engine.stats()
+    assert [o["reward_extra_info"]["rm_score"] for o in outputs] == pytest.approx(model.score(expected), abs=TOL)
+    assert stats["requests"] == 1 and stats["samples"] == 8
+    assert stats["prefix_hits"] == 6  # each group's 3 later answers reuse its first one's prompt
+
+
 def _broken_rows(model):
     rows, expected = grpo_rows(model, group=2)
     broken = dict(rows[-1], multi_modal_data={"image": [rows[-1]["multi_modal_data"]["image"][0]]})  # 2 slots, 1 image
