@@ -17,9 +17,8 @@ per multiply-add). The peak is the device's dense bf16 figure from a table of kn
 dense matmul (CPU, unknown GPUs, fp32). Writes ``bench.json`` and ``bench.png`` into ``--out``.
 A random-weight model (``tiny``, ``bench-cpu``, ``random-7b``) is announced before and after the table
 and marked in the JSON (``random_weights``): its speed is the real model's, its scores mean nothing.
-
-This module imports only argparse at import time (``rewardplug --help`` stays fast).
 """
+# This module imports only argparse at import time (``rewardplug --help`` stays fast).
 
 from __future__ import annotations
 
@@ -37,12 +36,29 @@ PEAK_BF16 = [
 ]
 
 
+DESCRIPTION = """\
+Score one GRPO-like workload four ways, side by side: the model card's recipe (one sample at a time),
+naive batches, RewardEngine and (with --replicas) a RewardPool. The workload is --groups prompts with
+one --image-size picture each and --group-size answers of --answer-tokens tokens, made of pictures no
+other run has seen (no cache carries over). Every method's scores are checked against the model alone.
+
+Reports samples/s, tokens/s, host encoding ms per sample and MFU (useful FLOPs over the device's dense
+bf16 peak, or a measured matmul rate on a CPU); writes bench.json and bench.png into --out. A random-weight
+model (tiny, bench-cpu, random-7b) is announced: its speed is the real model's, its scores mean nothing.
+
+examples:
+  rewardplug bench                                   # tiny checkpoint, CPU or the first GPU
+  rewardplug bench --model Skywork/Skywork-VL-Reward-7B --groups 32 --group-size 8 --image-size 448
+  rewardplug bench --model random-7b                 # the 7B's architecture, random weights, no download
+  rewardplug bench --model random-7b --layers 2 --device cpu --dtype float32"""
+
+
 def add_command(subparsers) -> argparse.ArgumentParser:
     """Add ``bench`` to a ``rewardplug`` subparsers object."""
     p = subparsers.add_parser(
         "bench",
         help="throughput of the model card's way, naive batches, the engine and the pool, side by side",
-        description=__doc__,
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="tiny",

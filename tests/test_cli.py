@@ -455,8 +455,6 @@ def test_help_prints_no_default_none(command, capsys):
     assert "default: None" not in out, out
 
 
-@pytest.mark.xfail(strict=False, reason="bench's parser (rewardplug/bench.py, the GPU-check engineer's) uses the "
-                   "module docstring as its description; the fix is there")  # fmt: skip
 def test_bench_help_shows_usage_not_the_module_docstring(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
