@@ -87,9 +87,13 @@ def _load(args, **extra):
     from .errors import CheckpointError
 
     try:
+        if args.layers is not None:
+            extra["layers"] = args.layers  # random-7b only: load() refuses it for any other model
         return named_models.load(args.model, dtype=args.dtype, device=args.device, max_length=args.max_length, **extra)
     except (CheckpointError, OSError, NotImplementedError) as e:
         raise CommandError(f"--model {args.model}: {e}") from e
+    except ValueError as e:  # --layers with a model other than random-7b, or out of range
+        raise CommandError(f"--model {args.model} --layers {args.layers}: {e}", EXIT_USAGE) from e
 
 
 def demo_images():
@@ -287,6 +291,8 @@ def cmd_score_on_ray(args) -> int:
 
     if args.input == "-" or args.output == "-":
         raise CommandError("--ray reads files and writes a folder: INPUT and OUTPUT cannot be '-'", EXIT_USAGE)
+    if args.layers is not None:
+        raise CommandError("--layers is not taken with --ray (its workers load the model by name)", EXIT_USAGE)
     if not Path(args.input).exists():
         raise CommandError(f"INPUT {args.input!r} does not exist")
     check_ray_output(args.output)
@@ -324,6 +330,8 @@ def model_args(sp: argparse.ArgumentParser, *, default: str | None = None) -> No
     sp.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: the first GPU if any, else cpu)")
     sp.add_argument("--batch-size", type=int, default=8, help="most samples per forward pass")
     sp.add_argument("--max-length", type=int, default=None, help="refuse samples longer than this many tokens")
+    sp.add_argument("--layers", type=int, default=None,
+                    help="random-7b only: keep its first N of 28 language layers (a CPU-sized variant)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -461,3 +461,12 @@ def test_bench_help_shows_usage_not_the_module_docstring(capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: rewardplug bench")
     assert "This module" not in out and "``" not in out, out
+
+
+def test_demo_runs_random_7b_with_layers_and_layers_is_refused_for_other_models(capsys):
+    """--layers cuts random-7b to a CPU-sized variant (1 layer here); any other model refuses it (exit 2)."""
+    assert main(["demo", "--model", "random-7b", "--layers", "1", "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    out, err = capsys.readouterr()
+    assert "RANDOM WEIGHTS" in out + err
+    assert main(["demo", "--model", "tiny", "--layers", "2"]) == 2
+    assert "--layers" in capsys.readouterr().err
