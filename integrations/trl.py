@@ -50,11 +50,6 @@ COUNTERS = ("requests", "samples", "batches", "forward_passes", "real_tokens", "
             "failed_samples", "scoring_errors", "retries")  # fmt: skip
 LOGGED_DELTAS = ("samples", "batches", "vision_hits", "vision_misses", "prefix_hits", "oom_splits", "scoring_errors",
                  "retries")  # fmt: skip
-# A pool's replicas report their counters every second: a step's counters wait (at most this long) for
-# reports made after the step's answer, so step N logs step N's work. Reports older than STALE_REPORT_S
-# are replicas that stopped (not waited for).
-STATS_WAIT_S = 3.0
-STALE_REPORT_S = 30.0
 
 
 class RunningNorm:
@@ -135,8 +130,8 @@ class RewardFunction:
 
     Logged per call (``log_metric``): latency, bad samples (``invalid_count``, ``invalid_frac``), truncated
     completions (``truncated_count``, ``truncated_frac``), ``raw_mean`` and ``raw_std`` (TRL's sample std,
-    n - 1) of the raw scores, and the scorer's counters changed by this call (a pool's wait up to
-    ``STATS_WAIT_S`` for its replicas' next report, so step N shows step N's work).
+    n - 1) of the raw scores, and the scorer's counters changed by this call (a pool's are asked of its
+    replicas after the answer, ``stats(fresh=True)``, so step N shows step N's work).
     """
 
     def __init__(
@@ -253,7 +248,7 @@ class RewardFunction:
         samples = self.samples(prompts, completions, **kwargs)
         counters = self._counters_due()
         if not self._counters_read and getattr(self.scorer, "stats", None) is not None:
-            self._read_counters(time.monotonic())  # the baseline: work the scorer did before this function
+            self._read_counters()  # the baseline: work the scorer did before this function
         start = time.perf_counter()
         with self._failures():
             try:
@@ -264,7 +259,7 @@ class RewardFunction:
                 scores = e.scores if e.scores is not None else self.scorer.score(samples, on_invalid="none")
                 errors = e.errors
         seconds = time.perf_counter() - start
-        figures = self._read_counters(time.monotonic()) if counters else {}
+        figures = self._read_counters() if counters else {}
         return self._finish(scores, errors, completion_ids, kwargs, seconds, figures)
 
     def _refuse_if_raise(self, error: InvalidSampleError) -> None:
@@ -368,19 +363,19 @@ class RewardFunction:
         """Whether this call logs the scorer's counters (every ``log_every`` calls)."""
         return getattr(self.scorer, "stats", None) is not None and (self._calls + 1) % self.log_every == 0
 
-    def _read_counters(self, answered_at: float) -> dict[str, float]:
+    def _read_counters(self) -> dict[str, float]:
         """Change of the scorer's counters since this function's previous read (this step's figures):
         ``stats(since=...)`` where the scorer offers it (an engine: exact), else the difference of
-        cumulative stats, read once the pool's replicas have reported after ``answered_at`` (a
-        ``time.monotonic()``), so they hold this call's work. On a pool shared by several ranks these
-        are pool-wide figures."""
+        cumulative stats; a pool's are asked of every replica now (``stats(fresh=True)``), so they hold
+        this call's work. On a pool shared by several ranks these are pool-wide figures."""
         stats_fn = self.scorer.stats
         self._counters_read = True
         try:
-            if "since" in inspect.signature(stats_fn).parameters:
+            parameters = inspect.signature(stats_fn).parameters
+            if "since" in parameters:
                 delta = counters_of(stats_fn(since=self._consumer))
             else:
-                counters = counters_of(self._fresh_stats(stats_fn, answered_at))
+                counters = counters_of(stats_fn(fresh=True) if "fresh" in parameters else stats_fn())
                 last, self._last_counters = self._last_counters or {}, counters
                 # a counter that went down belongs to a restarted replica, which starts from 0
                 delta = {k: v - last.get(k, 0.0) if v >= last.get(k, 0.0) else v for k, v in counters.items()}
@@ -395,22 +390,6 @@ class RewardFunction:
             out["vision_hit_rate"] = delta.get("vision_hits", 0.0) / looked_up
         return out
 
-    def _fresh_stats(self, stats_fn: Callable[[], dict], answered_at: float) -> dict:
-        """``stats_fn()`` once every live replica's report (``replicas[i]["age_s"]``) was made after
-        ``answered_at``; after ``STATS_WAIT_S``, the stats as they are (warned once)."""
-        while True:
-            asked = time.monotonic()
-            stats = stats_fn()
-            reports = [r for r in stats.get("replicas") or [] if isinstance(r, dict) and _is_number(r.get("age_s"))]
-            # made at (ask time - age_s) >= answered_at; ages above STALE_REPORT_S are stopped replicas
-            if all(r["age_s"] <= asked - answered_at or r["age_s"] > STALE_REPORT_S for r in reports):
-                return stats
-            if asked - answered_at >= STATS_WAIT_S:
-                self._warn_once("stale", "%s: the pool's replicas did not report within %.0f s of the answer; its "
-                                "counters may show this step's work in the next step", self.__name__, STATS_WAIT_S)  # fmt: skip
-                return stats
-            time.sleep(0.05)
-
 
 class AsyncRewardFunction(RewardFunction):
     """Same as RewardFunction, with ``async def __call__``: TRL awaits it on its own event loop, next to
@@ -422,7 +401,7 @@ class AsyncRewardFunction(RewardFunction):
         samples = self.samples(prompts, completions, **kwargs)
         counters = self._counters_due()
         if not self._counters_read and getattr(self.scorer, "stats", None) is not None:
-            await asyncio.to_thread(self._read_counters, time.monotonic())  # the baseline (see __call__)
+            await asyncio.to_thread(self._read_counters)  # the baseline (see __call__)
         start = time.perf_counter()
         ascore = getattr(self.scorer, "ascore", None)
         if ascore is None:
@@ -436,7 +415,7 @@ class AsyncRewardFunction(RewardFunction):
                 errors = e.errors
         seconds = time.perf_counter() - start
         # Off TRL's event loop: reading a pool's stats blocks (and may wait for its replicas' reports).
-        figures = await asyncio.to_thread(self._read_counters, time.monotonic()) if counters else {}
+        figures = await asyncio.to_thread(self._read_counters) if counters else {}
         return self._finish(scores, errors, completion_ids, kwargs, seconds, figures)
 
 

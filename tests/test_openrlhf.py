@@ -17,7 +17,7 @@ import pytest
 
 from rewardplug import InvalidSampleError, RewardEngine
 from rewardplug.errors import ScoringError
-from rewardplug.serving.get_reward import GetRewardRequestError, get_reward, parse_query
+from rewardplug.serving.get_reward import GetRewardInvalidError, GetRewardRequestError, get_reward, parse_query
 
 from conftest import random_image
 
@@ -250,11 +250,34 @@ def test_get_reward_with_engine_matches_model_and_flags_bad_queries(model, rows)
     labels.append(json.dumps({"images": ["data:image/png;base64,bm90IGFuIGltYWdl"]}))
     with RewardEngine(model) as engine:
         out = asyncio.run(get_reward({"query": queries, "prompts": prompts, "labels": labels},
-                                     engine_score(engine), fallback=-3.0))  # fmt: skip
+                                     engine_score(engine), on_invalid=-3.0))  # fmt: skip
+        # The default, on_invalid="raise": the request fails naming the bad query and why (the HTTP app: 422).
+        with pytest.raises(GetRewardInvalidError) as e:
+            asyncio.run(get_reward({"query": queries, "prompts": prompts, "labels": labels}, engine_score(engine)))
     assert out["rewards"][:-1] == pytest.approx(expected, abs=TOL)
     assert out["rewards"][-1] == -3.0 and out["scores"] == out["rewards"]
     assert out["extra_logs"]["rm_invalid"] == [0.0] * len(expected) + [1.0]
     assert list(out["errors"]) == [str(len(expected))] and "image" in out["errors"][str(len(expected))]
+    assert list(e.value.errors) == [len(expected)] and "image" in e.value.errors[len(expected)]
+
+
+def test_get_reward_on_invalid_uses_the_adapters_vocabulary_and_refuses_none():
+    """/get_reward takes on_invalid as every adapter does ("raise" default, a float), refuses "none"
+    (OpenRLHF cannot mask a reward); HttpSettings(invalid_reward=x) still works, deprecated."""
+    from rewardplug.integrations import on_invalid as adapters_on_invalid
+    from rewardplug.on_invalid import parse_on_invalid
+    from rewardplug.serving.http import HttpSettings
+
+    assert adapters_on_invalid.parse_on_invalid is parse_on_invalid
+    assert HttpSettings().on_invalid == "raise"
+    assert HttpSettings(on_invalid="-2.5").on_invalid == -2.5
+    with pytest.raises(ValueError, match="none"):
+        HttpSettings(on_invalid="none")
+    with pytest.raises(ValueError, match="none"):
+        asyncio.run(get_reward({"query": ["x"]}, None, on_invalid="none"))
+    with pytest.warns(DeprecationWarning, match="on_invalid"):
+        old = HttpSettings(invalid_reward=0.0)
+    assert old.on_invalid == 0.0 and old.invalid_reward is None
 
 
 def test_get_reward_malformed_body_is_a_request_error_and_system_failure_propagates(model):

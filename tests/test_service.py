@@ -470,16 +470,16 @@ def test_per_sample_errors(server, api, model):
         got = client.score(samples, on_invalid="none")
         assert got[1:] == [None, None, None] and close(got[:1], model.score([good]))
 
-    # OpenRLHF cannot mask a reward: a bad query gets the fallback reward and a flag; the others are scored.
+    # OpenRLHF cannot mask a reward: with on_invalid="raise" (the default, as in every adapter) a request
+    # holding a bad query answers 422 with each bad query's reason (OpenRLHF retries, then its step fails).
     im = random_image(64, 64)
     q = openrlhf_query(model, "What is it?", "A cat.", 1)
     r = api.post("/get_reward", json={"query": [q, q], "prompts": ["", ""], "labels": [{"images": [data_uri(im)]}, {}]})
-    assert r.status_code == 200, r.text
-    data = r.json()
-    assert list(data["errors"]) == ["1"] and "image" in data["errors"]["1"], data["errors"]
-    assert data["extra_logs"]["rm_invalid"] == [0.0, 1.0]
-    assert data["rewards"][1] == 0.0
-    assert close(data["rewards"][:1], model.score([{"prompt": "What is it?", "completion": "A cat.", "images": [im]}]))
+    assert r.status_code == 422, r.text
+    assert list(r.json()["detail"]["errors"]) == ["1"] and "image" in r.json()["detail"]["errors"]["1"], r.text
+    r = api.post("/get_reward", json={"query": [q], "prompts": [""], "labels": [{"images": [data_uri(im)]}]})
+    assert r.status_code == 200, r.text  # the good query alone is scored
+    assert close(r.json()["rewards"], model.score([{"prompt": "What is it?", "completion": "A cat.", "images": [im]}]))
 
 
 # ---- 4. security -----------------------------------------------------------------------------------------
@@ -533,7 +533,7 @@ def test_image_urls_are_not_fetched(server, api):
         query = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>?<|im_end|>\n"
                  "<|im_start|>assistant\nx<|im_end|>\n")
         r = api.post("/get_reward", json={"query": [query], "labels": [{"images": [urls[1]]}]})
-        assert r.status_code == 200 and "fetching URLs is off" in r.json()["errors"]["0"], r.text
+        assert r.status_code == 422 and "fetching URLs is off" in r.json()["detail"]["errors"]["0"], r.text
         time.sleep(0.5)
         assert listener.accepted == 0
     finally:

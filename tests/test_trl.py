@@ -577,7 +577,7 @@ def test_pool_backed_grpo_and_pickle_round_trip(ray_cluster, paths, reference):
     rec = Recording(reward)
     trainer = _train("GRPO", paths["policy"], reward, common.image_dataset(), paths["work"])
     _check_logged_rewards(trainer, rec, reference)
-    # Step N logs step N's pool counters (the replicas report every second: not a step late).
+    # Step N logs step N's pool counters (asked of the replica after the answer: not a step late).
     logged = [h for h in trainer.state.log_history if f"{NAME}/samples" in h]
     assert [h[f"{NAME}/samples"] for h in logged] == [4.0, 4.0]
     assert logged[0][f"{NAME}/batches"] >= 1 and logged[0][f"{NAME}/vision_misses"] >= 1  # step 1's first image

@@ -56,6 +56,8 @@ def add_commands(sub) -> None:
     serve.add_argument("--allow-url-host", action="append", default=[], help="host whose image URLs HTTP samples may fetch ('*' for any); none by default")
     serve.add_argument("--max-body-mb", type=float, default=64, help="largest request body")
     serve.add_argument("--max-samples", type=int, default=4096, help="samples per request")
+    serve.add_argument("--on-invalid", default="raise", type=_on_invalid,
+                       help="/get_reward, a query that cannot be scored: 'raise' (422 with the reasons) or a float reward")  # fmt: skip
     serve.set_defaults(func=cmd_serve)
 
 
@@ -261,6 +263,16 @@ def _sigterm_kept(join):
         signal.signal(signal.SIGTERM, before)
 
 
+def _on_invalid(text: str) -> str | float:
+    from ..on_invalid import parse_on_invalid
+    from .http import NO_MASK
+
+    try:
+        return parse_on_invalid(text, where="--on-invalid", none_refused=NO_MASK)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cmd_serve(args) -> int:
     """Serve until Ctrl-C or SIGTERM (raised here as KeyboardInterrupt / the CLI's Terminated); the pool
     is removed on the way out either way, and the exception gives the exit code."""
@@ -270,7 +282,8 @@ def cmd_serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         logger.warning("serving on %s without an API key: anyone who reaches this port can use it", args.host)
     http = HttpSettings(api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20), max_samples=args.max_samples,
-                        image_roots=list(args.image_root), image_url_hosts=list(args.allow_url_host))  # fmt: skip
+                        image_roots=list(args.image_root), image_url_hosts=list(args.allow_url_host),
+                        on_invalid=args.on_invalid)  # fmt: skip
     opened = []
 
     def body() -> int:

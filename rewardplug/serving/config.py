@@ -33,10 +33,13 @@ class PoolConfig:
     name: a pool shared by every process of the cluster that uses the name (get-or-create); None: a
         private pool removed with the handle that made it.
     address: an existing Ray cluster ("ray://host:10001", "host:6379"); None: the cluster this process
-        is connected to, else RAY_ADDRESS, else a new local one (which ends with this process).
+        is connected to, else ``ray.init()``'s choice, as "auto": RAY_ADDRESS, else the last ``ray start``
+        cluster of this machine (maybe another job's), else a new local one (which ends with this
+        process). "local": always a new local one (docs/troubleshooting.md).
     num_replicas: default one per GPU the cluster has free (``gpus_per_replica`` each), 1 without GPUs.
     gpus_per_replica: 1; >1 splits one replica over that many GPUs of one node (balanced device map);
-        a fraction (0.5) shares a GPU with a trainer; 0 runs on CPUs.
+        a fraction (0.5) shares a GPU with a trainer (set num_replicas too: the default puts 1/0.5 = 2
+        copies on each GPU); 0 runs on CPUs.
     placement: "pack" (Serve's default) or "spread" (at most one replica per node).
     max_ongoing_requests, max_pending_samples, busy: admission (above).
     request_timeout_s: a request not answered by then fails with PoolTimeoutError naming the replicas.

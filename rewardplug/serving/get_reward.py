@@ -21,8 +21,10 @@ Dataset layout (the label of a row), any of:
 The query is re-rendered into the reward model's own template: the policy's turns are parsed back into
 messages (ChatML as Qwen2/2.5/3-VL use it, Llama 3, Gemma), each image placeholder becomes an image item
 filled from the label, the response becomes the assistant turn. A query that cannot be scored (an unknown
-chat format, fewer images in the label than placeholders in the prompt, an unreadable image) gets the
-fallback reward and ``rm_invalid = 1`` in ``extra_logs``; the others in the request are scored as usual.
+chat format, fewer images in the label than placeholders in the prompt, an unreadable image) follows
+``on_invalid``: "raise" (the default) fails the request with every bad query's reason
+(``GetRewardInvalidError``, answered 422); a float is that query's reward, with ``rm_invalid = 1`` in
+``extra_logs`` and the others in the request scored as usual.
 A system failure (``ScoringError``) propagates: the HTTP app answers 5xx and OpenRLHF retries.
 """
 
@@ -30,12 +32,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from ..errors import RewardPlugError, SampleError
+from ..errors import InvalidSampleError, RewardPlugError, SampleError
+from ..on_invalid import DEFAULT as ON_INVALID_DEFAULT
+from ..on_invalid import RAISE, parse_on_invalid
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,10 @@ LOG_SCORE, LOG_INVALID, LOG_TRUNCATED = "rm_score", "rm_invalid", "rm_truncated"
 
 class GetRewardRequestError(RewardPlugError, ValueError):
     """The request body itself is malformed (not one sample): the HTTP app answers 422."""
+
+
+class GetRewardInvalidError(InvalidSampleError):
+    """Some queries cannot be scored and on_invalid is "raise": the HTTP app answers 422 with the reasons."""
 
 
 @dataclass(frozen=True)
@@ -304,20 +311,20 @@ def _check_body(body: Any) -> tuple[list, list | None, list | None]:
 ScoreFn = Callable[[list], Awaitable[tuple[list, dict]]]
 
 
-async def get_reward(body: dict, score: ScoreFn, *, fallback: float = 0.0) -> dict:
+async def get_reward(body: dict, score: ScoreFn, *, on_invalid: str | float = ON_INVALID_DEFAULT) -> dict:
     """Answer one OpenRLHF ``/get_reward`` request.
 
     body: the parsed JSON body ``{"query": [...], "prompts": [...], "labels": [...]}``.
     score: ``await score(samples) -> (scores, errors)``: one score (None for a bad sample) per sample and
         ``{index: reason}`` (int or str keys) for the bad ones; it raises on a system failure.
-    fallback: the reward of a query that cannot be scored (flagged ``rm_invalid = 1`` in ``extra_logs``).
+    on_invalid: a query that cannot be scored: "raise" (default) raises GetRewardInvalidError naming every
+        bad query and its reason; a float is its reward (flagged ``rm_invalid = 1`` in ``extra_logs``).
 
     Returns ``{"rewards", "scores", "extra_logs": {"rm_score", "rm_invalid", "rm_truncated"}, "errors"}``.
     Raises GetRewardRequestError for a malformed body (answer 422), and lets ``score``'s system errors
     through (answer 5xx).
     """
-    if not math.isfinite(fallback):
-        raise ValueError(f"fallback must be a finite number, got {fallback}")
+    on_invalid = parse_on_invalid(on_invalid, none_refused="OpenRLHF cannot mask a reward")
     queries, prompts, labels = _check_body(body)
     batch = build_batch(queries, prompts, labels)
     index = batch.to_score
@@ -334,4 +341,6 @@ async def get_reward(body: dict, score: ScoreFn, *, fallback: float = 0.0) -> di
         for k, value in enumerate(values):  # a None without a reason is still not a score
             if value is None and index[k] not in errors:
                 errors[index[k]] = "not scored"
-    return assemble(batch, scores, errors, fallback)
+    if on_invalid == RAISE and (errors or batch.errors):
+        raise GetRewardInvalidError({**batch.errors, **errors})
+    return assemble(batch, scores, errors, on_invalid)

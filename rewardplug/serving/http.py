@@ -7,8 +7,9 @@ Endpoints:
   Samples use the Python API's schema; images as base64 data URIs, or paths/URLs the server allows.
   A sample that cannot be scored gets a null score and its reason in ``errors``; the others are scored.
 - ``POST /get_reward``: OpenRLHF's remote reward model protocol (see ``rewardplug.serving.get_reward``):
-  images come from the labels; a query that cannot be scored gets ``invalid_reward`` and a flag in
-  ``extra_logs``, never a 4xx for the whole request.
+  images come from the labels. A query that cannot be scored follows ``HttpSettings.on_invalid``:
+  ``"raise"`` (the default) answers 422 with each bad query's reason under ``detail.errors`` (OpenRLHF
+  retries, then its step fails); a float is that query's reward, flagged in ``extra_logs``.
 - ``GET /healthz``: 200 once the model is loaded (Serve routes nothing to a replica before that).
 - ``GET /metrics``: this replica's counters in the Prometheus text format (the cluster-wide figures are
   Ray's metrics export: one target per node for all replicas).
@@ -25,6 +26,7 @@ import hmac
 import json
 import logging
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +35,13 @@ from fastapi.responses import JSONResponse
 
 from ..errors import SampleError
 from ..images import ImagePolicy, load_image
+from ..on_invalid import DEFAULT as ON_INVALID_DEFAULT
+from ..on_invalid import parse_on_invalid
 
 logger = logging.getLogger(__name__)
+
+# Why /get_reward refuses on_invalid="none" (as the OpenRLHF adapter does).
+NO_MASK = "OpenRLHF cannot mask a reward: a null reward fails its step"
 
 
 @dataclass
@@ -46,7 +53,16 @@ class HttpSettings:
     max_samples: int = 4096
     image_roots: list[str] = field(default_factory=list)  # none: no local files
     image_url_hosts: list[str] = field(default_factory=list)  # none: no URL fetches
-    invalid_reward: float = 0.0  # /get_reward: the reward of a query that cannot be scored (flagged)
+    # /get_reward: a query that cannot be scored. "raise": 422 with the reasons; a float: its reward.
+    on_invalid: str | float = ON_INVALID_DEFAULT
+    invalid_reward: float | None = None  # deprecated: on_invalid=<float>
+
+    def __post_init__(self) -> None:
+        if self.invalid_reward is not None:
+            warnings.warn("HttpSettings(invalid_reward=x) is deprecated: use on_invalid=x ('raise' is the default)",
+                          DeprecationWarning, stacklevel=3)  # fmt: skip
+            self.on_invalid, self.invalid_reward = float(self.invalid_reward), None
+        self.on_invalid = parse_on_invalid(self.on_invalid, where="HttpSettings.on_invalid", none_refused=NO_MASK)
 
     def policy(self) -> ImagePolicy:
         return ImagePolicy(local_roots=tuple(self.image_roots), url_hosts=tuple(self.image_url_hosts))

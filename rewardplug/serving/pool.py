@@ -377,11 +377,15 @@ class RewardPool:
 
     # ---- state --------------------------------------------------------------------------------------
 
-    def stats(self) -> dict:
+    def stats(self, *, fresh: bool = False, timeout_s: float = 30.0) -> dict:
         """This handle's counters and each replica's latest report (at most ~1 s old): engine stats,
-        samples held, peak held, device."""
+        samples held, peak held, device. ``fresh=True``: the engine counters and samples held are asked
+        of every running replica now (one call each), so they include every request answered before."""
         self._ready()
         replicas = list(_directory_call("replicas", self.name).values())
+        if fresh:
+            now = {r["replica"]: r for r in self._broadcast("counters", timeout_s)}
+            replicas = [{**r, **now.get(r["replica"], {})} for r in replicas]
         with self._room:
             out = dict(self._counts, pending_samples=self._pending_samples, replicas=replicas)
         for key in ("samples", "batches", "real_tokens", "padded_tokens", "prefix_hits", "vision_hits", "vision_misses"):

@@ -21,7 +21,7 @@ from fastapi.responses import PlainTextResponse
 from ray import serve
 
 from ..errors import InvalidSampleError
-from .get_reward import GetRewardRequestError, get_reward
+from .get_reward import GetRewardInvalidError, GetRewardRequestError, get_reward
 from .http import HttpSettings, app, authorize, check_count, read_json, resolve_images
 from .transport import internalize
 
@@ -209,6 +209,10 @@ class RewardReplica:
             "recent": self._recent(engine.get("samples", 0)),
         }
 
+    async def counters(self) -> dict:
+        """This replica's engine counters now (``RewardPool.stats(fresh=True)`` asks every replica)."""
+        return {"replica": self.replica_id, "engine": self.engine.stats(), "inflight_samples": self.inflight}
+
     def _report(self) -> None:
         """Send this replica's figures to the pool directory (fire and forget)."""
         if not self.pool_name:
@@ -248,9 +252,12 @@ class RewardReplica:
         if isinstance(data.get("query"), list):
             check_count(len(data["query"]), self.http.max_samples)
         try:
-            out = await get_reward(data, self._score_http, fallback=self.http.invalid_reward)
+            out = await get_reward(data, self._score_http, on_invalid=self.http.on_invalid)
         except GetRewardRequestError as e:
             raise HTTPException(422, str(e)) from None
+        except GetRewardInvalidError as e:  # on_invalid="raise": the reasons, per query
+            self.requests["get_reward"] += 1
+            raise HTTPException(422, {"errors": {str(i): r for i, r in e.errors.items()}}) from None
         self.requests["get_reward"] += 1
         return out
 
