@@ -11,9 +11,10 @@ failure (``ScoringError``) is never governed by this option: it always fails the
   ``InvalidSampleError`` naming each bad sample and its reason.
 - ``"none"``: the reward model gives that sample no reward, and the framework's own meaning of "no
   reward" applies: TRL masks the row (None becomes NaN; next to other reward functions it counts as 0),
-  RLlib keeps the environment's reward. verl and OpenRLHF (and so ``/get_reward``) have no such meaning (verl's GRPO takes each
-  group's ``torch.mean``/``torch.std``, OpenRLHF's ``group_norm`` ``rewards.mean(-1)``, so one NaN makes
-  every advantage of its group NaN, and a None fails the step), so they refuse ``"none"``.
+  RLlib keeps the environment's reward. verl and OpenRLHF (so ``/get_reward`` too) have no such meaning
+  (verl's GRPO takes each group's ``torch.mean``/``torch.std``, OpenRLHF's ``group_norm``
+  ``rewards.mean(-1)``, so one NaN makes every advantage of its group NaN, and a None fails the step),
+  so they refuse ``"none"``.
 - a finite float: that fixed reward, returned as is (not normalized, not clipped).
 """
 

@@ -57,7 +57,8 @@ def add_commands(sub) -> None:
     serve.add_argument("--max-body-mb", type=float, default=64, help="largest request body")
     serve.add_argument("--max-samples", type=int, default=4096, help="samples per request")
     serve.add_argument("--on-invalid", default="raise", type=_on_invalid,
-                       help="/get_reward, a query that cannot be scored: 'raise' (422 with the reasons) or a float reward")  # fmt: skip
+                       help="/get_reward: a query that cannot be scored answers 422 with the reasons ('raise') "
+                            "or gets this float reward")  # fmt: skip
     serve.set_defaults(func=cmd_serve)
 
 
