@@ -940,3 +940,18 @@ def test_encoder_processes_give_the_same_scores_and_are_closed_with_the_engine(m
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not glob.glob(f"/dev/shm/rp-enc-{engine._processes._id}-*")  # this pool's segments (others run beside)
+
+
+@pytest.mark.parametrize("outcome", ["scores", "invalid", "failure"])
+def test_a_requests_room_and_counters_are_released_before_its_answer_is_visible(outcome):
+    """A caller woken by the answer may submit again at once (a pool handle's max_pending_samples, the
+    engine's admission): the request's bookkeeping must be done before its future resolves."""
+    from rewardplug.engine.pending import PendingRequest
+
+    seen = []
+    pending = PendingRequest(2, "raise", on_done=lambda p: seen.append(p.future.done()))
+    if outcome == "failure":
+        pending.fail(RuntimeError("device lost"))
+    else:
+        pending.resolve([0, 1], [1.0, None], {1: "bad image"} if outcome == "invalid" else {})
+    assert pending.future.done() and seen == [False]

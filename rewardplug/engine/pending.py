@@ -89,14 +89,16 @@ class PendingRequest:
         return True
 
     def _resolve(self) -> None:
+        # Bookkeeping first (admission room, counters): a caller woken by the answer may submit again at
+        # once and must find the room this request held, and counters that include it.
+        if self._on_done is not None:
+            try:
+                self._on_done(self)
+            except Exception:  # noqa: BLE001 - bookkeeping must never keep a request from resolving
+                logger.exception("on_done callback of a pending request failed")
         if self.failed is not None:
             self.future.set_exception(self.failed)
         elif self.errors and self.on_invalid == "raise":
             self.future.set_exception(InvalidSampleError(self.errors, scores=self.scores))
         else:
             self.future.set_result(self.scores)
-        if self._on_done is not None:
-            try:
-                self._on_done(self)
-            except Exception:  # noqa: BLE001 - bookkeeping must never undo a resolved request
-                logger.exception("on_done callback of a pending request failed")
