@@ -22,7 +22,8 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import SampleError, ScoringError
-from ..samples import Sample
+from ..images import ImagePolicy
+from ..samples import Conversation, to_conversation
 from .encoded import EncodedSample
 
 
@@ -51,12 +52,16 @@ class TextEncoder:
 
     pool_pad_token_id: the model config's pad token, where its class pools (None: the last token).
     max_length: samples with more tokens are refused (a SampleError) instead of scored.
+    image_policy: where a sample's images may be read from. A sample is checked by
+        ``samples.to_conversation`` as for a vision model (its images too: a sample whose image cannot
+        be read is refused by every model), then its images are left out. Default: any local path, no URL.
     """
 
     tokenizer: Any
     pool_pad_token_id: int | None = None
     max_length: int | None = None
     counters: TextEncoderCounters = field(default_factory=TextEncoderCounters)
+    image_policy: ImagePolicy = field(default_factory=ImagePolicy)
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -87,7 +92,12 @@ class TextEncoder:
         return out, errors
 
     def _encode(self, sample: Any) -> EncodedSample:
-        messages = text_messages(sample)
+        if isinstance(sample, dict) and "input_ids" in sample:
+            raise SampleError(
+                "a text reward model takes text samples (prompt/completion or messages): token ids of another "
+                "model's tokenizer cannot be scored by its own tokenizer"
+            )
+        messages = text_messages(to_conversation(sample, self.image_policy))
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
         except Exception as e:  # jinja's TemplateError: the template refuses this conversation
@@ -115,67 +125,20 @@ class TextEncoder:
         )
 
 
-def text_messages(sample: Any) -> list[dict]:
-    """A sample (``{"messages"}``, ``{"prompt", "completion"}`` as TRL passes them, or ``Sample``) as
-    plain-text chat messages ending with the assistant's answer."""
-    if isinstance(sample, Sample):
-        sample = sample.to_dict()
-    if not isinstance(sample, dict):
-        raise SampleError(f"a sample must be a dict or rewardplug.Sample, got {type(sample).__name__}")
-    if "input_ids" in sample:
-        raise SampleError(
-            "a text reward model takes text samples (prompt/completion or messages): token ids of another "
-            "model's tokenizer cannot be scored by its own tokenizer"
-        )
-    if "messages" in sample:
-        messages = _turns(sample["messages"], "messages")
-    elif "prompt" in sample or "completion" in sample:
-        if sample.get("completion") is None:
-            raise SampleError("sample has no 'completion' (the answer to score)")
-        if sample.get("prompt") is None:
-            raise SampleError("sample has no 'prompt'")
-        prompt, completion = sample["prompt"], sample["completion"]
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _turns(prompt, "prompt")
-        if isinstance(completion, str):
-            messages.append({"role": "assistant", "content": completion})
-        else:
-            messages += _turns(completion, "completion")
-    else:
-        raise SampleError(f"sample needs 'messages', or 'prompt' and 'completion' (keys: {sorted(sample)})")
-    if not messages:
-        raise SampleError("the conversation is empty")
-    if messages[-1]["role"] != "assistant":
-        raise SampleError(
-            f"the conversation must end with the assistant's answer; the last message has role {messages[-1]['role']!r}"
-        )
-    return messages
+def text_messages(sample: Any, policy: ImagePolicy | None = None) -> list[dict]:
+    """A sample's conversation as plain-text chat messages ending with the assistant's answer.
+
+    sample: ``samples.to_conversation``'s Conversation, or a sample it takes (then its shape is
+    checked there, with ``policy`` for its images: one validation, one set of messages for every
+    family). Image items are left out and a turn's text items joined with newlines."""
+    if not isinstance(sample, Conversation):
+        sample = to_conversation(sample, policy or ImagePolicy())
+    return [{"role": m["role"], "content": _text(m["content"])} for m in sample.messages]
 
 
-def _turns(messages: Any, where: str) -> list[dict]:
-    if not isinstance(messages, (list, tuple)):
-        raise SampleError(f"'{where}' must be a string or a list of messages, got {type(messages).__name__}")
-    out = []
-    for k, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
-            raise SampleError(f"'{where}' message {k} must be a dict with 'role' and 'content'")
-        out.append({"role": m["role"], "content": _text(m["content"], f"{where} message {k}")})
-    return out
-
-
-MEDIA_TYPES = ("image", "image_url", "video")  # content items a text model leaves out
-
-
-def _text(content: Any, where: str) -> str:
+def _text(content: str | list[dict]) -> str:
+    """A turn's text: to_conversation leaves content a string or a list of text items and image items
+    (each image item normalized to ``type="image"``)."""
     if isinstance(content, str):
         return content
-    if isinstance(content, (list, tuple)):
-        parts = []
-        for item in content:
-            if isinstance(item, str):
-                parts.append(item)
-            elif isinstance(item, dict) and isinstance(item.get("text"), str):
-                parts.append(item["text"])
-            elif not (isinstance(item, dict) and (item.get("type") in MEDIA_TYPES or "image" in item)):
-                raise SampleError(f"{where}: content item {item!r:.60} is neither text nor an image")
-        return "\n".join(parts)
-    raise SampleError(f"{where}: content must be a string or a list of items, got {type(content).__name__}")
+    return "\n".join(item["text"] for item in content if item.get("type") != "image")
