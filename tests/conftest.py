@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny hub-format checkpoint and a model loaded from it (fp32, CPU)."""
+"""Shared fixtures: the tiny hub-format checkpoint, a model loaded from it (fp32, CPU), and a loader whose
+models fail as a broken device would."""
 
 from __future__ import annotations
 
@@ -21,6 +22,27 @@ def tiny_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def model(tiny_path):
     return RewardModel.from_pretrained(tiny_path, dtype="float32", device="cpu", image_roots=None)
+
+
+@pytest.fixture
+def broken_device(monkeypatch) -> str:
+    """Every RewardModel loaded during the test fails its forward pass as a lost device would (a
+    RuntimeError naming a CUDA fault, raised inside the model's own last norm): a system failure, never
+    a bad sample. The error's text is returned, for asserts that it reached the user."""
+    error = "CUDA error: an illegal memory access was encountered"
+    load = RewardModel.from_pretrained.__func__
+
+    def load_then_break(cls, *args, **kwargs):
+        rm = load(cls, *args, **kwargs)
+
+        def broken(*a, **k):
+            raise RuntimeError(error)
+
+        rm.backbone.language_model.norm.forward = broken
+        return rm
+
+    monkeypatch.setattr(RewardModel, "from_pretrained", classmethod(load_then_break))
+    return error
 
 
 @pytest.fixture

@@ -299,27 +299,13 @@ def test_score_streams_stdin_to_stdout_with_bounded_lookahead(tiny_path, model, 
     assert out.read_at_row[0] < 40
 
 
-def test_score_system_failure_exits_4_and_names_the_cause(tiny_path, tmp_path, monkeypatch, capsys):
+def test_score_system_failure_exits_4_and_names_the_cause(tiny_path, tmp_path, broken_device, capsys):
     """A forward pass that fails (as a lost device would) is not a bad sample: exit 4, with the cause."""
-    from rewardplug.model import RewardModel
-
-    load = RewardModel.from_pretrained.__func__
-
-    def load_then_break(cls, *args, **kwargs):
-        rm = load(cls, *args, **kwargs)
-
-        def broken(*a, **k):
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
-        rm.backbone.language_model.norm.forward = broken
-        return rm
-
-    monkeypatch.setattr(RewardModel, "from_pretrained", classmethod(load_then_break))
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(src, [{"prompt": "Hi", "completion": "Hello."}, {"prompt": "Hi", "completion": "Bye."}])
     assert run_score(tiny_path, src, dst, "-q") == 4
     err = capsys.readouterr().err
-    assert "scoring failed" in err and "illegal memory access" in err, err
+    assert "scoring failed" in err and broken_device in err, err
 
 
 def test_help_shows_defaults_formats_and_exit_codes(capsys):

@@ -77,25 +77,11 @@ def code_3(tmp_path, tiny_path, capsys):
     return main(["score", str(src), str(tmp_path / "out.jsonl"), *model_flags(tiny_path), "-q"])
 
 
-def code_4(tmp_path, tiny_path, capsys, monkeypatch):
-    """A forward pass that fails as a lost device would: a system failure, not a bad sample."""
-    from rewardplug.model import RewardModel
-
-    load = RewardModel.from_pretrained.__func__
-
-    def load_then_break(cls, *args, **kwargs):
-        rm = load(cls, *args, **kwargs)
-
-        def broken(*a, **k):
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
-        rm.backbone.language_model.norm.forward = broken
-        return rm
-
-    monkeypatch.setattr(RewardModel, "from_pretrained", classmethod(load_then_break))
+def code_4(tmp_path, tiny_path, capsys, device_error):
+    """A forward pass that fails as a lost device would (conftest's broken_device): a system failure."""
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Hi", "completion": "Hello."}])
     code = main(["score", str(src), str(tmp_path / "out.jsonl"), *model_flags(tiny_path), "-q"])
-    assert "illegal memory access" in capsys.readouterr().err
+    assert device_error in capsys.readouterr().err
     return code
 
 
@@ -187,9 +173,9 @@ def test_the_page_and_the_help_list_the_same_codes_and_each_has_a_driver():
 
 
 @pytest.mark.parametrize("code", sorted(table_codes()))
-def test_each_listed_exit_code_is_what_the_command_returns(code, request, tmp_path, tiny_path, capsys, monkeypatch):
+def test_each_listed_exit_code_is_what_the_command_returns(code, request, tmp_path, tiny_path, capsys):
     driver = DRIVERS[code]
-    kwargs = {"monkeypatch": monkeypatch} if code == 4 else {}
+    kwargs = {"device_error": request.getfixturevalue("broken_device")} if code == 4 else {}
     if code in POOL_CODES:
         kwargs["cluster_address"] = request.getfixturevalue("cluster_address")
     assert driver(tmp_path, tiny_path, capsys, **kwargs) == code
