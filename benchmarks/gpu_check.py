@@ -173,21 +173,20 @@ def memory(plan: Plan, loaded: Loaded) -> dict:
 
 
 def offload(rm, device) -> dict:
-    """What the pool's ``offload()`` frees on the device: its replica moves every tensor to host memory."""
+    """What the pool's ``offload()`` frees on the device: its replica moves every tensor to host memory
+    (``rewardplug.offload``, no Ray needed)."""
     if device.type != "cuda":
         return {"freed": 0, "note": "the model is on the CPU already: offloading frees nothing"}
-    if importlib.util.find_spec("ray") is None:
-        return {"freed": None, "note": "skipped: offload is the Ray Serve pool's (pip install 'ray[serve]')"}
-    from rewardplug.serving.replica import _move_home, _move_to_host
+    from rewardplug.offload import move_home, move_to_host
 
     _sync(device)
     before = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
-    homes = _move_to_host(rm)
+    homes = move_to_host(rm)
     _sync(device)
     offload_s, after = time.perf_counter() - start, torch.cuda.memory_allocated(device)
     start = time.perf_counter()
-    _move_home(homes)
+    move_home(homes)
     _sync(device)
     return {"before": before, "after": after, "freed": before - after, "offload_s": offload_s,
             "onload_s": time.perf_counter() - start}  # fmt: skip
@@ -466,7 +465,7 @@ def run(plan: Plan, out: Path) -> dict:
         "torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda,
         "torch_threads": torch.get_num_threads(), "model": plan.model, "dtype": plan.dtype,
         "random_weights": "random weights: the scores mean nothing; speed and memory are the real model's",
-        "ray": "importable" if importlib.util.find_spec("ray") else "not installed: the pool and offload() are skipped",
+        "ray": "importable" if importlib.util.find_spec("ray") else "not installed: the pool is skipped",
         "flash_attn": "importable" if importlib.util.find_spec("flash_attn") else "not installed",
         "errors": {},
     }  # fmt: skip
