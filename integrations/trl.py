@@ -6,6 +6,7 @@ every dataset column (``image`` / ``images`` among them), plus ``trainer_state``
 
 >>> from rewardplug.integrations.trl import RewardFunction
 >>> reward = RewardFunction("Skywork/Skywork-VL-Reward-7B")  # doctest: +SKIP  (a named Ray pool, shared by all ranks)
+>>> reward = RewardFunction(pool=PoolConfig(model="Skywork/Skywork-VL-Reward-7B", num_replicas=2))  # doctest: +SKIP
 >>> trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=config, train_dataset=ds)  # doctest: +SKIP
 
 Two kinds of failure, never mixed (see ``rewardplug.errors``): a bad sample (an image that cannot be
@@ -23,7 +24,6 @@ during the optimizer step (vLLM colocate style).
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -32,11 +32,16 @@ import threading
 import time
 import uuid
 import warnings
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..errors import InvalidSampleError, RewardPlugError, ScoringError
+from ..serving.config import PoolConfig, split_options
 from .on_invalid import DEFAULT as ON_INVALID_DEFAULT
 from .on_invalid import parse_on_invalid, raise_hint
+from .pools import config_options, open_pool
+
+if TYPE_CHECKING:
+    from ..serving.pool import RewardPool
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +100,16 @@ class RewardFunction:
         - ``pool_name="auto"`` (default): a named RewardPool, get-or-create across processes, so the N
           ranks of a job share ONE pool. Its name is ``default_pool_name(model, options)``:
           "rewardplug-" + 12 hex digits of a hash of the model id and the options, the same on every
-          rank without configuration. ``options`` go to ``RewardPool`` (num_replicas,
-          gpus_per_replica, address, ... and the model/engine options).
+          rank without configuration. ``options`` are the pool's (``PoolConfig.from_kwargs``: its
+          fields, num_replicas, gpus_per_replica, address, ..., and the model/engine options; an
+          unknown name is a TypeError naming it).
         - ``pool_name="my-pool"``: that name (``rewardplug pool start --name my-pool`` may have made it).
         - ``pool_name=None`` or ``device=...``: no pool; an in-process RewardEngine on this rank's own
           device (``cuda:$LOCAL_RANK``, the CPU without CUDA) or on ``device``. ``options`` go to
           ``RewardModel.from_pretrained`` and ``RewardEngine``.
+    pool: instead of ``scorer``: a ``PoolConfig`` (the pool it describes, found or made; without a
+        name it gets ``default_pool_name`` of its model and options, the name the same options as
+        keywords give, so the ranks share it) or a running RewardPool.
     name: the name TRL logs under (default "reward_model").
     on_invalid: what a bad sample (InvalidSampleError: unreadable image, unknown content, ...) gets,
         the same option and default in every adapter (``rewardplug.integrations.on_invalid``):
@@ -136,8 +145,9 @@ class RewardFunction:
 
     def __init__(
         self,
-        scorer: Any,
+        scorer: Any = None,
         *,
+        pool: PoolConfig | RewardPool | None = None,
         name: str | None = None,
         on_invalid: str | float = ON_INVALID_DEFAULT,
         on_error: str | None = None,
@@ -162,12 +172,19 @@ class RewardFunction:
         self.truncated = _check_fixed(truncated, TRUNCATED, "truncated")
         if normalize not in (None, "running"):
             raise ValueError(f"normalize must be None or 'running', got {normalize!r}")
-        self._owns_scorer = isinstance(scorer, str | os.PathLike)
-        if self._owns_scorer:
+        if (scorer is None) == (pool is None):
+            raise TypeError("RewardFunction takes a scorer (a model id or path, RewardModel, RewardEngine or "
+                            "RewardPool) or pool=PoolConfig(...) (or a running RewardPool): one of them")  # fmt: skip
+        given = sorted(options) + ["device"] * (device is not None) + ["pool_name"] * (pool_name != AUTO)
+        self._owns_scorer = isinstance(scorer, str | os.PathLike) or isinstance(pool, PoolConfig)
+        if isinstance(scorer, str | os.PathLike):
             scorer = build_scorer(scorer, pool_name=pool_name, device=device, **options)
-        elif options or device is not None or pool_name != AUTO:
-            given = sorted(options) + ["device"] * (device is not None) + ["pool_name"] * (pool_name != AUTO)
+        elif given and pool is not None:
+            raise TypeError(f"options {given} belong in the PoolConfig given as pool=")
+        elif given:
             raise TypeError(f"options {given} apply only when scorer is a model id or path")
+        elif pool is not None:
+            scorer = open_pool(shared_config(pool) if isinstance(pool, PoolConfig) else pool)
         self.scorer = scorer
         self.__name__ = name or "reward_model"
         self.eos_token_ids = None if eos_token_ids is None else frozenset(int(i) for i in eos_token_ids)
@@ -368,14 +385,15 @@ class RewardFunction:
         ``stats(since=...)`` where the scorer offers it (an engine: exact), else the difference of
         cumulative stats; a pool's are asked of every replica now (``stats(fresh=True)``), so they hold
         this call's work. On a pool shared by several ranks these are pool-wide figures."""
+        from ..engine import RewardEngine
+
         stats_fn = self.scorer.stats
         self._counters_read = True
         try:
-            parameters = inspect.signature(stats_fn).parameters
-            if "since" in parameters:
+            if isinstance(self.scorer, RewardEngine):
                 delta = counters_of(stats_fn(since=self._consumer))
             else:
-                counters = counters_of(stats_fn(fresh=True) if "fresh" in parameters else stats_fn())
+                counters = counters_of(stats_fn(fresh=True) if _is_pool(self.scorer) else stats_fn())
                 last, self._last_counters = self._last_counters or {}, counters
                 # a counter that went down belongs to a restarted replica, which starts from 0
                 delta = {k: v - last.get(k, 0.0) if v >= last.get(k, 0.0) else v for k, v in counters.items()}
@@ -441,9 +459,16 @@ class _SystemFailures:
 
 def default_pool_name(model: str | os.PathLike, options: dict | None = None) -> str:
     """"rewardplug-" + 12 hex digits of sha256(model id, options): every rank that asks for the same
-    model with the same options gets the same name, hence one shared pool."""
+    model with the same options gets the same name, hence one shared pool. ``options``: the keywords
+    as given (a PoolConfig's: ``integrations.pools.config_options``)."""
     key = json.dumps({"model": os.fspath(model), "options": options or {}}, sort_keys=True, default=repr)
     return "rewardplug-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def shared_config(config: PoolConfig) -> PoolConfig:
+    """``config`` with a name: its own, else ``default_pool_name`` of its model and options (the name the
+    same options given as keywords get), so every rank finds one pool."""
+    return config if config.name else config.with_(name=default_pool_name(config.model, config_options(config)))
 
 
 def rank_device() -> str:
@@ -458,27 +483,22 @@ def rank_device() -> str:
 
 
 def build_scorer(model: str | os.PathLike, *, pool_name: str | None = AUTO, device: str | None = None, **options):
-    """A named RewardPool (get-or-create) or, with ``pool_name=None`` / ``device``, an in-process
-    RewardEngine on this rank's device."""
+    """A named RewardPool (get-or-create; ``options`` become its PoolConfig) or, with ``pool_name=None``
+    / ``device``, an in-process RewardEngine on this rank's device (``options``: model and engine options)."""
     if device is None and pool_name is not None:
-        from ..serving.pool import RewardPool
-
         name = default_pool_name(model, options) if pool_name == AUTO else pool_name
         logger.info("reward pool %r for %s", name, os.fspath(model))
-        return RewardPool(model, name=name, **options)
+        return open_pool(PoolConfig.from_kwargs(model, name=name, **options))
     from ..engine import RewardEngine
     from ..model import RewardModel
 
-    model_keys = set(inspect.signature(RewardModel.from_pretrained).parameters) - {"name_or_path", "cls", "device"}
-    engine_keys = set(inspect.signature(RewardEngine.__init__).parameters) - {"self", "model", "on_invalid"}
-    unknown = set(options) - model_keys - engine_keys
-    if unknown:
-        raise TypeError(f"unknown options {sorted(unknown)} for an in-process engine; model options: "
-                        f"{sorted(model_keys)}; engine options: {sorted(engine_keys)}")  # fmt: skip
-    placement = {} if options.get("device_map") is not None else {"device": device or rank_device()}
-    reward_model = RewardModel.from_pretrained(model, **placement,
-                                               **{k: v for k, v in options.items() if k in model_keys})  # fmt: skip
-    return RewardEngine(reward_model, **{k: v for k, v in options.items() if k in engine_keys})
+    try:
+        model_options, engine_options = split_options(options)
+    except TypeError as e:  # a pool's option (num_replicas, ...) among them, or a name nothing takes
+        raise TypeError(f"pool_name=None / device=...: the model runs in this process, with model and engine "
+                        f"options only: {e}") from None  # fmt: skip
+    placement = {} if model_options.get("device_map") is not None else {"device": device or rank_device()}
+    return RewardEngine(RewardModel.from_pretrained(model, **placement, **model_options), **engine_options)
 
 
 # ---- helpers -------------------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from rewardplug import InvalidSampleError, RewardEngine, RewardModel
+from rewardplug import InvalidSampleError, RewardEngine, RewardModel, RewardPool
 from rewardplug.errors import ScoringError
 from rewardplug.integrations.trl import AsyncRewardFunction, RewardFunction, default_pool_name, rank_device
+from rewardplug.serving.config import PoolConfig
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -608,6 +609,43 @@ def test_model_id_string_builds_one_named_pool(ray_cluster, paths, reference):
         assert again(prompts=["Sky?"], completions=["Blue."]) == pytest.approx(out, abs=1e-6)
         assert len(again.scorer.stats()["replicas"]) == 1
         again.close()
+    finally:
+        reward.scorer.shutdown()
+
+
+def test_unknown_options_fail_with_one_type_error_naming_them(paths, model):
+    with pytest.raises(TypeError, match=r"\['bogus', 'num_replica'\]"):  # before any cluster is touched
+        RewardFunction(paths["reward"], num_replica=2, bogus=1)
+    with pytest.raises(TypeError, match=r"in this process.*\['num_replicas'\]"):
+        RewardFunction(paths["reward"], pool_name=None, num_replicas=2)
+    with pytest.raises(TypeError, match=r"\['num_replicas'\] belong in the PoolConfig"):
+        RewardFunction(pool=PoolConfig(model=paths["reward"]), num_replicas=2)
+    with pytest.raises(TypeError, match="one of them"):
+        RewardFunction(model, pool=PoolConfig(model=paths["reward"]))
+    with pytest.raises(TypeError, match="PoolConfig or a running RewardPool"):
+        RewardFunction(pool={"model": paths["reward"]})
+
+
+def test_pool_config_reaches_the_pool_under_the_keyword_paths_default_name(ray_cluster, paths, reference):
+    keywords = dict(num_replicas=1, gpus_per_replica=0, part_samples=2, request_timeout_s=77.0,
+                    max_ongoing_requests=3, image_roots=None)  # fmt: skip
+    config = PoolConfig(model=paths["reward"], num_replicas=1, gpus_per_replica=0, part_samples=2,
+                        request_timeout_s=77.0, max_ongoing_requests=3,
+                        model_options={"image_roots": None})  # fmt: skip
+    reward = RewardFunction(pool=config, name=NAME)
+    try:
+        pool = reward.scorer
+        assert pool.name == default_pool_name(paths["reward"], keywords)  # ranks passing keywords attach to it
+        assert pool.config == config.with_(name=pool.name)
+        assert RewardPool.connect(pool.name).config.max_ongoing_requests == 3  # what its replicas were made with
+        def engine_requests():  # calls the replicas' engines took
+            return sum(r["engine"]["requests"] for r in pool.stats(fresh=True)["replicas"])
+
+        before = engine_requests()
+        samples = [{"prompt": f"Question {i}?", "completion": f"Answer {i}."} for i in range(6)]
+        out = reward(prompts=[s["prompt"] for s in samples], completions=[s["completion"] for s in samples])
+        assert out == pytest.approx(reference.score(samples), abs=1e-5)
+        assert engine_requests() - before == 3  # 6 lone samples, part_samples=2
     finally:
         reward.scorer.shutdown()
 
