@@ -73,6 +73,67 @@ def _cache_argument(module_type: type) -> str:
     return "cache" if "cache" in inspect.signature(module_type.forward).parameters else "past_key_values"
 
 
+def linear_patch_embed(visual: nn.Module) -> None:
+    """Run the vision tower's Conv3d patch embedding as the matmul it is (kernel == stride, no padding:
+    one dot product per patch and channel): the same products and sums without the convolution's
+    overhead (15% of the CPU runner's time at 1024 px; some GPU Conv3d paths are slow too). The module,
+    its weight and its hooks (ZeRO-3's) stay; only its forward changes."""
+    embed = getattr(visual, "patch_embed", None)
+    proj = getattr(embed, "proj", None)
+    if not isinstance(proj, nn.Conv3d) or tuple(proj.kernel_size) != tuple(proj.stride) or any(proj.padding):
+        return
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = proj.weight.reshape(proj.out_channels, -1)
+        return nn.functional.linear(hidden_states.to(weight.dtype).reshape(-1, weight.shape[1]), weight, proj.bias)
+
+    embed.forward = forward
+
+
+@functools.lru_cache(maxsize=None)
+def precomputed_vision_supported() -> bool:
+    """Whether the installed transformers' vision tower takes its index tensors precomputed: 5.25's
+    ``get_image_features`` forwards ``image_``-prefixed keywords to the tower, and its blocks read
+    ``max_seqlen`` through ``get_max_seqlen(..., kwarg_name=)``. 5.10 (verl's pin) computes them from
+    the grid itself; there the grid goes to the device as before."""
+    try:
+        from transformers import vision_utils
+        from transformers.utils import generic
+    except ImportError:
+        return False
+    max_seqlen = getattr(generic, "get_max_seqlen", None)
+    return (
+        hasattr(vision_utils, "get_vision_attention_seqlens") and hasattr(generic, "accepts_precomputed_kwargs")
+        and max_seqlen is not None and "kwarg_name" in inspect.signature(max_seqlen).parameters
+    )  # fmt: skip
+
+
+def vision_kwargs(visual: nn.Module, grid_thw: torch.Tensor, move) -> dict[str, Any]:
+    """The vision tower's index tensors for ``get_image_features(pixels, grid_thw, **these)``, computed
+    on the host from the host grid with transformers' own functions, so the tower reads nothing back
+    from the device (no ``grid_thw.tolist()`` there, split sizes from the host grid). Positions and the
+    window permutation go to the device (``move``). Sequence boundaries stay on the host for SDPA (it
+    splits by them on the host) and go to the device for FlashAttention's varlen kernels."""
+    from transformers import vision_utils
+    from transformers.utils.generic import is_flash_attention_requested
+
+    merge = visual.spatial_merge_size
+    bounds = move if is_flash_attention_requested(visual.config) else (lambda t: t)
+    cu_seqlens = vision_utils.get_vision_cu_seqlens(grid_thw)
+    out = {
+        "image_position_ids": move(vision_utils.get_vision_position_ids(grid_thw, merge)),
+        "image_cu_seqlens": bounds(cu_seqlens),
+        "image_max_seqlen": int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
+    }
+    if hasattr(visual, "window_size"):  # Qwen2.5-VL's windowed blocks (Qwen2-VL has none)
+        window_index, cu_window = vision_utils.get_vision_window_index(
+            grid_thw, spatial_merge_size=merge, window_size=visual.window_size, patch_size=visual.patch_size
+        )
+        out.update(image_window_index=move(window_index), image_cu_window_seqlens=bounds(cu_window),
+                   image_max_window_seqlen=int((cu_window[1:] - cu_window[:-1]).max()))  # fmt: skip
+    return out
+
+
 def _resolve_dtype(dtype: Any, config) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -237,6 +298,7 @@ class RewardModel:
         full.eval()
         backbone = full.model
         del full.lm_head  # never run: scores come from the last hidden state
+        linear_patch_embed(backbone.visual)
 
         head = cls._make_head(weight, bias, hidden, torch_dtype, backbone.language_model.norm.weight.device)
 
@@ -329,6 +391,14 @@ class RewardModel:
         return self.device.type == "cpu"
 
     @property
+    def vision_patches_per_pass(self) -> int | None:
+        """Most image patches a planner should give the vision tower in one pass, or None for no bound.
+        4096 on a CPU: the tower's elementwise work (norms, rotary, SiLU, copies) runs out of the caches
+        on bigger passes (measured on bench-cpu: 16 images of 448 px in one pass took 1.4-2x the time
+        of the same images 1 to 4 at a time). None on GPUs, where one big pass fills the device."""
+        return 4096 if self.device.type == "cpu" else None
+
+    @property
     def image_processor(self):
         """The image processor that makes the pixels (the PIL one by default; see ``image_backend``)."""
         return self.encoder.image_processor
@@ -353,7 +423,13 @@ class RewardModel:
         """Vision tower output per image: [tokens_i, hidden] each, in input order.
 
         pixels: float pixel_values, or ``PixelCodes``, expanded to the same values on the model's device."""
-        out = self.backbone.get_image_features(pixel_values(pixels, self.to_device), self.to_device(image_grid_thw))
+        visual = self.backbone.visual
+        pixels = pixel_values(pixels, self.to_device)
+        if precomputed_vision_supported() and image_grid_thw.device.type == "cpu":
+            kwargs = vision_kwargs(visual, image_grid_thw, self.to_device)
+            out = self.backbone.get_image_features(pixels, image_grid_thw, **kwargs)
+        else:  # transformers 5.10: the tower computes its indices from the grid, on the device
+            out = self.backbone.get_image_features(pixels, self.to_device(image_grid_thw))
         return list(out.pooler_output)
 
     def _inputs(self, batch: Batch, image_embeds: Sequence[torch.Tensor] | None) -> dict[str, Any]:
@@ -362,12 +438,13 @@ class RewardModel:
         to = self.to_device
         inputs: dict[str, Any] = {
             "input_ids": to(batch.input_ids),
-            "attention_mask": to(batch.attention_mask),
+            "attention_mask": _mask_or_none(batch.attention_mask, to),
             "position_ids": to(batch.position_ids),
             "mm_token_type_ids": to(batch.mm_token_type_ids),
         }
         if batch.image_grid_thw is not None:
-            inputs["image_grid_thw"] = to(batch.image_grid_thw)
+            if image_embeds is None:  # the model's own vision path reads the grid (positions are given)
+                inputs["image_grid_thw"] = to(batch.image_grid_thw)
             if image_embeds is not None:
                 # The image features scattered into the token embeddings, as the model itself does: every
                 # transformers 5.x honours inputs_embeds (5.10, verl's pin, silently ignores mm_encoder_outputs).
@@ -431,7 +508,7 @@ class RewardModel:
         from transformers import DynamicCache
 
         to = self.to_device
-        mask = to(torch.cat([prefix_mask[rows], suffixes.attention_mask], dim=1))  # host tensors: no sync
+        mask = _mask_or_none(torch.cat([prefix_mask[rows], suffixes.attention_mask], dim=1), to)  # host: no sync
         rows = to(rows)
         selected = DynamicCache([(k.index_select(0, rows.to(k.device)), v.index_select(0, rows.to(v.device)))
                                  for k, v, *_ in cache])  # fmt: skip
@@ -491,3 +568,10 @@ class RewardModel:
             for i, v in zip(chunk, values.tolist()):
                 scores[i] = v
         return scores
+
+
+def _mask_or_none(mask: torch.Tensor, move) -> torch.Tensor | None:
+    """The attention mask on the device, or None when nothing is padded (checked on the host): the model
+    then builds its causal mask without reading the mask back from the device (``padding_mask.all()``)
+    and SDPA runs its causal path, as it does for an all-ones mask."""
+    return None if bool(mask.all()) else move(mask)

@@ -184,14 +184,31 @@ class ModelRunner:
                     hits += 1
                 else:
                     todo[digest] = (pixels, grid)
-        if todo:
-            pixels = cat_pixels([p for p, _ in todo.values()])
-            grids = torch.stack([g for _, g in todo.values()])
-            for digest, features in zip(todo, self.model.image_features(pixels, grids)):
+        for chunk in _vision_passes(list(todo.items()), getattr(self.model, "vision_patches_per_pass", None)):
+            pixels = cat_pixels([p for _, (p, _) in chunk])
+            grids = torch.stack([g for _, (_, g) in chunk])
+            for (digest, _), features in zip(chunk, self.model.image_features(pixels, grids)):
                 found[digest] = features = features.clone()  # own storage: a view would pin the whole batch
                 self.vision_cache.put(digest, features)
         add(vision_hits=hits, vision_misses=len(todo))
         return [[found[d] for d in s.image_digests] for s in samples]
+
+
+def _vision_passes(images: list, max_patches: int | None) -> list[list]:
+    """Images (digest, (pixels, grid)) in passes of at most ``max_patches`` patches (an image larger
+    than that gets a pass of its own); one pass for all when None."""
+    if max_patches is None:
+        return [images] if images else []
+    passes: list[list] = []
+    patches = 0
+    for image in images:
+        n = int(image[1][1].prod())
+        if not passes or patches + n > max_patches:
+            passes.append([])
+            patches = 0
+        passes[-1].append(image)
+        patches += n
+    return passes
 
 
 def _similar_length_chunks(rows: list, min_tokens: int, efficiency: float = 0.9) -> list[list]:
