@@ -32,17 +32,22 @@ def open_pool(pool: Any) -> Any:
     raise TypeError(f"pool must be a rewardplug PoolConfig or a running RewardPool, got {type(pool).__name__}")
 
 
-def connect_pool(name: str, *, address: str | None = None, options: dict | None = None) -> Any:
-    """Attach to the running pool ``name``; ``options`` may hold only this handle's options
-    (``CONNECT_OPTIONS``): the others describe a pool to make, which needs its model."""
-    from ..serving.pool import RewardPool
-
+def connect_options(name: str, options: dict | None) -> dict:
+    """``options`` for attaching to the running pool ``name``: only this handle's own
+    (``CONNECT_OPTIONS``); the others describe a pool to make, which needs its model (a TypeError)."""
     options = dict(options or {})
     refused = sorted(set(options) - set(CONNECT_OPTIONS))
     if refused:
         raise TypeError(f"pool options {refused} describe a pool to make, which needs its model; attaching to the "
                         f"running pool {name!r} takes only {list(CONNECT_OPTIONS)}")  # fmt: skip
-    return RewardPool.connect(name, address=address, **options)
+    return options
+
+
+def connect_pool(name: str, *, address: str | None = None, options: dict | None = None) -> Any:
+    """Attach to the running pool ``name`` with this handle's ``options`` (``connect_options``)."""
+    from ..serving.pool import RewardPool
+
+    return RewardPool.connect(name, address=address, **connect_options(name, options))
 
 
 def config_options(config: PoolConfig) -> dict:

@@ -16,6 +16,10 @@ Two doors:
        +reward.rewardplug.pool_name=skywork-rm \\
        +reward.rewardplug.pool_options.num_replicas=2
 
+   ``model``, ``pool_name``, ``address`` and ``pool_options`` become one ``PoolConfig`` (the pool's
+   options, ``rewardplug.serving.config``); in Python, ``VerlRewardOptions(pool=PoolConfig(...))`` (or a
+   running RewardPool) gives it whole.
+
    It returns ``{"reward_score": reward, "reward_extra_info": {"rm_score", "rm_invalid", "rm_truncated"}}``;
    verl puts the extra fields in the batch, its rollout dumps and its validation metrics.
 
@@ -45,8 +49,10 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..errors import InvalidSampleError
+from ..serving.config import PoolConfig
 from .on_invalid import DEFAULT as ON_INVALID_DEFAULT
 from .on_invalid import parse_on_invalid, raise_hint
+from .pools import connect_options, connect_pool, open_pool
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +77,12 @@ class VerlRewardOptions:
     backend: "pool" (default; a named RewardPool on the Ray cluster verl runs on: ``model`` +
         ``pool_name`` get-or-create, ``pool_name`` alone connects), "http" (a ``rewardplug serve``
         service at ``url``) or "engine" (a RewardEngine in each reward worker: CPU tests, one-node debugging).
-    pool_options: RewardPool options (num_replicas, gpus_per_replica, ...); model_options: RewardModel
-        options for the engine backend (dtype, device, ...).
+    pool_options: the pool's options (PoolConfig fields: num_replicas, gpus_per_replica, part_samples,
+        request_timeout_s, ..., and model/engine options such as dtype); with ``model``, ``pool_name``
+        and ``address`` they make one PoolConfig (``pool_config()``; an unknown name is a TypeError
+        naming it). With ``pool_name`` alone (attach to a running pool) only this handle's options.
+    pool: instead of those four, in Python: a PoolConfig, or a running RewardPool.
+    model_options: RewardModel options for the engine backend (dtype, device, ...).
     on_invalid: a sample that cannot be scored (flagged ``rm_invalid = 1``): "raise" (default, as in
         every adapter) fails the step with InvalidSampleError naming it; a float is its reward. "none"
         is refused (``NO_MASK``). ``invalid_score=<float>`` and ``on_invalid=fallback`` are the old
@@ -90,6 +100,7 @@ class VerlRewardOptions:
     api_key: str | None = None
     address: str | None = None
     pool_options: dict = field(default_factory=dict)
+    pool: Any = None  # a PoolConfig or a running RewardPool
     model_options: dict = field(default_factory=dict)
     on_invalid: str | float | None = None  # None: the default, "raise"
     invalid_score: float | None = None  # deprecated: on_invalid=<float>
@@ -126,8 +137,25 @@ class VerlRewardOptions:
             raise ValueError("rewardplug backend 'http' needs url")
         if self.backend == "engine" and not self.model:
             raise ValueError("rewardplug backend 'engine' needs model")
-        if self.backend == "pool" and not (self.model or self.pool_name):
+        if self.backend == "pool" and not (self.model or self.pool_name or self.pool is not None):
             raise ValueError("rewardplug needs model (and pool_name to share the pool) or pool_name")
+        self.pool_config()  # a wrong pool option shows when verl builds the worker, not at its first reward
+
+    def pool_config(self) -> PoolConfig | None:
+        """The pool these options describe (backend "pool"): ``pool`` if it is a PoolConfig, else
+        ``PoolConfig.from_kwargs(model, name=pool_name, address=address, **pool_options)``; None when
+        they name a running pool (``pool_name`` alone, or a RewardPool)."""
+        if self.backend != "pool":
+            return None
+        if self.pool is not None:
+            beside = [k for k in ("model", "pool_name", "address", "pool_options") if getattr(self, k)]
+            if beside:
+                raise TypeError(f"rewardplug pool= is the whole pool: put {beside} in its PoolConfig, not beside")
+            return self.pool if isinstance(self.pool, PoolConfig) else None
+        if not self.model:
+            connect_options(self.pool_name, self.pool_options)  # attaching takes only a handle's options
+            return None
+        return PoolConfig.from_kwargs(self.model, name=self.pool_name, address=self.address, **self.pool_options)
 
     @classmethod
     def from_mapping(cls, values: Any) -> "VerlRewardOptions":
@@ -156,7 +184,10 @@ class VerlRewardOptions:
 
     def scorer_key(self) -> str:
         keep = ("backend", "model", "pool_name", "url", "api_key", "address", "pool_options", "model_options")
-        return json.dumps({k: v for k, v in asdict(self).items() if k in keep}, sort_keys=True, default=str)
+        values = {k: getattr(self, k) for k in keep}
+        # never asdict(self): it would deep-copy a running RewardPool
+        values["pool"] = asdict(self.pool) if isinstance(self.pool, PoolConfig) else id(self.pool)
+        return json.dumps(values, sort_keys=True, default=str)
 
 
 # ---- scorers, one per process and options (every manager and function call in a worker shares it) ----
@@ -185,11 +216,10 @@ def _build_scorer(o: VerlRewardOptions) -> Any:
         from ..model import RewardModel
 
         return RewardEngine(RewardModel.from_pretrained(o.model, **o.model_options))
-    from ..serving.pool import RewardPool
-
-    if o.model:
-        return RewardPool(o.model, name=o.pool_name, address=o.address, **o.pool_options)
-    return RewardPool.connect(o.pool_name, address=o.address)
+    config = o.pool_config()
+    if config is not None or o.pool is not None:
+        return open_pool(config or o.pool)
+    return connect_pool(o.pool_name, address=o.address, options=o.pool_options)
 
 
 async def ascore_with_errors(scorer: Any, samples: list) -> tuple[list, dict[int, str]]:

@@ -288,6 +288,33 @@ def test_options_reject_unknown_keys(tiny_path):
         RewardLoopWorker(cfg)
 
 
+POOL_OPTIONS = {"num_replicas": 1, "gpus_per_replica": 0, "part_samples": 2, "request_timeout_s": 77.0,
+                "max_ongoing_requests": 3, "dtype": "float32", "device": "cpu"}  # fmt: skip
+
+
+def pool_overrides(tiny_path, name: str) -> list[str]:
+    return [f"+reward.rewardplug.model={tiny_path}", f"+reward.rewardplug.pool_name={name}",
+            *(f"+reward.rewardplug.pool_options.{k}={v}" for k, v in POOL_OPTIONS.items())]  # fmt: skip
+
+
+def test_pool_options_become_one_pool_config_and_unknown_ones_fail_naming_them(tiny_path):
+    from rewardplug.serving.config import PoolConfig
+
+    options = rp_verl.VerlRewardOptions.from_mapping(
+        compose_config(tiny_path, *pool_overrides(tiny_path, "p")).reward.rewardplug
+    )
+    assert options.pool_config() == PoolConfig(model=str(tiny_path), name="p", num_replicas=1, gpus_per_replica=0,
+                                               part_samples=2, request_timeout_s=77.0, max_ongoing_requests=3,
+                                               model_options={"dtype": "float32", "device": "cpu"})  # fmt: skip
+    wrong = ["+reward.rewardplug.pool_options.num_replica=2", "+reward.rewardplug.pool_options.bogus=1"]
+    with pytest.raises(TypeError, match=r"\['bogus', 'num_replica'\]"):  # when verl builds the worker
+        RewardLoopWorker(compose_config(tiny_path, *MANAGER, *pool_overrides(tiny_path, "p"), *wrong))
+    with pytest.raises(TypeError, match=r"\['num_replicas'\] describe a pool to make"):
+        rp_verl.VerlRewardOptions(pool_name="p", pool_options={"num_replicas": 1, "part_samples": 2}).check_source()
+    with pytest.raises(TypeError, match=r"\['model'\] in its PoolConfig"):
+        rp_verl.VerlRewardOptions(model="m", pool=PoolConfig(model="m")).check_source()
+
+
 def test_example_launch_config_composes(tiny_path):
     """Every override in examples/verl_grpo_vl.sh exists in verl's ppo_trainer config (hydra refuses
     unknown keys), and the reward settings load RewardPlugManager's options."""
@@ -319,12 +346,7 @@ def test_reward_loop_manager_with_named_pool(model, tiny_path):
 
     ray.init(num_cpus=4, include_dashboard=False, namespace="rewardplug-verl-test")
     try:
-        cfg = compose_config(
-            tiny_path, *MANAGER, "reward.num_workers=2", f"+reward.rewardplug.model={tiny_path}",
-            "+reward.rewardplug.pool_name=verl-test-pool", "+reward.rewardplug.pool_options.num_replicas=1",
-            "+reward.rewardplug.pool_options.gpus_per_replica=0", "+reward.rewardplug.pool_options.dtype=float32",
-            "+reward.rewardplug.pool_options.device=cpu",
-        )  # fmt: skip
+        cfg = compose_config(tiny_path, *MANAGER, "reward.num_workers=2", *pool_overrides(tiny_path, "verl-test-pool"))
         manager = RewardLoopManager(cfg)
         rows, expected = grpo_rows(model)
         from verl.utils import hf_tokenizer
@@ -335,6 +357,20 @@ def test_reward_loop_manager_with_named_pool(model, tiny_path):
         assert out.non_tensor_batch["rm_score"].tolist() == pytest.approx(want, abs=TOL)
         assert out.non_tensor_batch["rm_truncated"].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
         assert set(out.meta_info["reward_extra_keys"]) == {"rm_score", "rm_invalid", "rm_truncated"}
-        RewardPool.connect("verl-test-pool").shutdown()  # the workers started it by name
+        pool = RewardPool.connect("verl-test-pool")
+        assert pool.config.max_ongoing_requests == 3  # the pool the workers made has pool_options' bound
+
+        # In Python: the whole pool as one PoolConfig; its handle options reach the manager's pool handle.
+        config = rp_verl.VerlRewardOptions.from_mapping(cfg.reward.rewardplug).pool_config()
+        worker = RewardLoopWorker(cfg)
+        worker.reward_manager = rp_verl.RewardPlugManager(cfg, worker.input_tokenizer,
+                                                          options=rp_verl.VerlRewardOptions(pool=config))  # fmt: skip
+        assert worker.reward_manager.scorer.config == config
+        before = sum(r["engine"]["requests"] for r in pool.stats()["replicas"])
+        outputs = score_batch(worker, rollout_batch(worker.input_tokenizer, rows))
+        assert [o["reward_score"] for o in outputs[:2]] == pytest.approx(want[:2], abs=TOL)
+        # one request of two groups of 3, cut into parts of part_samples=2: 2 + 1 per group
+        assert sum(r["engine"]["requests"] for r in pool.stats()["replicas"]) - before == 4
+        pool.shutdown()  # the workers started it by name
     finally:
         ray.shutdown()
