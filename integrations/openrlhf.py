@@ -13,10 +13,14 @@ so the pool batches the concurrent calls of all workers on its replicas:
 
 Where the scores come from (first match; read once per process):
 
-- ``use_scorer(scorer)`` called in the process (a RewardPool, RewardEngine or RewardModel);
+- ``use_pool(pool)`` called in the process (in the reward file): a ``PoolConfig``, whose pool is found
+  or made on the first call (give it a name, so every worker shares one pool), or a running RewardPool;
+- ``use_scorer(scorer)``: any scorer (a RewardPool, RewardEngine, RewardModel or RewardClient);
 - ``REWARDPLUG_URL`` (+ ``REWARDPLUG_API_KEY``): a rewardplug HTTP service, through RewardClient;
-- ``REWARDPLUG_POOL``: the named pool, get-or-create with ``REWARDPLUG_MODEL`` (options as JSON in
-  ``REWARDPLUG_POOL_OPTIONS``, e.g. ``{"num_replicas": 2}``), else ``RewardPool.connect``;
+- ``REWARDPLUG_POOL``: the named pool, get-or-create with ``REWARDPLUG_MODEL`` (its options as JSON in
+  ``REWARDPLUG_POOL_OPTIONS``, e.g. ``{"num_replicas": 2}``: PoolConfig fields and model/engine options,
+  made into one PoolConfig; an unknown name is a TypeError naming it), else attached to as it runs (then
+  ``REWARDPLUG_POOL_OPTIONS`` holds only this handle's options, such as ``request_timeout_s``);
   ``REWARDPLUG_RAY_ADDRESS`` names the Ray cluster when the process is not already in one.
 
 Images come from the labels and the policy's chat format is re-rendered into the reward model's
@@ -41,9 +45,11 @@ import warnings
 from typing import Any
 
 from ..errors import InvalidSampleError
+from ..serving.config import PoolConfig
 from ..serving.get_reward import assemble, build_batch
 from .on_invalid import DEFAULT as ON_INVALID_DEFAULT
 from .on_invalid import parse_on_invalid, raise_hint
+from .pools import connect_pool, open_pool
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +59,7 @@ NO_MASK = ("OpenRLHF has no per-sample mask for rewards: a None reward fails the
            "reinforce_baseline advantages take rewards.mean(-1) of each group, so one NaN makes every advantage "
            "of its group NaN")  # fmt: skip
 
-_scorer: Any = None
+_scorer: Any = None  # a scorer, or a PoolConfig until the first call opens its pool
 _lock = threading.Lock()
 
 
@@ -63,6 +69,16 @@ def use_scorer(scorer: Any) -> None:
     global _scorer
     with _lock:
         _scorer = scorer
+
+
+def use_pool(pool: Any) -> None:
+    """Score this process's ``reward_func`` calls through a pool: a ``PoolConfig`` (its pool is found or
+    made on the first call; name it, so every rollout worker shares one) or a running RewardPool."""
+    from ..serving.pool import RewardPool
+
+    if not isinstance(pool, PoolConfig | RewardPool):
+        raise TypeError(f"use_pool takes a rewardplug PoolConfig or a running RewardPool, got {type(pool).__name__}")
+    use_scorer(pool)
 
 
 def scorer_from_env() -> Any:
@@ -78,13 +94,11 @@ def scorer_from_env() -> Any:
         raise RuntimeError(
             "rewardplug reward_func: set REWARDPLUG_POOL (and REWARDPLUG_MODEL to start it) or REWARDPLUG_URL"
         )
-    from ..serving.pool import RewardPool
-
     address = os.environ.get("REWARDPLUG_RAY_ADDRESS")
+    options = json.loads(os.environ.get("REWARDPLUG_POOL_OPTIONS") or "{}")
     if model:
-        options = json.loads(os.environ.get("REWARDPLUG_POOL_OPTIONS") or "{}")
-        return RewardPool(model, name=name, address=address, **options)
-    return RewardPool.connect(name, address=address)
+        return open_pool(PoolConfig.from_kwargs(model, name=name, address=address, **options))
+    return connect_pool(name, address=address, options=options)
 
 
 def _current_scorer() -> Any:
@@ -92,6 +106,8 @@ def _current_scorer() -> Any:
     with _lock:
         if _scorer is None:
             _scorer = scorer_from_env()
+        elif isinstance(_scorer, PoolConfig):
+            _scorer = open_pool(_scorer)
         return _scorer
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from rewardplug import InvalidSampleError, RewardEngine
 from rewardplug.errors import ScoringError
+from rewardplug.serving.config import PoolConfig
 from rewardplug.serving.get_reward import GetRewardInvalidError, GetRewardRequestError, get_reward, parse_query
 
 from conftest import random_image
@@ -329,6 +330,24 @@ def test_example_launch_script_uses_only_flags_openrlhf_defines():
 # ---- through a named pool, as the reward file finds it from the environment --------------------------------
 
 
+POOL_OPTIONS = {"num_replicas": 1, "gpus_per_replica": 0, "part_samples": 2, "request_timeout_s": 77.0,
+                "max_ongoing_requests": 3, "dtype": "float32", "device": "cpu"}  # fmt: skip
+
+
+def test_pool_options_from_env_become_one_pool_config_and_unknown_ones_fail_naming_them(tiny_path, monkeypatch):
+    monkeypatch.setenv("REWARDPLUG_MODEL", str(tiny_path))
+    monkeypatch.setenv("REWARDPLUG_POOL", "p")
+    monkeypatch.setenv("REWARDPLUG_POOL_OPTIONS", json.dumps({"num_replica": 1, "bogus": 2}))
+    with pytest.raises(TypeError, match=r"\['bogus', 'num_replica'\]"):  # before any cluster is touched
+        rp_openrlhf.scorer_from_env()
+    monkeypatch.delenv("REWARDPLUG_MODEL")  # attach to a running pool: only a handle's options
+    monkeypatch.setenv("REWARDPLUG_POOL_OPTIONS", json.dumps({"num_replicas": 1, "request_timeout_s": 5}))
+    with pytest.raises(TypeError, match=r"\['num_replicas'\] describe a pool to make"):
+        rp_openrlhf.scorer_from_env()
+    with pytest.raises(TypeError, match="PoolConfig or a running RewardPool"):
+        rp_openrlhf.use_pool({"model": str(tiny_path)})
+
+
 @pytest.mark.timeout(600)
 def test_reward_file_scores_through_named_pool_from_env(model, tiny_path, rows, monkeypatch):
     ray = pytest.importorskip("ray")
@@ -336,8 +355,7 @@ def test_reward_file_scores_through_named_pool_from_env(model, tiny_path, rows, 
 
     monkeypatch.setenv("REWARDPLUG_MODEL", str(tiny_path))
     monkeypatch.setenv("REWARDPLUG_POOL", "openrlhf-test-pool")
-    monkeypatch.setenv("REWARDPLUG_POOL_OPTIONS", json.dumps({"num_replicas": 1, "gpus_per_replica": 0,
-                                                              "dtype": "float32", "device": "cpu"}))  # fmt: skip
+    monkeypatch.setenv("REWARDPLUG_POOL_OPTIONS", json.dumps(POOL_OPTIONS))
     rp_openrlhf.use_scorer(None)
     ray.init(num_cpus=2, include_dashboard=False, namespace="rewardplug-openrlhf-test")
     try:
@@ -346,8 +364,21 @@ def test_reward_file_scores_through_named_pool_from_env(model, tiny_path, rows, 
             out = rollout(executor, model.processor, row, f"Pool answer {k}.")
             assert out["reward"] == pytest.approx([want(model, question_of(row), f"Pool answer {k}.", images)], abs=TOL)
             assert out["extra_logs"]["rm_invalid"] == [0.0]
-        assert isinstance(rp_openrlhf._current_scorer(), RewardPool)
-        RewardPool.connect("openrlhf-test-pool").shutdown()
+        handle = rp_openrlhf._current_scorer()
+        assert isinstance(handle, RewardPool)
+        assert (handle.config.part_samples, handle.config.request_timeout_s) == (2, 77.0)
+        pool = RewardPool.connect("openrlhf-test-pool")
+        assert pool.config.max_ongoing_requests == 3  # the pool was made with the options' bound
+
+        # use_pool: the same pool as one PoolConfig (another handle timeout); opened on the first call
+        config = PoolConfig.from_kwargs(tiny_path, name="openrlhf-test-pool",
+                                        **{**POOL_OPTIONS, "request_timeout_s": 55.0})  # fmt: skip
+        rp_openrlhf.use_pool(config)
+        row, images = rows[3]
+        out = rollout(executor, model.processor, row, "Green.")
+        assert out["reward"] == pytest.approx([want(model, question_of(row), "Green.", images)], abs=TOL)
+        assert rp_openrlhf._current_scorer().config == config
+        pool.shutdown()
     finally:
         rp_openrlhf.use_scorer(None)
         ray.shutdown()
