@@ -13,6 +13,12 @@ installs it where Ray 2.60 wants it:
 ...     return {"prompt": info["prompt"], "completion": info["response"], "images": [info["image"]]}
 >>> config = add_reward_model(PPOConfig().environment(MyEnv), scorer=pool, sample_fn=to_sample)  # doctest: +SKIP
 
+or, with the pool's options as one ``PoolConfig`` (the pool is found or made here, in the driver):
+
+>>> from rewardplug.serving.config import PoolConfig
+>>> pool = PoolConfig(model="Skywork/Skywork-VL-Reward-7B", num_replicas=2)
+>>> config = add_reward_model(PPOConfig().environment(MyEnv), pool=pool, sample_fn=to_sample)  # doctest: +SKIP
+
 - default: a learner connector piece (``config.learners(learner_connector=...)``; the older
   ``config.training(learner_connector=...)`` is deprecated in Ray 2.60). It is pickled into each learner
   (``num_learners >= 1``): the scorer must pickle (a RewardPool does), and ``sample_fn`` must be importable
@@ -193,9 +199,13 @@ class RewardModelConnector(ConnectorV2):
         return targets
 
 
-def add_reward_model(config: Any, *, scorer: Any, sample_fn: Callable[[Any, int], Any], in_returns: bool = False,
-                     **options: Any) -> Any:  # fmt: skip
+def add_reward_model(config: Any, *, scorer: Any = None, sample_fn: Callable[[Any, int], Any],
+                     in_returns: bool = False, pool: Any = None, **options: Any) -> Any:  # fmt: skip
     """Install a RewardModelConnector on an RLlib AlgorithmConfig and return the config.
+
+    scorer: anything with ``score(samples, on_invalid=...)``; or, instead, ``pool``: a ``PoolConfig``
+    (its pool is found or made now, in this process; without a name it is private to this process and
+    removed with it) or a running RewardPool.
 
     in_returns=False: as the learner connector (``config.learners(learner_connector=...)``).
     in_returns=True: as the env-to-module connector on the env runners, so episode returns (and what the
@@ -203,6 +213,12 @@ def add_reward_model(config: Any, *, scorer: Any, sample_fn: Callable[[Any, int]
     options: RewardModelConnector's (mode, combine, coeff, on_invalid, score_truncated).
     A RewardPool scorer pickles into learners and env runners and attaches there on its first call.
     """
+    if pool is not None:
+        if scorer is not None:
+            raise TypeError("add_reward_model takes scorer= or pool=, not both")
+        from .pools import open_pool
+
+        scorer = open_pool(pool)
     if in_returns:
         return config.env_runners(
             env_to_module_connector=lambda env, spaces=None, device=None: RewardModelConnector(

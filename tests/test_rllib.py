@@ -25,6 +25,7 @@ from rllib_recording import SEEN, RecordingLearner  # noqa: E402
 
 from rewardplug.errors import InvalidSampleError, ScoringError  # noqa: E402
 from rewardplug.integrations.rllib import RewardModelVectorWrapper, RewardModelWrapper, add_reward_model  # noqa: E402
+from rewardplug.serving.config import PoolConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -106,14 +107,29 @@ def test_add_reward_model_sets_the_learners_connector_without_deprecation(caplog
     assert piece.on_env_runner is False and piece.on_invalid == "raise"  # the default of every adapter
 
 
+def test_add_reward_model_takes_a_scorer_or_a_pool_not_both(model):
+    from ray.rllib.algorithms.ppo import PPOConfig
+
+    with pytest.raises(TypeError, match="not both"):
+        add_reward_model(PPOConfig(), scorer=model, pool=PoolConfig(model="m"), sample_fn=rllib_ppo.to_sample)
+    with pytest.raises(TypeError, match="PoolConfig or a running RewardPool"):
+        add_reward_model(PPOConfig(), pool={"model": "m"}, sample_fn=rllib_ppo.to_sample)
+
+
 def test_ppo_learner_batch_rewards_are_scores_and_bad_samples_get_the_fallback(ray_cluster, tiny_path, model):
+    """The pool given as one PoolConfig: its options reach the pool the learner's connector scores with."""
     from rewardplug import RewardPool
 
     SEEN.clear()
-    pool = RewardPool(tiny_path, num_replicas=1, gpus_per_replica=0, image_roots=None)
+    pool_config = PoolConfig(model=str(tiny_path), num_replicas=1, gpus_per_replica=0, part_samples=4,
+                             request_timeout_s=77.0, max_ongoing_requests=3, model_options={"image_roots": None})
+    config = rllib_ppo.build_config(None, on_invalid=-5.0).learners(learner_class=RecordingLearner)
+    config = add_reward_model(config, pool=pool_config, sample_fn=rllib_recording.to_sample_last_answer_bad,
+                              on_invalid=-5.0)  # fmt: skip
+    pool = config._learner_connector(None, None).scorer
     try:
-        config = rllib_ppo.build_config(pool, on_invalid=-5.0).learners(learner_class=RecordingLearner)
-        config = add_reward_model(config, scorer=pool, sample_fn=rllib_recording.to_sample_last_answer_bad, on_invalid=-5.0)
+        assert isinstance(pool, RewardPool) and pool.config == pool_config.with_(name=pool.name)
+        assert RewardPool.connect(pool.name).config.max_ongoing_requests == 3
         algo = config.build_algo()
         result = algo.train()
         algo.stop()
