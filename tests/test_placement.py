@@ -123,3 +123,66 @@ def test_no_split_classes_exist_in_transformers():
     for name in ("Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"):
         assert name in NO_SPLIT
         assert hasattr(modeling_qwen2_5_vl, name), f"transformers has no {name}"
+
+
+# ---- built-in names in a pool replica --------------------------------------------------------------
+
+
+def _samples():
+    from conftest import random_image
+
+    image = random_image(64, 56, seed=5)
+    return [{"prompt": "What is in the picture?", "completion": "Noise, mostly green.", "images": [image]},
+            {"prompt": "Write a haiku about autumn.", "completion": "Leaves fall, the wind turns."},
+            {"prompt": "Say yes.", "completion": "Yes."}]  # fmt: skip
+
+
+def test_random_7b_refuses_a_replica_of_several_gpus():
+    from rewardplug.serving.placement import load_on_assigned_gpus
+
+    with pytest.raises(ValueError, match=r"'random-7b' is built on one device.*given 2 GPUs.*gpus_per_replica=1"):
+        load_on_assigned_gpus("random-7b", ["0", "1"], layers=1, dtype="float32")
+
+
+def test_tiny_by_name_loads_in_a_replica_as_from_its_folder():
+    """A replica given the name ``tiny`` (no GPU) loads the same model as the folder the name stands for."""
+    from rewardplug import RewardModel, named_models
+    from rewardplug.serving.placement import load_on_assigned_gpus
+
+    by_name = load_on_assigned_gpus("tiny", [], dtype="float32")
+    from_folder = RewardModel.from_pretrained(named_models.checkpoint_path("tiny"), dtype="float32", device="cpu")
+    assert str(by_name.device) == "cpu"
+    got, expected = by_name.score(_samples()), from_folder.score(_samples())
+    assert max(abs(a - b) for a, b in zip(got, expected)) <= 1e-5, (got, expected)
+
+
+@pytest.mark.timeout(900)
+def test_pool_of_random_7b_one_layer_on_cpu_scores_as_the_model_loaded_directly():
+    """A pool of ``random-7b`` with ``model_options={"layers": 1, ...}`` and ``gpus_per_replica=0``: the replica
+    builds the model on the CPU the plan gives, and its scores equal ``named_models.load`` scored in this
+    process. The pool is removed before the reference is built: each copy is about 3.4 GB in fp32."""
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
+    from rewardplug import RewardPool, named_models
+    from rewardplug.serving.config import PoolConfig
+
+    if ray.is_initialized():  # another module's cluster
+        serve.shutdown()
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, namespace="rewardplug", log_to_driver=False, include_dashboard=False)
+    try:
+        options = {"layers": 1, "dtype": "float32"}
+        config = PoolConfig("random-7b", model_options=options, gpus_per_replica=0, num_replicas=1,
+                            request_timeout_s=600, ready_timeout_s=600)  # fmt: skip
+        with RewardPool(config=config) as pool:
+            got = pool.score(_samples())
+            (replica,) = pool.health()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    assert replica.get("device") == "cpu", replica
+    expected = named_models.load("random-7b", device="cpu", **options).score(_samples())
+    print(f"\nrandom-7b, 1 layer, fp32: pool {got}, model {expected}")
+    assert all(isinstance(x, float) for x in got), got
+    diffs = [abs(a - b) for a, b in zip(got, expected)]
+    assert max(diffs) <= 1e-5, f"pool {got} vs named_models.load {expected}"

@@ -64,18 +64,30 @@ def plan_device_map(checkpoint: str | os.PathLike, num_gpus: int, gpu_memory_byt
 
 
 def load_on_assigned_gpus(checkpoint: str | os.PathLike, gpu_ids: list, **options):
-    """A RewardModel on the GPUs Ray assigned (one, several split by a balanced map, or none: CPU)."""
-    from ..model import RewardModel, _resolve_dtype
+    """A RewardModel on the GPUs Ray assigned (one, several split by a balanced map, or none: CPU).
+
+    ``checkpoint`` may be a built-in name (``rewardplug.named_models``): ``tiny`` and ``bench-cpu`` are
+    written on the replica's node; ``random-7b`` is built on the planned device (one device only; its
+    ``layers`` option keeps the first N language layers)."""
+    from .. import named_models
+    from ..model import _resolve_dtype
 
     dtype = options.get("dtype", "auto")
     plan_dtype = torch.bfloat16 if dtype in (None, "auto") else _resolve_dtype(dtype, None)
-    plan = replica_device_plan(checkpoint, gpu_ids, plan_dtype)
     options = {k: v for k, v in options.items() if k not in ("device", "device_map")}
-    return RewardModel.from_pretrained(checkpoint, device=plan.device, device_map=plan.device_map, **options)
+    if str(checkpoint) == named_models.RANDOM_7B:
+        if len(gpu_ids) > 1:
+            raise ValueError(f"{named_models.RANDOM_7B!r} is built on one device, but this replica was given "
+                             f"{len(gpu_ids)} GPUs: use gpus_per_replica=1 (or 0 for the CPU)")  # fmt: skip
+        plan = replica_device_plan(None, gpu_ids, plan_dtype)
+        return named_models.load(checkpoint, device=plan.device, **options)
+    plan = replica_device_plan(named_models.checkpoint_path(checkpoint), gpu_ids, plan_dtype)
+    return named_models.load(checkpoint, device=plan.device, device_map=plan.device_map, **options)
 
 
-def replica_device_plan(checkpoint: str | os.PathLike | Path, gpu_ids: list, dtype: torch.dtype) -> DevicePlan:
-    """What a pool replica uses, given the GPUs Ray assigned to it."""
+def replica_device_plan(checkpoint: str | os.PathLike | Path | None, gpu_ids: list, dtype: torch.dtype) -> DevicePlan:
+    """What a pool replica uses, given the GPUs Ray assigned to it (``checkpoint`` is read only to split
+    the model over several GPUs)."""
     if not gpu_ids:
         return DevicePlan("cpu", None, {})
     if not torch.cuda.is_available():
