@@ -4,8 +4,8 @@ replicas spread over the two worker nodes, then one worker node removed while re
 The cluster: a head node with no CPU (the driver, Serve's controller and zero-CPU actors live there) and
 two worker nodes of 1 fake CPU each, so ``placement="spread"`` puts one replica (1 CPU) on each worker.
 A lost host is its replica process SIGKILLed (with the parts it holds) and its node removed at once
-(``cluster.remove_node``: raylet, object store and the rest). Every score is checked against ``RewardModel.score`` on the same tiny checkpoint
-(fp32, this process).
+(``cluster.remove_node``: raylet, object store and the rest). Every score is checked against
+``RewardModel.score`` on the same tiny checkpoint (fp32, this process).
 
 The cluster helper normally writes its address to /tmp/ray/ray_current_cluster (and deletes that file
 at shutdown), which would make other jobs' ``ray.init()`` on this machine join this test's cluster: the
@@ -77,8 +77,9 @@ def request_samples(seed: int) -> list[dict]:
     for g in range(2):
         image = random_image(112, 112 - 8 * g, seed=seed * 10 + g)
         prompt = f"Request {seed}, group {g}: what is in the picture?"
-        out += [{"prompt": prompt, "completion": f"{k}: " + text_of_length(rng.randint(20, 200), seed * 97 + 13 * g + k),
-                 "images": [image]} for k in range(4)]  # fmt: skip
+        out += [{"prompt": prompt, "images": [image],
+                 "completion": f"{k}: " + text_of_length(rng.randint(20, 200), seed * 97 + 13 * g + k)}
+                for k in range(4)]  # fmt: skip
     return out
 
 
@@ -175,7 +176,7 @@ def test_node_removed_under_load_every_request_answered_once_with_model_scores(c
         nodes = replica_nodes(pool)
         print(f"\nreplicas and their nodes: {nodes}; worker nodes {sorted(workers)}; head {cluster.head_node.node_id}")
         assert len(set(nodes.values())) == 2, f"placement='spread' put both replicas on one node: {nodes}"
-        assert set(nodes.values()) == set(workers), f"replicas not on the two worker nodes: {nodes}, workers {sorted(workers)}"
+        assert set(nodes.values()) == set(workers), f"replicas not on the worker nodes {sorted(workers)}: {nodes}"
         health_nodes = {h["node"] for h in pool.health()}
         assert health_nodes == set(workers), f"health() disagrees with stats() on the replicas' nodes: {health_nodes}"
 
@@ -223,8 +224,8 @@ def test_node_removed_under_load_every_request_answered_once_with_model_scores(c
         after_s = time.monotonic() - t_removed
 
         requests = list(stream.requests)
-        twice = [r["seed"] for r in requests if r["resolved"] != 1]
-        assert not twice, f"requests resolved other than exactly once: {[(r['seed'], r['resolved']) for r in requests if r['resolved'] != 1]}"
+        twice = [(r["seed"], r["resolved"]) for r in requests if r["resolved"] != 1]
+        assert not twice, f"requests resolved other than exactly once (request, times): {twice}"
         failed = [(r["seed"], f"{type(r['error']).__name__}: {r['error']}") for r in requests if r["error"] is not None]
         assert not failed, f"{len(failed)} of {total} requests failed across the node loss, e.g. {failed[:3]}"
         slowest = max(r["latency_s"] for r in requests)
@@ -235,8 +236,9 @@ def test_node_removed_under_load_every_request_answered_once_with_model_scores(c
                                  f"the node): {type(e).__name__}: {e}") from e
         print(f"{total} requests ({8 * total} samples), {total - submitted_before} submitted after the removal; "
               f"slowest answer {slowest:.1f}s; all answered {after_s:.1f}s after the removal; handle counters: "
-              f"retries {counters.get('retries')}, hedges {counters.get('hedges')}, timeouts {counters.get('timeouts')}")
-        assert slowest <= ANSWER_BOUND_S, f"a request took {slowest:.1f}s (bound {ANSWER_BOUND_S}s) across the node loss"
+              f"retries {counters.get('retries')}, hedges {counters.get('hedges')}, "
+              f"timeouts {counters.get('timeouts')}")
+        assert slowest <= ANSWER_BOUND_S, f"a request took {slowest:.1f}s (bound {ANSWER_BOUND_S}s)"
         assert counters.get("retries", 0) + counters.get("hedges", 0) >= 1, (
             f"no part was re-sent: the removed node held no request, so this run did not test the loss ({counters})")
 
@@ -254,8 +256,9 @@ def test_node_removed_under_load_every_request_answered_once_with_model_scores(c
         found = connect_from_new_process(cluster.address, probe, tmp_path)
         assert found["model"] == str(tiny_path) and found["num_replicas"] == 2 and found["placement"] == "spread", found
         assert found["gpus_per_replica"] == 0 and found["model_options"] == OPTS, found
+        probe_image = random_image(80, 80, seed=probe["image_seed"])
         expected_probe = reference_model.score([{"prompt": probe["prompt"], "completion": probe["completion"],
-                                                 "images": [random_image(80, 80, seed=probe["image_seed"])]}])[0]  # fmt: skip
+                                                 "images": [probe_image]}])[0]  # fmt: skip
         assert abs(found["score"] - expected_probe) <= TOL, f"new process: {found['score']} vs model {expected_probe}"
     finally:
         pool.shutdown()
