@@ -151,7 +151,14 @@ class VerlRewardOptions:
             beside = [k for k in ("model", "pool_name", "address", "pool_options") if getattr(self, k)]
             if beside:
                 raise TypeError(f"rewardplug pool= is the whole pool: put {beside} in its PoolConfig, not beside")
-            return self.pool if isinstance(self.pool, PoolConfig) else None
+            if isinstance(self.pool, PoolConfig):
+                return self.pool
+            from ..serving.pool import RewardPool
+
+            if not isinstance(self.pool, RewardPool):
+                got = type(self.pool).__name__
+                raise TypeError(f"rewardplug pool= takes a PoolConfig or a running RewardPool, got {got}")
+            return None
         if not self.model:
             connect_options(self.pool_name, self.pool_options)  # attaching takes only a handle's options
             return None

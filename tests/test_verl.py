@@ -313,6 +313,8 @@ def test_pool_options_become_one_pool_config_and_unknown_ones_fail_naming_them(t
         rp_verl.VerlRewardOptions(pool_name="p", pool_options={"num_replicas": 1, "part_samples": 2}).check_source()
     with pytest.raises(TypeError, match=r"\['model'\] in its PoolConfig"):
         rp_verl.VerlRewardOptions(model="m", pool=PoolConfig(model="m")).check_source()
+    with pytest.raises(TypeError, match="PoolConfig or a running RewardPool, got dict"):
+        rp_verl.VerlRewardOptions(pool={"model": "m"}).check_source()
 
 
 def test_example_launch_config_composes(tiny_path):
