@@ -180,7 +180,7 @@ class RewardFunction:
         if isinstance(scorer, str | os.PathLike):
             scorer = build_scorer(scorer, pool_name=pool_name, device=device, **options)
         elif given and pool is not None:
-            raise TypeError(f"options {given} belong in the PoolConfig given as pool=")
+            raise TypeError(f"options {given} belong in the pool's PoolConfig; pass none beside pool=")
         elif given:
             raise TypeError(f"options {given} apply only when scorer is a model id or path")
         elif pool is not None:

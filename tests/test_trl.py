@@ -618,7 +618,7 @@ def test_unknown_options_fail_with_one_type_error_naming_them(paths, model):
         RewardFunction(paths["reward"], num_replica=2, bogus=1)
     with pytest.raises(TypeError, match=r"in this process.*\['num_replicas'\]"):
         RewardFunction(paths["reward"], pool_name=None, num_replicas=2)
-    with pytest.raises(TypeError, match=r"\['num_replicas'\] belong in the PoolConfig"):
+    with pytest.raises(TypeError, match=r"\['num_replicas'\] belong in the pool's PoolConfig"):
         RewardFunction(pool=PoolConfig(model=paths["reward"]), num_replicas=2)
     with pytest.raises(TypeError, match="one of them"):
         RewardFunction(model, pool=PoolConfig(model=paths["reward"]))
