@@ -528,6 +528,17 @@ def test_default_pool_name_is_the_same_for_the_same_model_and_options():
     assert a != default_pool_name("org/other", {"num_replicas": 2, "image_roots": None})
 
 
+def test_a_nameless_pool_config_gets_the_name_its_options_as_keywords_get():
+    from rewardplug.integrations.trl import shared_config
+
+    keywords = {"num_replicas": 2, "gpus_per_replica": 0.5, "request_timeout_s": 120.0, "autoscale": (1, 4),
+                "image_roots": None, "dtype": "bfloat16", "max_wait_ms": 2.0}  # fmt: skip
+    config = PoolConfig.from_kwargs("org/model", **keywords)
+    assert shared_config(config).name == default_pool_name("org/model", keywords)
+    assert shared_config(config.with_(name="mine")).name == "mine"
+    assert shared_config(config.with_(part_samples=8)).name != shared_config(config).name
+
+
 def test_rank_device_is_this_ranks_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
