@@ -42,7 +42,7 @@ CONCURRENT = 4  # requests the streaming thread keeps in flight
 AFTER_REMOVAL = 8  # requests submitted after the node is gone, all of which must be answered too
 NODE_OPTS = dict(object_store_memory=100 * 2**20, include_dashboard=False)
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(720)
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +132,26 @@ class Stream:
             time.sleep(0.1)
 
 
+def within(seconds: float, fn, what: str):
+    """``fn()``, or a failure naming ``what`` if it has not returned within ``seconds`` (a hang would
+    otherwise show only as the test's timeout)."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - raised below, in the test's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name=f"nodes-test {what}", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{what} did not return within {seconds:g}s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def replica_nodes(pool, timeout: float = 120) -> dict[str, str]:
     """replica id -> node id, from the replicas' own reports (``stats()``), once both have reported."""
     deadline = time.monotonic() + timeout
@@ -201,9 +221,10 @@ def test_node_removed_under_load_every_request_answered_once_with_model_scores(c
         t_removed = time.monotonic()
         os.kill(victim_pid, signal.SIGKILL)
         cluster.remove_node(workers[victim_node], allow_graceful=False)
+        print(f"node removed {time.monotonic() - t_removed:.1f}s after the kill", flush=True)
         print(f"removed worker node {victim_node} (replica {victim_replica}; other actors there: {others or 'none'}) "
               f"with {submitted_before} requests submitted, {stream.answered()} answered; samples per replica so far "
-              f"{scored}")  # fmt: skip
+              f"{scored}", flush=True)  # fmt: skip
 
         # The stream goes on: AFTER_REMOVAL more requests, submitted after the loss, all answered.
         deadline = time.monotonic() + REQUEST_TIMEOUT_S + 60
@@ -219,6 +240,7 @@ def test_node_removed_under_load_every_request_answered_once_with_model_scores(c
         assert not stream.thread.is_alive(), "the streaming thread did not stop"
         with stream.lock:
             total = len(stream.requests)
+        print(f"{total} requests submitted; waiting for their answers", flush=True)
         stream.wait_answered(total, REQUEST_TIMEOUT_S + 60, "after the node removal")
         time.sleep(0.5)  # a second resolution of any future would show up here
         after_s = time.monotonic() - t_removed
@@ -230,7 +252,7 @@ def test_node_removed_under_load_every_request_answered_once_with_model_scores(c
         assert not failed, f"{len(failed)} of {total} requests failed across the node loss, e.g. {failed[:3]}"
         slowest = max(r["latency_s"] for r in requests)
         try:
-            counters = pool.stats()
+            counters = within(60, pool.stats, "pool.stats() after the node loss")
         except Exception as e:  # noqa: BLE001 - the assertion says what broke
             raise AssertionError(f"pool.stats() failed after the node loss (the pool's state did not outlive "
                                  f"the node): {type(e).__name__}: {e}") from e
@@ -261,7 +283,7 @@ def test_node_removed_under_load_every_request_answered_once_with_model_scores(c
                                                  "images": [probe_image]}])[0]  # fmt: skip
         assert abs(found["score"] - expected_probe) <= TOL, f"new process: {found['score']} vs model {expected_probe}"
     finally:
-        pool.shutdown()
+        within(120, pool.shutdown, "pool.shutdown()")
 
 
 def connect_from_new_process(address: str, probe: dict, tmp_path) -> dict:
