@@ -21,7 +21,7 @@ from ..checkpoint import CheckpointKind
 from ..encoding import Batch
 from ..encoding.text_encoder import TextEncoder, TextProcessor
 from ..errors import CheckpointError
-from ..model import RewardModel, _resolve_dtype, cache_argument
+from ..model import RewardModel, _resolve_dtype, cache_argument, take_rows
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class TextRewardModel(RewardModel):
         dev_rows = to(rows)
         layers = []
         for k, v, *_ in cache:
-            k, v = k.index_select(0, dev_rows.to(k.device)), v.index_select(0, dev_rows.to(v.device))
+            k, v = take_rows(k, dev_rows), take_rows(v, dev_rows)
             if order is not None:
                 index = to(order, k.device)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
                 k, v = k.gather(2, index), v.gather(2, index)
