@@ -191,6 +191,7 @@ def test_node_removed_under_load_every_request_answered_once_with_model_scores(c
     workers = {n.node_id: n for n in cluster.worker_nodes}
     pool = RewardPool(str(tiny_path), name=POOL, num_replicas=2, gpus_per_replica=0, cpus_per_replica=1,
                       placement="spread", request_timeout_s=REQUEST_TIMEOUT_S, **OPTS)  # fmt: skip
+    stream = None
     try:
         # Placement: one replica on each worker node (the head has no CPU for one).
         nodes = replica_nodes(pool)
@@ -283,6 +284,8 @@ def test_node_removed_under_load_every_request_answered_once_with_model_scores(c
                                                  "images": [probe_image]}])[0]  # fmt: skip
         assert abs(found["score"] - expected_probe) <= TOL, f"new process: {found['score']} vs model {expected_probe}"
     finally:
+        if stream is not None:
+            stream.stop.set()
         within(120, pool.shutdown, "pool.shutdown()")
 
 
