@@ -89,6 +89,7 @@ def main() -> None:
                 reference = rm.score(samples, batch_size=1)
                 diffs[name] = max(abs(a - b) for a, b in zip(got, reference))
         loads.append(os.getloadavg()[0])
+        print("round:", ", ".join(f"{k} {v[-1]:.2f}" for k, v in rates.items()), f"(load {loads[-1]:.1f})", flush=True)
     switch(**VARIANTS["after"])
     best = {k: max(v) for k, v in rates.items()}
     print(f"bench-cpu, {args.groups} x G={G}, {args.image_size} px, best of {args.repeats}; "
