@@ -9,14 +9,20 @@ in this process (fp32).
 from __future__ import annotations
 
 import inspect
+import io
 import os
 import pickle
 import signal
+import textwrap
 import threading
 import time
+from pathlib import Path
+
+import numpy as np
 
 import pytest
 from conftest import random_image, text_of_length
+from PIL import Image
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -59,22 +65,49 @@ def assert_scores(got, expected, what=""):
 
 
 def reports(pool, n: int, timeout: float = 30) -> list[dict]:
-    after, deadline = time.time(), time.monotonic() + timeout
+    deadline = time.monotonic() + timeout
     while True:
-        got = [r for r in pool.stats()["replicas"] if r["reported_at"] > after]
+        got = pool.stats()["replicas"]
         if len(got) >= n:
             return sorted(got, key=lambda r: r["replica"])
-        assert time.monotonic() < deadline, f"no fresh reports from {n} replicas"
+        assert time.monotonic() < deadline, f"not {n} replicas answered: {got}"
         time.sleep(0.2)
 
 
+COUNT_DIGESTS = textwrap.dedent('''
+    # Loaded at interpreter start in the pool's replicas (PYTHONPATH): every image digest the encoder
+    # computes adds a line to the file REWARDPLUG_TEST_DIGEST_LOG names.
+    import os
+    import rewardplug.encoding.request_images as _ri
+
+    def _counted(image, data=None, _real=_ri.image_digest):
+        with open(os.environ["REWARDPLUG_TEST_DIGEST_LOG"], "a") as log:
+            log.write(f"{image.size}\\n")
+        return _real(image, data)
+
+    _ri.image_digest = _counted
+''')
+
+
 @pytest.fixture(scope="module")
-def pair(tiny_path):
-    """Two replicas on CPUs; hedge after 3 s, fail after 60 s."""
+def digest_log(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("replica-env")
+    (folder / "sitecustomize.py").write_text(COUNT_DIGESTS)
+    return folder / "digests.log"
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_path, digest_log):
+    """Two replicas on CPUs; hedge after 3 s, fail after 60 s; they count the image digests they compute."""
+    env = {"env_vars": {"PYTHONPATH": str(digest_log.parent), "REWARDPLUG_TEST_DIGEST_LOG": str(digest_log)}}
     pool = RewardPool(tiny_path, name="pair", num_replicas=2, gpus_per_replica=0, hedge_after_s=3.0,
-                      request_timeout_s=60, ready_timeout_s=300, **OPTS)  # fmt: skip
+                      request_timeout_s=60, ready_timeout_s=300, runtime_env=env, **OPTS)  # fmt: skip
     yield pool
     pool.shutdown()
+
+
+def digests_computed(log: Path) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
 
 
 def test_python_only_pool_starts_no_http_proxy(pair):
@@ -140,13 +173,13 @@ def test_unpickled_handle_used_by_8_threads_at_once_attaches_once(pair, model):
             assert_scores(got, expected, f"round {r} thread {t}")
 
 
-def test_replica_reports_are_made_on_the_replica_event_loop():
+def test_replica_figures_are_read_on_the_replica_event_loop():
     """Serve runs a sync routing-stats or health method in a thread beside requests (a report read a
     dict that requests changed: "dictionary changed size during iteration"); async ones run on the
     replica's event loop, between requests' steps."""
     from rewardplug.serving.replica import RewardReplica
 
-    for name in ("record_routing_stats", "check_health", "score_samples", "sleep", "wake"):
+    for name in ("info", "identity", "check_health", "score_samples", "sleep", "wake"):
         assert inspect.iscoroutinefunction(getattr(RewardReplica, name)), name
 
 
@@ -180,26 +213,41 @@ def test_stopped_replica_costs_no_step_when_another_is_healthy(pair, model):
     assert resolved == [1] * len(requests), f"times each future resolved: {resolved}"
 
 
-def test_stopped_only_replica_fails_by_the_deadline_naming_it(tiny_path, model):
+@pytest.fixture(scope="module")
+def single(tiny_path):
+    """One replica on a CPU; hedge after 2 s, fail after 8 s."""
     pool = RewardPool(tiny_path, num_replicas=1, gpus_per_replica=0, hedge_after_s=2.0, request_timeout_s=8,
                       ready_timeout_s=300, **OPTS)  # fmt: skip
+    yield pool
+    pool.shutdown()
+
+
+def test_a_request_of_two_parts_after_many_single_parts_is_answered(single, model):
+    """Regression: a router that left out replicas its cached queue lengths called full returned no
+    choice, and Serve spun on it (or waited for its cache to expire): after 12 one-part requests, one
+    part of a two-part request never reached the only replica."""
+    for r in range(12):
+        samples = [{"prompt": f"Q{r}", "completion": f"A{k}"} for k in range(2)]
+        assert_scores(single.score(samples), model.score(samples), f"one-part request {r}")
+    samples = groups(2, 2, seed=50)  # two prompt groups: two parts; a hang fails at the deadline (8 s)
+    assert_scores(single.score(samples), model.score(samples), "two-part request")
+
+
+def test_stopped_only_replica_fails_by_the_deadline_naming_it(single, model):
+    (victim,) = reports(single, 1)
+    os.kill(victim["pid"], signal.SIGSTOP)
     try:
-        (victim,) = reports(pool, 1)
-        os.kill(victim["pid"], signal.SIGSTOP)
-        try:
-            t0 = time.monotonic()
-            with pytest.raises(PoolTimeoutError) as info:
-                pool.score(groups(2, 2, seed=30))
-            took = time.monotonic() - t0
-            message = str(info.value)
-            assert "request_timeout_s=8" in message and victim["replica"] in message and str(victim["pid"]) in message, message
-            assert 8 <= took < 20, f"failed after {took:.1f}s, deadline 8 s"
-        finally:
-            os.kill(victim["pid"], signal.SIGCONT)
-        samples = groups(1, 2, seed=31)  # the replica runs again: the pool serves on
-        assert_scores(pool.score(samples), model.score(samples), "after SIGCONT")
+        t0 = time.monotonic()
+        with pytest.raises(PoolTimeoutError) as info:
+            single.score(groups(2, 2, seed=30))
+        took = time.monotonic() - t0
+        message = str(info.value)
+        assert "request_timeout_s=8" in message and victim["replica"] in message and str(victim["pid"]) in message, message
+        assert 8 <= took < 20, f"failed after {took:.1f}s, deadline 8 s"
     finally:
-        pool.shutdown()
+        os.kill(victim["pid"], signal.SIGCONT)
+    samples = groups(1, 2, seed=31)  # the replica runs again: the pool serves on
+    assert_scores(single.score(samples), model.score(samples), "after SIGCONT")
 
 
 def test_offload_broadcasts_to_every_replica_and_onload_brings_them_back(pair, model):
@@ -213,3 +261,51 @@ def test_offload_broadcasts_to_every_replica_and_onload_brings_them_back(pair, m
     woke = pair.onload()
     assert len(woke) == 2 and all(r["onload_s"] >= 0 for r in woke)
     assert_scores(future.result(timeout=WAIT), model.score(samples), "after onload")
+
+
+def test_control_calls_answer_while_every_replica_is_full(pair, model):
+    """Control calls never wait behind parts: both replicas asleep, each holding its bound of parts
+    (max_ongoing_requests=8, which cannot finish while asleep) with more queued behind; stats() still
+    answers within seconds, and onload() reaches the replicas (then every request is answered)."""
+    requests = [groups(1, 2, seed=60 + r) for r in range(24)]  # one part each: 24 parts for 2 x 8 places
+    pair.offload()
+    futures = [pair.submit(r) for r in requests]
+    try:
+        time.sleep(3.0)  # the parts reach the replicas (and wait there)
+        for _ in range(3):
+            t0 = time.monotonic()
+            replicas = pair.stats()["replicas"]
+            took = time.monotonic() - t0
+            assert len(replicas) == 2 and took < 5, f"stats took {took:.1f}s with the replicas full: {replicas}"
+        assert not any(f.done() for f in futures), "a part was scored while the replicas slept"
+    finally:
+        pair.onload()
+    for r, f in zip(requests, futures):
+        assert_scores(f.result(timeout=WAIT), model.score(r), "after onload")
+
+
+def last_row_twins(seed: int, side: int = 448) -> tuple[Image.Image, Image.Image]:
+    """Two images equal but for the last pixel of the last row (448 px: no resize reaches it)."""
+    a = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    b = a.copy()
+    b[-1, -1] = 255 - b[-1, -1]
+    return Image.fromarray(a), Image.fromarray(b)
+
+
+def test_pil_images_are_digested_by_the_sender_only(pair, model, digest_log):
+    """The pool's client digests each PIL image once (the key it sends with the image) and the replica's
+    encoder takes that digest instead of hashing the pixels again. Images equal but for one pixel of
+    the last row get their own scores; an image sent as PNG bytes is decoded and digested on the
+    replica (the count works)."""
+    a, b = last_row_twins(seed=31)
+    twins = [{"prompt": "What is in the picture?", "completion": "Noise.", "images": [image]} for image in (a, b)]
+    samples = twins + groups(2, 3, seed=70)
+    expected = model.score(samples)
+    assert abs(expected[0] - expected[1]) > 1e-4, "the twins' true scores are too close to tell sharing apart"
+    before = digests_computed(digest_log)
+    assert_scores(pair.score(samples), expected, "PIL images")
+    assert digests_computed(digest_log) == before, "the replica hashed PIL images the client had digested"
+    png = io.BytesIO()
+    b.save(png, format="PNG")
+    assert_scores(pair.score([{**twins[1], "images": [png.getvalue()]}]), [expected[1]], "PNG bytes")
+    assert digests_computed(digest_log) == before + 1

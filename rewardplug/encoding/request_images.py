@@ -20,6 +20,17 @@ if TYPE_CHECKING:
     from .encoder import Encoder
 
 
+_DIGEST = "_rewardplug_digest"
+
+
+def with_digest(image: Image.Image, digest: str) -> Image.Image:
+    """The image, carrying its content digest (``rewardplug.images.image_digest``) as computed by a trusted
+    sender (the pool's client), so that ``prepare`` does not hash its pixels again. An attribute of this
+    object only: a copy, a conversion or a pickled image does not carry it, and no decoder sets it."""
+    setattr(image, _DIGEST, digest)
+    return image
+
+
 @dataclass
 class PreparedImage:
     """One image of a request, resized and digested once."""
@@ -70,8 +81,9 @@ class RequestImages:
         by_object = (id(image), options)
         found = self._by_object.get(by_object)
         if found is None:
-            data = image.tobytes() if image.mode == "RGB" else None  # read once: digest, then codes
-            content = image_digest(image, data)
+            content = getattr(image, _DIGEST, None)
+            data = image.tobytes() if image.mode == "RGB" and content is None else None  # read once: digest, codes
+            content = content or image_digest(image, data)
             found = self._resized.get((content, options))
             if found is None:
                 # Resizing is deterministic: the picture's content and the resize settings identify the result,

@@ -215,20 +215,22 @@ def status_text(pool) -> str:
     """Replicas (health, device, samples held, throughput over the last minute) and the pool's totals."""
     from ..tables import format_table
 
-    rows = []
-    for r in pool.health():
-        engine = r.get("engine", {})
-        recent = r.get("recent", {})
-        rows.append((r["replica"], "yes" if r["alive"] else "no", r.get("device"), ",".join(r.get("gpu_ids") or []) or "-",
-                     "yes" if r.get("offloaded") else "no", r.get("inflight_samples"), engine.get("queue_depth"),
-                     recent.get("samples"), recent.get("samples_per_s"), engine.get("latency_p50_ms"),
-                     engine.get("latency_p99_ms"), round(r.get("age_s", 0), 1)))  # fmt: skip
+    rows, replicas = [], pool.health()
+    for r in replicas:
+        engine, recent = r.get("engine", {}), r.get("recent", {})
+        rows.append((r["replica"], "yes" if r["alive"] else f"no ({r['error']})", r.get("device"),
+                     ",".join(r.get("gpu_ids") or []) or "-", "yes" if r.get("offloaded") else "no",
+                     r.get("inflight_samples"), engine.get("queue_depth"), recent.get("samples"),
+                     recent.get("samples_per_s"), engine.get("latency_p50_ms"), engine.get("latency_p99_ms")))  # fmt: skip
     headers = ("replica", "healthy", "device", "gpus", "offloaded", "held", "queued", "samples (last min)",
-               "samples/s (last min)", "p50 ms", "p99 ms", "report age s")  # fmt: skip
-    stats = pool.stats()
-    totals = [("replicas running", pool.num_replicas), ("samples held now", stats["inflight_samples"]),
-              ("samples scored since start", stats["engine_samples"]), ("batches since start", stats["engine_batches"]),
-              ("prompt prefixes shared", stats["engine_prefix_hits"]), ("vision tower runs", stats["engine_vision_misses"])]  # fmt: skip
+               "samples/s (last min)", "p50 ms", "p99 ms")  # fmt: skip
+
+    def total(key: str) -> int:
+        return sum(r.get("engine", {}).get(key, 0) for r in replicas)
+
+    totals = [("replicas running", pool.num_replicas), ("samples held now", sum(r.get("inflight_samples") or 0 for r in replicas)),
+              ("samples scored since start", total("samples")), ("batches since start", total("batches")),
+              ("prompt prefixes shared", total("prefix_hits")), ("vision tower runs", total("vision_misses"))]  # fmt: skip
     return f"pool {pool.name!r}\n{format_table(rows, headers=headers)}\n\n{format_table(totals)}\n"
 
 

@@ -13,7 +13,9 @@ and resolves each request's future exactly once, by its deadline.
 With a name, the pool is shared: every process on the cluster that asks for the same name and options
 (each rank of a training job) attaches to the same replicas, and it lives until ``pool.shutdown()`` or
 ``rewardplug pool stop NAME``; ``close()`` only detaches a handle. Without a name the pool is private
-and removed with the handle that made it.
+and removed with the handle that made it. A pool is its Serve application (named as the pool): its
+options are what its replicas were built from (each answers ``identity``), so they live as long as the
+application, on whichever nodes Serve keeps it.
 
 A request never waits past its deadline (``request_timeout_s``, per pool or per call). A part that has
 no answer after ``hedge_after_s`` is sent again (the router passes over a replica that holds requests
@@ -40,9 +42,9 @@ from ..errors import (BusyError, PoolBusyError, PoolConfigError, PoolNotFoundErr
                       ScoringError)  # fmt: skip
 from ..samples import token_samples
 from .config import HANDLE_FIELDS, PoolConfig
-from .replica import DEPLOYMENT, ReplicaSettings
+from .replica import CONTROL_SLOTS, DEPLOYMENT
 from .router import TO_REPLICA
-from .transport import Part, externalize, split
+from .transport import Part, call, externalize, send, split
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +80,6 @@ class RewardPool:
         self.config = config.with_(name=self.name)
         self._init_handle()
         self._open()
-        self._attach()
         if self.owner:
             atexit.register(self.shutdown)
 
@@ -94,39 +95,40 @@ class RewardPool:
         """Attach to a running named pool (PoolNotFoundError if there is none). ``handle_options``:
         this handle's busy, request_timeout_s, hedge_after_s, part_samples, max_pending_samples."""
         _connect(address)
-        entry = _directory_call("get", name)
-        if entry is None or entry["state"] != "ready" or not _app_running(name):
+        if not _app_running(name):
             running = pool_names()
             raise PoolNotFoundError(f"no pool named {name!r} runs on this Ray cluster (running pools: {running or 'none'})")
-        pool = cls.__new__(cls)
-        pool.name, pool.owner = name, False
-        pool.config = _config_of(entry["request"], name=name, address=address, **handle_options)
-        pool._init_handle()
-        pool._attach()
+        pool = _unattached(name, address, handle_options)
+        pool._ready()
+        names = {f.name for f in fields(PoolConfig)}
+        pool.config = PoolConfig(**{k: v for k, v in pool._identity.items() if k in names}, name=name, address=address,
+                                 **handle_options)  # fmt: skip
         return pool
 
     def _open(self) -> None:
-        asked = self.config.identity()
+        """Get or create. The application runs (or is being deployed): attach. Else one process deploys it,
+        the one that holds the name's claim (an actor name, which Ray gives once), while the others wait
+        for the application. Then the running replicas' identity must be the one asked for."""
+        import ray
+
         deadline = time.monotonic() + self.config.ready_timeout_s
-        while True:
-            claim = _directory_call("claim", self.name, asked)
-            if claim["role"] == "create":
-                try:
-                    self._deploy(deadline)
-                except BaseException as e:
-                    _directory_call("set_state", self.name, "failed", str(e))
-                    raise
-                _directory_call("set_state", self.name, "ready")
-                return
-            _check_same(self.name, claim["request"], asked)
-            if claim["state"] == "ready" and not _app_running(self.name):
-                _directory_call("remove", self.name)  # removed behind the directory's back: make it again
+        while _app_status(self.name) is None:
+            claim = _claim(self.name)
+            if claim is None:  # another process deploys it
+                if time.monotonic() > deadline:
+                    raise ReplicaError(f"pool {self.name!r} was not ready within ready_timeout_s (another process deploys it)")
+                time.sleep(0.2)
                 continue
-            _wait_ready(self.name, deadline)
-            return
+            try:
+                if _app_status(self.name) is None:
+                    self._deploy(deadline)
+            finally:
+                ray.kill(claim)
+        _wait_running(self.name, deadline)
+        self._attach()
+        _check_same(self.name, self._identity, self.config.identity())
 
     def _deploy(self, deadline: float) -> None:
-        import ray
         from ray import serve
 
         c = self.config
@@ -139,26 +141,25 @@ class RewardPool:
         serve.run_many([serve.RunTarget(_application(c, replicas), name=self.name,
                                         route_prefix="/" if c.http_port is not None else None)],
                        wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)  # fmt: skip
-        while True:
-            status = serve.status().applications.get(self.name)
-            if status is not None and status.status == "RUNNING":
-                break
-            if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-                reason = _first_error(status)
-                serve.delete(self.name)
-                raise ReplicaError(f"pool {self.name!r}: replicas failed to start: {reason}")
-            if time.monotonic() > deadline:
-                serve.delete(self.name)
-                raise ReplicaError(f"pool {self.name!r} was not ready within the timeout; cluster: {ray.cluster_resources()}")
-            time.sleep(0.2)
+        try:
+            _wait_running(self.name, deadline)
+        except BaseException:
+            serve.delete(self.name)  # a pool that failed to start is not left behind
+            raise
 
     def _attach(self) -> None:
         """Per-process state of a handle: Serve's handle, the event loop that drives requests. Marked
         attached last, so a thread that sees it attached sees all of it."""
         from ray import serve
+        from ray.serve.handle import DeploymentHandle
 
         self._handle = serve.get_deployment_handle(DEPLOYMENT, app_name=self.name)
-        self._im_start = self._handle.token_format.remote().result(timeout_s=120)["im_start"]
+        # Control calls through a handle of their own: its own router, so they never wait in this
+        # process's queue of parts (Serve routes a handle's requests with at most 2 tasks per replica).
+        self._control = DeploymentHandle(DEPLOYMENT, self.name)  # not Serve's cached one: a router of its own
+        about = self._control.options(session_id=TO_REPLICA).identity.remote().result(timeout_s=120)
+        self._identity, self._im_start = about["config"], about["im_start"]
+        self._seen: dict[str, dict] = {}  # each live replica's last answer (its pid when it answers no more)
         self._loop = _loop()
         self._pending_samples = 0
         self._room = threading.Condition()  # guards _pending_samples and _counts
@@ -296,67 +297,50 @@ class RewardPool:
         if pending.done:
             return
         try:
-            replicas = await asyncio.wait_for(asyncio.to_thread(self._replica_states), 5)
-        except Exception:  # noqa: BLE001 - the error below is what matters
-            replicas = "unknown (no reports)"
+            replicas = ", ".join(f"{r['replica']} (pid {r.get('pid', '?')}, {'answers' if r['alive'] else r['error']})"
+                                 for r in await self._ask("info", 5.0)) or "none running"  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - the error below is what matters
+            replicas = f"unknown ({type(e).__name__}: {e})"
         self._count("timeouts")
         pending.fail(PoolTimeoutError(f"pool {self.name!r}: no answer within request_timeout_s={limit} "
                                       f"(replicas: {replicas})"))  # fmt: skip
 
-    def _replica_states(self) -> str:
-        reports = _directory_call("replicas", self.name).values()
-        return ", ".join(f"{r['replica']} (pid {r['pid']}, last report {r['age_s']:.1f}s ago)" for r in reports) or "none reporting"
-
     async def _run_part(self, pending: PendingRequest, part: Part) -> None:
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        """Send the part, again each ``hedge_after_s`` without an answer (at most MAX_HEDGES sends at once)
+        and again when its replica died (MAX_ATTEMPTS in all: scores are a pure function of the samples);
+        the first answer resolves it. Sends still running then are left to finish (their answers dropped:
+        a send cancelled on a hung replica would look like progress there to the router). Another error
+        fails the request once no send runs."""
+        from ray.exceptions import RayActorError
 
-        attempts = 0
-        while not pending.done:
-            attempts += 1
-            try:
-                scores, errors = await self._hedged(part)
-            except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
-                # The replica died with this part: scores are a pure function of the samples, so re-run it.
-                if attempts >= MAX_ATTEMPTS or not _app_running(self.name):
-                    pending.fail(ReplicaError(f"pool {self.name!r}: replicas kept failing ({attempts} attempts): {_cause(e)}"))
-                    return
-                self._count("retries")
-                logger.warning("pool %r: a replica died (%s); re-sending %d samples", self.name, _cause(e), len(part.indices))
-                await asyncio.sleep(min(2.0, 0.2 * attempts))
-                continue
-            except BusyError as e:
-                pending.fail(_plain(e, PoolBusyError))
-            except ScoringError as e:
-                pending.fail(_plain(e, ScoringError))
-            except Exception as e:  # noqa: BLE001 - anything else is a system failure with its cause
-                error = ScoringError(f"pool {self.name!r}: scoring failed: {_cause(e)}")
-                error.__cause__ = e
-                pending.fail(error)
-            else:
-                pending.resolve(part.indices, scores, errors)
-            return
-
-    async def _hedged(self, part: Part) -> tuple[list, dict]:
-        """The first answer of up to MAX_HEDGES sends of the part, one more each ``hedge_after_s``
-        without an answer. Sends still running are left to finish (their answers are dropped): a send
-        cancelled on a hung replica would look like progress there to the router."""
         running: set[asyncio.Task] = set()
         error: BaseException | None = None
+        attempts, resend = 1, False
         try:
-            while True:
+            while not pending.done:
                 if error is None and len(running) < MAX_HEDGES:
-                    if running:
+                    if running and not resend:
                         self._count("hedges")
                         logger.warning("pool %r: a part waited %.0fs; sending it again", self.name, self.config.hedge_after_s)
-                    running.add(asyncio.ensure_future(self._send(part)))
+                    running.add(asyncio.ensure_future(send(self._handle, part)))
                 done, running = await asyncio.wait(running, timeout=self.config.hedge_after_s,
                                                    return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                resend = False
                 for task in done:
                     if task.exception() is None:
-                        return task.result()
-                    error = error or task.exception()
+                        pending.resolve(part.indices, *task.result())
+                        return
+                    died = isinstance(task.exception(), RayActorError)  # ActorDiedError, ActorUnavailableError
+                    if died and attempts < MAX_ATTEMPTS and _app_running(self.name):
+                        attempts, resend = attempts + 1, True
+                        self._count("retries")
+                        logger.warning("pool %r: a replica died (%s); re-sending %d samples", self.name,
+                                       _cause(task.exception()), len(part.indices))  # fmt: skip
+                        await asyncio.sleep(min(2.0, 0.2 * attempts))
+                    else:
+                        error = error or task.exception()
                 if error is not None and not running:
-                    raise error
+                    pending.fail(self._error(error, attempts))
         except asyncio.CancelledError:
             for task in running:
                 task.cancel()
@@ -365,27 +349,29 @@ class RewardPool:
             for task in running:
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    async def _send(self, part: Part) -> tuple[list, dict]:
-        response = None
-        try:  # the send itself inside: anything it raises resolves the request
-            response = self._handle.options(session_id=part.key).score_samples.remote(part.samples)
-            return await response
-        except asyncio.CancelledError:
-            if response is not None:
-                response.cancel()
-            raise
+    def _error(self, error: BaseException, attempts: int) -> ScoringError:
+        """A part's failure as the user sees it: the replica's own error, not Ray's wrapper."""
+        from ray.exceptions import RayActorError
+
+        cause = getattr(error, "cause", None)
+        if isinstance(error, ScoringError) and isinstance(cause, ScoringError):
+            return cause
+        if isinstance(error, BusyError | ScoringError):
+            plain = (PoolBusyError if isinstance(error, BusyError) else ScoringError)(_cause(error))
+        elif isinstance(error, RayActorError):
+            plain = ReplicaError(f"pool {self.name!r}: replicas kept failing ({attempts} attempts): {_cause(error)}")
+        else:
+            plain = ScoringError(f"pool {self.name!r}: scoring failed: {_cause(error)}")
+        plain.__cause__ = error
+        return plain
 
     # ---- state --------------------------------------------------------------------------------------
 
-    def stats(self, *, fresh: bool = False, timeout_s: float = 30.0) -> dict:
-        """This handle's counters and each replica's latest report (at most ~1 s old): engine stats,
-        samples held, peak held, device. ``fresh=True``: the engine counters and samples held are asked
-        of every running replica now (one call each), so they include every request answered before."""
-        self._ready()
-        replicas = list(_directory_call("replicas", self.name).values())
-        if fresh:
-            now = {r["replica"]: r for r in self._broadcast("counters", timeout_s)}
-            replicas = [{**r, **now.get(r["replica"], {})} for r in replicas]
+    def stats(self, *, fresh: bool = True, timeout_s: float = 10.0) -> dict:
+        """This handle's counters and each running replica's figures, asked of it now (a control call:
+        never queued behind a full replica): engine counters, samples held, peak held, device, samples
+        of the last minute. ``fresh`` is kept for older callers: the figures are always current."""
+        replicas = [r for r in self._on_loop(self._ask("info", timeout_s)) if r["alive"]]
         with self._room:
             out = dict(self._counts, pending_samples=self._pending_samples, replicas=replicas)
         for key in ("samples", "batches", "real_tokens", "padded_tokens", "prefix_hits", "vision_hits", "vision_misses"):
@@ -393,15 +379,9 @@ class RewardPool:
         out["inflight_samples"] = sum(r.get("inflight_samples", 0) for r in replicas)
         return out
 
-    def health(self) -> list[dict]:
-        """Each live replica's state as Serve and its own last report see it."""
-        from ray import serve
-
-        self._ready()
-        status = serve.status().applications.get(self.name)
-        states = dict(status.deployments[DEPLOYMENT].replica_states) if status else {}
-        reports = _directory_call("replicas", self.name)
-        return [{"alive": r["age_s"] < 30, "serve_replica_states": states, **r} for r in reports.values()]
+    def health(self, timeout_s: float = 10.0) -> list[dict]:
+        """Every replica's figures, or why it gave none (``alive`` False: stopped, starting, gone)."""
+        return self._on_loop(self._ask("info", timeout_s))
 
     def offload(self, timeout_s: float = 300.0) -> list[dict]:
         """Move every replica's weights to host memory (colocation: the trainer gets the GPU memory).
@@ -413,22 +393,43 @@ class RewardPool:
         return self._broadcast("wake", timeout_s)
 
     def _broadcast(self, method: str, timeout_s: float) -> list[dict]:
-        """Call ``method`` once on every running replica (the router sends ``replica:<id>`` sessions to
-        that replica only); replicas are known by their reports."""
+        answers = self._on_loop(self._ask(method, timeout_s, every=True))
+        failed = [f"{r['replica']}: {r['error']}" for r in answers if not r["alive"]]
+        if failed or not answers:
+            raise ScoringError(f"pool {self.name!r}: replicas did not {method}: {'; '.join(failed) or 'none running'}")
+        return answers
+
+    def _on_loop(self, coroutine):
         self._ready()
-        deadline = time.monotonic() + timeout_s
-        while True:
-            ids = sorted(r["replica"] for r in _directory_call("replicas", self.name).values() if r["age_s"] < 5)
-            if ids and len(ids) >= self.num_replicas:
-                break
-            if time.monotonic() > deadline:
-                raise ScoringError(f"pool {self.name!r}: not every replica reported within {timeout_s}s ({ids})")
-            time.sleep(0.2)
-        calls = [getattr(self._handle.options(session_id=TO_REPLICA + i), method).remote() for i in ids]
-        try:
-            return [c.result(timeout_s=max(1.0, deadline - time.monotonic())) for c in calls]
-        except TimeoutError:
-            raise ScoringError(f"pool {self.name!r}: replicas did not {method} within {timeout_s}s") from None
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    async def _ask(self, method: str, timeout_s: float, every: bool = False) -> list[dict]:
+        """``method`` called once on each replica of the application (found among Ray's named actors;
+        the router sends a ``replica:<id>`` session to that replica only), each answer with ``alive``
+        True, or the replica with ``alive`` False and its error (no answer within ``timeout_s``). Unless
+        ``every``, stops waiting once as many replicas answered as Serve counts running (the others are
+        starting: they answer once loaded)."""
+        ids, running = await asyncio.to_thread(_replica_ids, self.name)
+        calls = {asyncio.ensure_future(call(self._control, TO_REPLICA + i, method)): i for i in ids}
+        enough = len(ids) if every else min(running, len(ids))
+        answers: dict[str, dict] = {}
+        waiting, deadline = set(calls), self._loop.time() + timeout_s
+        while waiting and len(answers) < enough and self._loop.time() < deadline:
+            done, waiting = await asyncio.wait(waiting, timeout=deadline - self._loop.time(), return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                error = task.exception()
+                answers[calls[task]] = {"alive": False, "error": _cause(error)} if error else {**task.result(), "alive": True}
+        for task in waiting:
+            task.cancel()
+        now, out = time.time(), []
+        for i in ids:
+            got = answers.get(i, {"alive": False, "error": f"no answer within {timeout_s:g}s"})
+            if got["alive"]:
+                self._seen[i] = {k: got[k] for k in ("pid", "node") if k in got}
+                got["age_s"] = max(0.0, now - got.get("reported_at", now))
+            out.append({"replica": i, **self._seen.get(i, {}), **got})
+        self._seen = {i: self._seen[i] for i in ids if i in self._seen}
+        return out
 
     def close(self) -> None:
         """Detach this handle (its requests in flight still resolve); the pool keeps running."""
@@ -453,7 +454,6 @@ class RewardPool:
 
             if ray.is_initialized():
                 serve.delete(self.name)
-                _directory_call("remove", self.name)
         except Exception:  # noqa: BLE001 - the cluster may already be gone at process exit
             logger.debug("pool shutdown", exc_info=True)
 
@@ -486,9 +486,13 @@ def _loop() -> asyncio.AbstractEventLoop:
         return _LOOP
 
 
-def _config_of(identity: dict, **handle: Any) -> PoolConfig:
-    names = {f.name for f in fields(PoolConfig)}
-    return PoolConfig(**{k: v for k, v in identity.items() if k in names}, **handle)
+def _unattached(name: str, address: str | None, options: dict) -> RewardPool:
+    """A handle to a running pool that attaches on first use."""
+    pool = RewardPool.__new__(RewardPool)
+    pool.name, pool.owner = name, False
+    pool.config = PoolConfig(model="", name=name, address=address, **options)
+    pool._init_handle()
+    return pool
 
 
 def _reattach(name: str, address: str, options: dict) -> RewardPool:
@@ -496,13 +500,8 @@ def _reattach(name: str, address: str, options: dict) -> RewardPool:
     unpickling: Ray deserializes task arguments where blocking on other calls can deadlock)."""
     with _HANDLES_LOCK:
         pool = _HANDLES.get(name)
-        if pool is not None and not pool._closed:
-            return pool
-        pool = RewardPool.__new__(RewardPool)
-        pool.name, pool.owner = name, False
-        pool.config = PoolConfig(model="", name=name, address=address, **options)
-        pool._init_handle()
-        _HANDLES[name] = pool
+        if pool is None or pool._closed:
+            pool = _HANDLES[name] = _unattached(name, address, options)
         return pool
 
 
@@ -530,38 +529,70 @@ def _forget_serve_of_other_clusters() -> None:
     _SERVE_CLUSTER = address
 
 
-def _directory_call(method: str, *args):
-    import ray
-
-    from .directory import directory
-
-    return ray.get(getattr(directory(), method).remote(*args), timeout=60)
-
-
 def pool_names() -> list[str]:
-    """Named pools running on the connected cluster."""
-    return [n for n in _directory_call("names") if _app_running(n)]
+    """Named pools running on the connected cluster: Serve applications of the replica deployment."""
+    from ray import serve
+
+    return sorted(n for n, app in serve.status().applications.items() if DEPLOYMENT in app.deployments and _app_running(n))
+
+
+def _app_status(name: str) -> str | None:
+    """The Serve application's status; None when there is none (or it is being deleted)."""
+    from ray import serve
+
+    app = serve.status().applications.get(name)
+    return None if app is None or app.status == "DELETING" else app.status
 
 
 def _app_running(name: str) -> bool:
+    return _app_status(name) in ("RUNNING", "DEPLOYING", "UNHEALTHY")
+
+
+def _wait_running(name: str, deadline: float) -> None:
+    import ray
     from ray import serve
 
-    status = serve.status().applications.get(name)
-    return status is not None and status.status in ("RUNNING", "DEPLOYING", "UNHEALTHY")
-
-
-def _wait_ready(name: str, deadline: float) -> None:
-    while True:
-        entry = _directory_call("get", name)
-        if entry is None:
+    while (status := _app_status(name)) not in ("RUNNING", "UNHEALTHY"):
+        if status is None:
             raise PoolNotFoundError(f"pool {name!r} was removed while this process waited for it")
-        if entry["state"] == "ready":
-            return
-        if entry["state"] == "failed":
-            raise ReplicaError(f"pool {name!r} failed to start in the process that created it: {entry['error']}")
+        if status == "DEPLOY_FAILED":
+            raise ReplicaError(f"pool {name!r}: replicas failed to start: {_first_error(serve.status().applications[name])}")
         if time.monotonic() > deadline:
-            raise ReplicaError(f"pool {name!r} was not ready within the timeout (another process is deploying it)")
+            raise ReplicaError(f"pool {name!r} was not ready within ready_timeout_s; cluster: {ray.cluster_resources()}")
         time.sleep(0.2)
+
+
+def _claim(name: str):
+    """The right to deploy pool ``name``: a named actor (Ray refuses a second one of that name), or None
+    when another process holds it. It holds no state; killing it, or its owner's death, frees the name."""
+    import ray
+
+    try:
+        return ray.remote(num_cpus=0)(_Claim).options(name=f"rewardplug-deploying:{name}", namespace="rewardplug").remote()
+    except ValueError:
+        return None
+
+
+class _Claim:
+    pass
+
+
+def _replica_ids(name: str) -> tuple[list[str], int]:
+    """The ids of the pool's replica actors (Serve names them ``SERVE_REPLICA::app#deployment#id``; Ray
+    lists named actors without the dashboard), and how many of them Serve counts running."""
+    import ray
+    from ray import serve
+    from ray.serve.request_router import ReplicaID
+
+    ids = []
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if ReplicaID.is_full_id_str(actor["name"]):
+            replica = ReplicaID.from_full_id_str(actor["name"])
+            if (replica.deployment_id.app_name, replica.deployment_id.name) == (name, DEPLOYMENT):
+                ids.append(replica.unique_id)
+    app = serve.status().applications.get(name)
+    running = app.deployments[DEPLOYMENT].replica_states.get("RUNNING", 0) if app and DEPLOYMENT in app.deployments else 0
+    return sorted(ids), running
 
 
 def _check_same(name: str, existing: dict, asked: dict) -> None:
@@ -670,18 +701,16 @@ def _application(config: PoolConfig, replicas: int):
     from .replica import RewardReplica
     from .router import ContentKeyRouter
 
-    settings = ReplicaSettings(config.model, config.model_options, config.engine_options, asdict(config.http))
     options: dict[str, Any] = dict(
         name=DEPLOYMENT,
         ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica,
                            **({"runtime_env": config.runtime_env} if config.runtime_env else {})},
-        max_ongoing_requests=config.max_ongoing_requests,
+        max_ongoing_requests=config.max_ongoing_requests + CONTROL_SLOTS,  # the router keeps parts to the bound
         health_check_period_s=10.0,
         health_check_timeout_s=60.0,
         max_constructor_retry_count=1,
-        request_router_config={"request_router_class": ContentKeyRouter, "request_routing_stats_period_s": 1.0,
-                               "request_routing_stats_timeout_s": 10.0,
-                               "request_router_kwargs": {"stall_s": 0.9 * config.hedge_after_s}},
+        request_router_config={"request_router_class": ContentKeyRouter, "request_router_kwargs": {
+            "stall_s": 0.9 * config.hedge_after_s, "max_parts": config.max_ongoing_requests}},
     )  # fmt: skip
     if config.autoscale:
         low, high = config.autoscale
@@ -693,7 +722,7 @@ def _application(config: PoolConfig, replicas: int):
         options["num_replicas"] = replicas
     if config.placement == "spread":
         options["max_replicas_per_node"] = 1
-    return serve.deployment(RewardReplica).options(**options).bind(asdict(settings), config.name)
+    return serve.deployment(RewardReplica).options(**options).bind(asdict(config))
 
 
 def _first_error(status) -> str:
@@ -701,16 +730,6 @@ def _first_error(status) -> str:
         if deployment.message:
             return _cause_text(deployment.message)
     return _cause_text(status.message or "unknown reason")
-
-
-def _plain(error: BaseException, kind: type) -> BaseException:
-    """A replica's error as the user sees it: its own type and message, not Ray's wrapper."""
-    cause = getattr(error, "cause", None)
-    if isinstance(cause, kind):
-        return cause
-    plain = kind(_cause(error))
-    plain.__cause__ = error
-    return plain
 
 
 def _cause(error: BaseException) -> str:

@@ -1,12 +1,14 @@
 """The replica: one RewardModel and its RewardEngine as a Ray Serve deployment, with two doors: the
 pool handle calls ``score_samples``; the HTTP routes (``rewardplug.serving.http``) are its other methods.
 
-What Serve does for it: placement (``num_gpus`` per replica), routing (``ContentKeyRouter``), the one
-admission bound (``max_ongoing_requests`` calls per replica; beyond it calls wait in Serve's router
-queue), health checks (``check_health``) and restarts, autoscaling. What it adds: ``sleep``/``wake``
-(weights to host memory and back, called on every replica by ``RewardPool.offload``/``onload``), and its
-figures reported to the pool directory (on Serve's routing-stats and health-check calls, which run on
-this replica's event loop, beside requests: a snapshot, never a structure read while it changes).
+What Serve does for it: placement (``num_gpus`` per replica), routing (``ContentKeyRouter``), admission
+(``max_ongoing_requests``: the pool's bound of parts plus ``CONTROL_SLOTS`` for control calls; a part
+beyond the bound is refused at once and sent again: ``transport.send``), health checks (``check_health``)
+and restarts, autoscaling. What it adds: the pool's identity (the
+``PoolConfig`` it was built from: the pool's options live in Serve, with its replicas), its figures
+on request (``info``) and ``sleep``/``wake`` (weights to host memory and back), each called on every
+replica by the pool. They run on the replica's event loop, beside requests: a snapshot, never a
+structure read while it changes.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the routes' parameter types at class creation.
@@ -15,52 +17,21 @@ import collections
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from fastapi import HTTPException, Request
 from fastapi.responses import PlainTextResponse
 from ray import serve
 
 from ..errors import InvalidSampleError
+from ..offload import move_home, move_to_host
+from .config import PoolConfig
 from .get_reward import GetRewardInvalidError, GetRewardRequestError, get_reward
-from .http import HttpSettings, app, authorize, check_count, read_json, resolve_images
+from .http import app, authorize, check_count, read_json, resolve_images
 from .transport import internalize
 
 logger = logging.getLogger(__name__)
 
 DEPLOYMENT = "RewardReplica"
-
-
-@dataclass
-class ReplicaSettings:
-    """Everything a replica is built from."""
-
-    model: str
-    model_options: dict = field(default_factory=dict)
-    engine_options: dict = field(default_factory=dict)
-    http: dict = field(default_factory=lambda: asdict(HttpSettings()))
-
-
-def _move_to_host(model) -> list:
-    """Every parameter and buffer of the model to (pinned, where CUDA exists) host memory; returns where
-    each one lived, so a device map over several GPUs comes back as it was."""
-    import torch
-
-    homes = []
-    for module in (model.backbone, model.value_head):
-        for tensor in [*module.parameters(), *module.buffers()]:
-            homes.append((tensor, tensor.device))
-            if tensor.device.type != "cpu":
-                host = tensor.data.to("cpu")
-                tensor.data = host.pin_memory() if torch.cuda.is_available() else host
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return homes
-
-
-def _move_home(homes: list) -> None:
-    for tensor, device in homes:
-        if tensor.device != device:
-            tensor.data = tensor.data.to(device, non_blocking=True)
+CONTROL_SLOTS = 2  # calls a replica takes beyond the pool's bound: identity, info, sleep/wake never queue behind parts
 
 
 def _rss() -> int:
@@ -72,17 +43,15 @@ def _rss() -> int:
 # Serve copies the methods with the module globals of this moment: helpers must be defined above.
 @serve.ingress(app)
 class RewardReplica:
-    def __init__(self, settings: dict, pool_name: str = ""):
+    def __init__(self, config: dict):
         import ray
         import torch
 
         from ..engine import RewardEngine
         from .placement import load_on_assigned_gpus
 
-        self.settings = s = ReplicaSettings(**settings)
-        self.http = HttpSettings(**s.http)
-        self.http_policy = self.http.policy()
-        self.pool_name = pool_name
+        self.config = c = PoolConfig(**config)
+        self.http, self.http_policy = c.http, c.http.policy()
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id if context else f"pid{os.getpid()}"
@@ -90,40 +59,45 @@ class RewardReplica:
         # run a thread per core of the machine (they would slow each other down).
         cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
         torch.set_num_threads(cpus)
-        self.model = load_on_assigned_gpus(s.model, self.gpu_ids, **s.model_options)
-        engine_options = {"metrics": "ray", "name": pool_name or "replica", "encode_workers": cpus,
-                          **s.engine_options}  # metrics through Ray: one scrape target per node
+        self.model = load_on_assigned_gpus(c.model, self.gpu_ids, **c.model_options)
+        # Metrics through Ray: one scrape target per node. On a GPU node with CPUs to spare, images are
+        # encoded in worker processes (the GIL would otherwise slow the loop that feeds the GPU).
+        engine_options = {"metrics": "ray", "name": context.app_name if context else "replica", "encode_workers": cpus,
+                          "encode_processes": bool(self.gpu_ids) and cpus > 1, **c.engine_options}  # fmt: skip
         self.engine = RewardEngine(self.model, on_invalid="none", **engine_options)
+        self.parts = 0  # calls of score_samples held
         self.inflight = 0
         self.peak_inflight = 0
         self.requests = {"score": 0, "get_reward": 0}
         self._awake: asyncio.Event | None = None  # cleared while the weights are in host memory
         self._homes: list = []
         self._started = time.time()
-        self._directory = None
-        self._history: collections.deque = collections.deque(maxlen=256)  # (time, samples scored) per report
+        self._history = collections.deque([(self._started, 0)], maxlen=16)  # (time, samples) per health check
 
     # ---- the Python door ----------------------------------------------------------------------------
 
-    async def score_samples(self, samples: list) -> tuple[list, dict]:
-        """Scores (None for a bad sample) and the reasons of the bad ones, by position. Waits while the
-        replica sleeps. A system failure raises (ScoringError)."""
-        await self._wait_awake()
-        self._hold(len(samples))
+    async def score_samples(self, samples: list) -> tuple[list, dict] | None:
+        """Scores (None for a bad sample) and the reasons of the bad ones, by position; None when this
+        replica holds its bound of parts already (the pool's one bound; Serve's leaves room for control
+        calls). Waits while the replica sleeps. A system failure raises (ScoringError)."""
+        if self.parts >= self.config.max_ongoing_requests:
+            return None
+        self.parts += 1
         try:
-            return await self._score(await internalize(samples))
+            await self._event().wait()
+            return await self._held(await internalize(samples))
         finally:
-            self.inflight -= len(samples)
+            self.parts -= 1
 
-    async def _score(self, samples: list) -> tuple[list, dict]:
+    async def _held(self, samples: list) -> tuple[list, dict]:
+        self.inflight += len(samples)
+        self.peak_inflight = max(self.peak_inflight, self.inflight)
         try:
             return await self.engine.ascore(samples, on_invalid="raise"), {}
         except InvalidSampleError as e:
             return e.scores, e.errors
-
-    def _hold(self, n: int) -> None:
-        self.inflight += n
-        self.peak_inflight = max(self.peak_inflight, self.inflight)
+        finally:
+            self.inflight -= len(samples)
 
     def _event(self) -> asyncio.Event:
         if self._awake is None:  # made on the replica's event loop
@@ -131,13 +105,12 @@ class RewardReplica:
             self._awake.set()
         return self._awake
 
-    async def _wait_awake(self) -> None:
-        await self._event().wait()
+    # ---- control calls (RewardPool: on attach, stats/health, offload/onload) ------------------------
 
-    def token_format(self) -> dict:
-        return {"im_start": self.model.processor.tokenizer.convert_tokens_to_ids("<|im_start|>")}
-
-    # ---- sleep and wake (called on every replica: RewardPool.offload / onload) ----------------------
+    async def identity(self) -> dict:
+        """What this replica was built from (``PoolConfig.identity()``) and its tokenizer's turn marker."""
+        return {"config": self.config.identity(),
+                "im_start": self.model.processor.tokenizer.convert_tokens_to_ids("<|im_start|>")}  # fmt: skip
 
     async def sleep(self) -> dict:
         """Weights to host memory once the samples in hand are scored; requests wait until ``wake``."""
@@ -148,52 +121,30 @@ class RewardReplica:
         while self.inflight:
             await asyncio.sleep(0.01)
         before = _rss()
-        self._homes = self._homes or _move_to_host(self.model)
-        self._report()
+        self._homes = self._homes or move_to_host(self.model)
         return {"replica": self.replica_id, "offloaded": True, "rss_before": before, "rss_after": _rss()}
 
     async def wake(self) -> dict:
         t0 = time.perf_counter()
         awake = self._event()
         if not awake.is_set():
-            _move_home(self._homes)
+            move_home(self._homes)
             self._homes = []
             awake.set()
-        self._report()
         return {"replica": self.replica_id, "offloaded": False, "onload_s": time.perf_counter() - t0}
-
-    @property
-    def offloaded(self) -> bool:
-        return self._awake is not None and not self._awake.is_set()
-
-    # ---- Serve's hooks (on this replica's event loop) -----------------------------------------------
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy, and Serve replaces it."""
         self.engine.check_health()
-        self._report()
+        self._history.append((time.time(), self.engine.stats().get("samples", 0)))
 
-    async def record_routing_stats(self) -> dict:
-        self._report()
-        return {"inflight_samples": self.inflight}
-
-    # ---- what the pool reads ------------------------------------------------------------------------
-
-    def _recent(self, samples: int, window_s: float = 60.0) -> dict:
-        """Samples scored over about the last minute (reports come about once a second)."""
-        now = time.time()
-        self._history.append((now, samples))
-        while len(self._history) > 1 and now - self._history[1][0] >= window_s:
-            self._history.popleft()
-        then, before = self._history[0]
-        span = max(now - then, 1e-9)
-        return {"window_s": round(span, 1), "samples": samples - before,
-                "samples_per_s": round((samples - before) / span, 2) if now > then else 0.0}
-
-    def info(self) -> dict:
+    async def info(self) -> dict:
+        """This replica's figures now: engine counters, samples held, device, samples of the last minute."""
         import ray
 
-        engine = self.engine.stats()
+        engine, now = self.engine.stats(), time.time()
+        then, before = next((t, s) for t, s in [*self._history, (now, None)] if now - t <= 70)
+        recent = engine.get("samples", 0) - (before if before is not None else engine.get("samples", 0))
         return {
             "replica": self.replica_id,
             "pid": os.getpid(),
@@ -201,30 +152,15 @@ class RewardReplica:
             "gpu_ids": self.gpu_ids,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "device": str(self.model.device),
-            "offloaded": self.offloaded,
+            "offloaded": not self._event().is_set(),
             "inflight_samples": self.inflight,
             "peak_inflight_samples": self.peak_inflight,
-            "uptime_s": time.time() - self._started,
+            "uptime_s": now - self._started,
             "engine": engine,
-            "recent": self._recent(engine.get("samples", 0)),
+            "recent": {"window_s": round(now - then, 1), "samples": recent,
+                       "samples_per_s": round(recent / (now - then), 2) if now > then else 0.0},
+            "reported_at": now,
         }
-
-    async def counters(self) -> dict:
-        """This replica's engine counters now (``RewardPool.stats(fresh=True)`` asks every replica)."""
-        return {"replica": self.replica_id, "engine": self.engine.stats(), "inflight_samples": self.inflight}
-
-    def _report(self) -> None:
-        """Send this replica's figures to the pool directory (fire and forget)."""
-        if not self.pool_name:
-            return
-        try:
-            if self._directory is None:
-                from .directory import directory
-
-                self._directory = directory()
-            self._directory.report.remote(self.pool_name, self.replica_id, self.info())
-        except Exception:  # noqa: BLE001 - reporting must never break serving
-            logger.debug("stats report failed", exc_info=True)
 
     # ---- the HTTP door ------------------------------------------------------------------------------
 
@@ -267,12 +203,8 @@ class RewardReplica:
         keep = [i for i in range(len(samples)) if i not in errors]
         scores: list = [None] * len(samples)
         if keep:
-            await self._wait_awake()
-            self._hold(len(keep))
-            try:
-                got, bad = await self._score([loaded[i] for i in keep])
-            finally:
-                self.inflight -= len(keep)
+            await self._event().wait()
+            got, bad = await self._held([loaded[i] for i in keep])
             for k, i in enumerate(keep):
                 scores[i] = got[k]
                 if k in bad:
@@ -281,7 +213,7 @@ class RewardReplica:
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "model": os.path.basename(str(self.settings.model).rstrip("/")),
+        return {"status": "ok", "model": os.path.basename(str(self.config.model).rstrip("/")),
                 "device": str(self.model.device)}  # fmt: skip
 
     @app.get("/metrics")

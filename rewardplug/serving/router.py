@@ -11,7 +11,14 @@ shorter queue wins (power of two choices), as in Ray Serve LLM's prefix-aware ro
 A replica is passed over while it looks stalled to this router: requests sent from here are
 outstanding there and none has completed for ``stall_s`` (a hung device or host, a SIGSTOPped process). The pool re-sends
 the parts that wait on it after its hedge delay, and they land elsewhere; Serve's health check removes
-the replica later. A ``session_id`` of ``replica:<id>`` reaches that replica only (broadcasts).
+the replica later.
+
+Admission: a replica refuses a part beyond ``max_parts`` (the pool's ``max_ongoing_requests``), and
+``transport.send`` sends it again after a short backoff; the router only ranks (a group's preferred
+replica while below ``max_parts``, else the shorter queue), never filters on its cached queue lengths.
+Serve's own bound is ``max_parts`` plus ``CONTROL_SLOTS``, so control calls never wait behind parts: a
+``session_id`` of ``replica:<id>`` reaches that replica only (stats, sleep/wake on every replica),
+``replica:`` any one.
 
 Each router belongs to one DeploymentHandle, so its state is per handle (no process-global registry).
 """
@@ -32,8 +39,9 @@ def _weight(key: str, replica_id: str) -> int:
 
 
 class ContentKeyRouter(RequestRouter):
-    def initialize_state(self, imbalance: int = 2, stall_s: float = 30.0, **kwargs) -> None:
+    def initialize_state(self, imbalance: int = 2, stall_s: float = 30.0, max_parts: int = 8, **kwargs) -> None:
         self.imbalance = imbalance
+        self.max_parts = max_parts
         self.stall_s = stall_s
         self._outstanding: dict[ReplicaID, int] = {}  # requests sent from here and not completed
         self._since: dict[ReplicaID, float] = {}  # when it last completed one, or got one while idle
@@ -47,9 +55,15 @@ class ContentKeyRouter(RequestRouter):
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
-        key = pending_request.metadata.session_id if pending_request is not None else ""
+        if pending_request is None:
+            return [candidate_replicas]
+        # No tiers here: when nothing below is free, Serve backs off before asking again (else it spins
+        # on its routing loop, which every router of the process shares).
+        pending_request.routing_context.should_backoff = True
+        key = pending_request.metadata.session_id or ""
         if key.startswith(TO_REPLICA):
-            return [[r for r in candidate_replicas if r.replica_id.unique_id == key[len(TO_REPLICA):]]]
+            target = key[len(TO_REPLICA):]
+            return [[r for r in candidate_replicas if r.replica_id.unique_id == target or not target]]
         now = time.monotonic()
         healthy = [r for r in candidate_replicas if not self._stalled(r, now)] or candidate_replicas
         if len(healthy) <= 1:
@@ -58,7 +72,7 @@ class ContentKeyRouter(RequestRouter):
         shortest = min(queue.values())
         if key:
             preferred = max(healthy, key=lambda r: _weight(key, r.replica_id.unique_id))
-            if queue[preferred.replica_id] - shortest <= self.imbalance:
+            if queue[preferred.replica_id] - shortest <= self.imbalance and queue[preferred.replica_id] < self.max_parts:
                 return [[preferred], [r for r in healthy if r is not preferred]]
         return [random.sample(healthy, 2), healthy]
 

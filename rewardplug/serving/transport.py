@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from PIL import Image
 
+from ..encoding.request_images import with_digest
 from ..images import image_digest
 
 
@@ -36,6 +38,30 @@ class Part:
     indices: list[int]  # positions in the request
     samples: list  # with ImageRefs
     key: str  # content key: the router's session id
+
+
+async def send(handle: Any, part: Part) -> tuple[list, dict]:
+    """Score one part on the pool's replicas (``handle``: the replica deployment's) by its content key:
+    scores and the reasons of bad samples, by position in the part. A part a full replica refused (it
+    answers None: it holds its bound of parts) is sent again after a short backoff (the router passes a
+    full replica over while it knows it full)."""
+    for attempt in itertools.count():
+        answer = await call(handle, part.key, "score_samples", part.samples)
+        if answer is not None:
+            return answer
+        await asyncio.sleep(min(1.0, 0.02 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+async def call(handle: Any, session_id: str, method: str, *args: Any) -> Any:
+    """One call through Serve; when the caller is cancelled (a deadline, a sibling's failure), so is the
+    call, which frees its place at the replica."""
+    response = getattr(handle.options(session_id=session_id), method).remote(*args)
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
 
 
 def _digest(value: Any) -> str:
@@ -102,73 +128,42 @@ def externalize(samples: list, put: Callable[[Any], Any]) -> list:
 
 
 async def internalize(samples: list) -> list:
-    """Replica side: fetch every ImageRef once and put the images back in place."""
-    found: dict[Any, Any] = {}
-
-    def collect(value):
-        if isinstance(value, ImageRef):
-            found[value.ref] = None
-        elif isinstance(value, dict):
-            for v in value.values():
-                collect(v)
-        elif isinstance(value, list | tuple):
-            for v in value:
-                collect(v)
-
-    def restore(value):
-        if isinstance(value, ImageRef):
-            return found[value.ref]
-        if isinstance(value, dict):
-            return {k: restore(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [restore(v) for v in value]
-        return value
-
-    collect(samples)
-    if not found:
+    """Replica side: fetch every ImageRef once and put the images back in place, each PIL image with
+    the digest its sender computed (``with_digest``: the engine does not hash it again). Only the pool's
+    Python door calls this: its callers are trusted; the HTTP door's images are digested here."""
+    refs: dict[Any, ImageRef] = {}
+    _map(samples, lambda v: refs.setdefault(v.ref, v) if isinstance(v, ImageRef) else v)
+    if not refs:
         return samples
-    refs = list(found)
-    for ref, obj in zip(refs, await asyncio.gather(*refs)):
-        found[ref] = obj
-    return restore(samples)
+    found = {ref: with_digest(obj, refs[ref].key) if isinstance(obj, Image.Image) else obj
+             for ref, obj in zip(refs, await asyncio.gather(*refs))}  # fmt: skip
+    return _map(samples, lambda v: found[v.ref] if isinstance(v, ImageRef) else v)
 
 
-def _image_keys(value: Any) -> list:
-    if isinstance(value, ImageRef):
-        return [value.key]
-    if isinstance(value, list | tuple):
-        return [k for v in value for k in _image_keys(v)]
+def _map(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``value`` with ``leaf`` applied to each value inside its dicts, lists and tuples (tuples become lists)."""
     if isinstance(value, dict):
-        return [k for v in value.values() for k in _image_keys(v)]
-    return [value] if isinstance(value, str) else []
+        return {k: _map(v, leaf) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_map(v, leaf) for v in value]
+    return leaf(value)
 
 
 def group_key(sample: Any, im_start: int | None = None) -> str:
-    """Samples with the same prompt (everything before the answer) and the same images share a key.
-    Token samples: the ids up to the last ``<|im_start|>`` (the answer's turn)."""
+    """Samples with the same prompt (everything before the answer) and the same images share a key; an
+    ImageRef's repr is its content digest. Token samples: the ids up to the last ``<|im_start|>`` (the
+    answer's turn)."""
     h = hashlib.blake2b(digest_size=12)
     if not isinstance(sample, dict):
         h.update(repr(id(sample)).encode())
     elif "input_ids" in sample:
         ids = list(sample["input_ids"]) if not hasattr(sample["input_ids"], "tolist") else sample["input_ids"].tolist()
         cut = len(ids) - ids[::-1].index(im_start) if im_start in ids else len(ids)
-        h.update(repr(ids[:cut]).encode())
-        h.update(repr(_image_keys(sample.get("images"))).encode())
+        h.update(repr((ids[:cut], sample.get("images"))).encode())
     else:
         head = sample["messages"][:-1] if isinstance(sample.get("messages"), list) else sample.get("prompt")
-        h.update(repr(_strip_images(head)).encode())
-        h.update(repr(_image_keys([head, sample.get("images"), sample.get("image")])).encode())
+        h.update(repr((head, sample.get("images"), sample.get("image"))).encode())
     return h.hexdigest()
-
-
-def _strip_images(value: Any) -> Any:
-    if isinstance(value, ImageRef):
-        return "<image>"
-    if isinstance(value, dict):
-        return {k: _strip_images(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_strip_images(v) for v in value]
-    return value
 
 
 def split(samples: list, max_samples: int, im_start: int | None = None) -> list[Part]:
