@@ -10,7 +10,8 @@ of 16-64 tokens (a GRPO group of 4), on the CPU-sized model with the 7B's propor
 previous one is answered; C = 1, 8, 32. Every concurrency level uses fresh images, so the vision
 cache never hits across levels or requests.
 
-(a) HTTP: ``rewardplug.serving.http`` on Ray Serve on loopback (one replica, 1 CPU, api key set), each
+(a) HTTP: the pool's HTTP door (``rewardplug.serving.http.HttpDoor``, its own Serve ingress deployment in
+    front of the replica) on loopback (one replica, 1 CPU, api key set), each
     client a ``RewardClient`` given PIL images (it sends them as PNG data URIs, as a trainer would);
 (b) pool: ``RewardPool(gpus_per_replica=0, num_replicas=1, cpus_per_replica=1)`` in this process,
     each client calling ``pool.score`` with the same PIL images (they go through the object store).
@@ -108,7 +109,7 @@ class HTTPBackend:
 
         port, key = free_port(), "bench-key"
         t0 = time.perf_counter()
-        # the HTTP door of a pool: the same replica class as the Python door
+        # the HTTP door of a pool: an ingress deployment in front of the same replicas as the Python door
         self.pool = RewardPool(path, num_replicas=1, gpus_per_replica=0, cpus_per_replica=1, http_port=port,
                                http=HttpSettings(api_key=key), dtype="float32")  # fmt: skip
         print(f"  Serve application up in {time.perf_counter() - t0:.1f}s on http://127.0.0.1:{port}", flush=True)
