@@ -695,7 +695,8 @@ def _check_proxy(name: str, host: str, port: int) -> None:
 
 
 def _application(config: PoolConfig, replicas: int):
-    """The pool's Serve application: the replica deployment with its placement, router and limits."""
+    """The pool's Serve application: the replica deployment with its placement, router and limits, and
+    the HTTP door in front where the pool has a port."""
     from ray import serve
 
     from .replica import RewardReplica
@@ -722,7 +723,12 @@ def _application(config: PoolConfig, replicas: int):
         options["num_replicas"] = replicas
     if config.placement == "spread":
         options["max_replicas_per_node"] = 1
-    return serve.deployment(RewardReplica).options(**options).bind(asdict(config))
+    replicas = serve.deployment(RewardReplica).options(**options).bind(asdict(config))
+    if config.http_port is None:
+        return replicas
+    from .http import door_application  # the HTTP door: an ingress deployment of its own in front
+
+    return door_application(replicas, asdict(config.http), config.part_samples, config.request_timeout_s)
 
 
 def _first_error(status) -> str:

@@ -1,5 +1,5 @@
-"""The replica: one RewardModel and its RewardEngine as a Ray Serve deployment, with two doors: the
-pool handle calls ``score_samples``; the HTTP routes (``rewardplug.serving.http``) are its other methods.
+"""The replica: one RewardModel and its RewardEngine as a Ray Serve deployment. Both doors call its
+``score_samples``: the pool's Python handle and the HTTP door (``rewardplug.serving.http.HttpDoor``).
 
 What Serve does for it: placement (``num_gpus`` per replica), routing (``ContentKeyRouter``), admission
 (``max_ongoing_requests``: the pool's bound of parts plus ``CONTROL_SLOTS`` for control calls; a part
@@ -11,21 +11,18 @@ replica by the pool. They run on the replica's event loop, beside requests: a sn
 structure read while it changes.
 """
 
-# No `from __future__ import annotations`: FastAPI reads the routes' parameter types at class creation.
+from __future__ import annotations
+
 import asyncio
 import collections
 import logging
 import os
 import time
-from fastapi import HTTPException, Request
-from fastapi.responses import PlainTextResponse
 from ray import serve
 
 from ..errors import InvalidSampleError
 from ..offload import move_home, move_to_host
 from .config import PoolConfig
-from .get_reward import GetRewardInvalidError, GetRewardRequestError, get_reward
-from .http import app, authorize, check_count, read_json, resolve_images
 from .transport import internalize
 
 logger = logging.getLogger(__name__)
@@ -40,8 +37,6 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-# Serve copies the methods with the module globals of this moment: helpers must be defined above.
-@serve.ingress(app)
 class RewardReplica:
     def __init__(self, config: dict):
         import ray
@@ -51,7 +46,6 @@ class RewardReplica:
         from .placement import load_on_assigned_gpus
 
         self.config = c = PoolConfig(**config)
-        self.http, self.http_policy = c.http, c.http.policy()
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id if context else f"pid{os.getpid()}"
@@ -68,7 +62,6 @@ class RewardReplica:
         self.parts = 0  # calls of score_samples held
         self.inflight = 0
         self.peak_inflight = 0
-        self.requests = {"score": 0, "get_reward": 0}
         self._awake: asyncio.Event | None = None  # cleared while the weights are in host memory
         self._homes: list = []
         self._started = time.time()
@@ -161,71 +154,3 @@ class RewardReplica:
                        "samples_per_s": round(recent / (now - then), 2) if now > then else 0.0},
             "reported_at": now,
         }
-
-    # ---- the HTTP door ------------------------------------------------------------------------------
-
-    @app.post("/v1/score")
-    async def http_score(self, request: Request) -> dict:
-        authorize(request, self.http.api_key)
-        data = await read_json(request, self.http.max_body_bytes)
-        samples = data.get("samples")
-        if not isinstance(samples, list):
-            raise HTTPException(422, "'samples' must be a list of samples")
-        check_count(len(samples), self.http.max_samples)
-        if data.get("on_invalid", "none") not in ("none", "raise"):
-            raise HTTPException(422, "'on_invalid' must be 'none' or 'raise'")
-        scores, errors = await self._score_http(samples)
-        self.requests["score"] += 1
-        if errors and data.get("on_invalid") == "raise":
-            raise HTTPException(422, {"errors": errors})
-        return {"scores": scores, "errors": errors}
-
-    @app.post("/get_reward")
-    async def http_get_reward(self, request: Request) -> dict:
-        """OpenRLHF's remote reward protocol; images come from the labels (see ``get_reward``)."""
-        authorize(request, self.http.api_key)
-        data = await read_json(request, self.http.max_body_bytes)
-        if isinstance(data.get("query"), list):
-            check_count(len(data["query"]), self.http.max_samples)
-        try:
-            out = await get_reward(data, self._score_http, on_invalid=self.http.on_invalid)
-        except GetRewardRequestError as e:
-            raise HTTPException(422, str(e)) from None
-        except GetRewardInvalidError as e:  # on_invalid="raise": the reasons, per query
-            self.requests["get_reward"] += 1
-            raise HTTPException(422, {"errors": {str(i): r for i, r in e.errors.items()}}) from None
-        self.requests["get_reward"] += 1
-        return out
-
-    async def _score_http(self, samples: list) -> tuple[list, dict]:
-        """Images loaded under the HTTP policy, then scored like a pool request (same admission)."""
-        loaded, errors = resolve_images(samples, self.http_policy)
-        keep = [i for i in range(len(samples)) if i not in errors]
-        scores: list = [None] * len(samples)
-        if keep:
-            await self._event().wait()
-            got, bad = await self._held([loaded[i] for i in keep])
-            for k, i in enumerate(keep):
-                scores[i] = got[k]
-                if k in bad:
-                    errors[i] = bad[k]
-        return scores, {str(i): reason for i, reason in sorted(errors.items())}
-
-    @app.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok", "model": os.path.basename(str(self.config.model).rstrip("/")),
-                "device": str(self.model.device)}  # fmt: skip
-
-    @app.get("/metrics")
-    async def metrics(self, request: Request) -> PlainTextResponse:
-        authorize(request, self.http.api_key)
-        stats = self.engine.stats()
-        lines = []
-        values = {**stats, **{f"http_requests_{k}": v for k, v in self.requests.items()},
-                  "inflight_samples": self.inflight, "peak_inflight_samples": self.peak_inflight}  # fmt: skip
-        for name, value in sorted(values.items()):
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                metric = f"rewardplug_{name}"
-                lines += [f"# TYPE {metric} gauge", f"{metric} {float(value)}"]
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
-
