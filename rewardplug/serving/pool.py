@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextvars
 import logging
 import re
 import threading
@@ -219,7 +220,9 @@ class RewardPool:
         self._reserve(n, timeout)
         pending = PendingRequest(n, on_invalid, on_done=lambda p: self._unreserve(p.size))
         if n:
-            self._loop.call_soon_threadsafe(self._start, pending, samples, limit)
+            # An empty context: called inside a Serve request, the parts would otherwise share its request
+            # id, and Serve's router fulfils one pending request per id (the others would wait forever).
+            self._loop.call_soon_threadsafe(self._start, pending, samples, limit, context=contextvars.Context())
         return pending.future
 
     def score(self, samples: Sequence[Any], *, on_invalid: str = "raise", request_timeout_s: float | None = None) -> list:
