@@ -1,8 +1,9 @@
-"""The HTTP reward service (rewardplug.serving.http on Ray Serve) and RewardClient, over real HTTP.
+"""The HTTP reward service (a pool's HTTP door, rewardplug.serving.http.HttpDoor on Ray Serve) and
+RewardClient, over real HTTP.
 
 One Serve application for the whole module, on its own local Ray cluster (``address="local"``, so a
-cluster another process runs on this machine is never joined) and a free loopback port, with an API key
-and small limits (2 MiB bodies, 64 samples per request) and one allowed image folder. Every score is
+cluster another process runs on this machine is never joined) and a free loopback port: two replicas,
+an API key and small limits (2 MiB bodies, 64 samples per request) and one allowed image folder. Every score is
 checked against ``RewardModel.score`` in this process on the same tiny checkpoint (fp32, CPU), as in
 tests/test_engine.py. RewardClient's retry behavior is checked against a small http.server of the test's
 own on loopback. Nothing is mocked.
@@ -130,9 +131,11 @@ def server(tiny_path, tmp_path_factory):
     port = free_port()
     try:
         http = HttpSettings(api_key=API_KEY, max_body_bytes=MAX_BODY, max_samples=MAX_SAMPLES, image_roots=[str(root)])
-        # The HTTP door of a pool: the same replicas as the Python door, with the door's own limits and roots.
-        RewardPool(tiny_path, name="rewardplug", num_replicas=1, gpus_per_replica=0, http_port=port, http=http,
+        # The HTTP door of a pool: an ingress deployment of its own (HttpDoor) in front of the same replicas
+        # as the Python door, with the door's own limits and roots.
+        RewardPool(tiny_path, name="rewardplug", num_replicas=2, gpus_per_replica=0, http_port=port, http=http,
                    dtype="float32")  # fmt: skip
+        assert "HttpDoor" in serve.status().applications["rewardplug"].deployments
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
         while True:
@@ -225,6 +228,30 @@ def test_v1_score_matches_direct_scoring_with_data_uris(server, api, model):
         assert close(client.score(text_only), model.score(text_only))
         assert client.score([]) == []
         assert client.health()["status"] == "ok"
+
+
+def test_prompt_groups_keep_their_replica_over_http(server, api):
+    """The door sends each prompt group by its content key (digest of prompt and decoded images), so a
+    GRPO group's requests (same prompt and picture, new answers each round) all reach one of the two
+    replicas: each picture runs through a vision tower once. Sent at random, a group of 3 rounds would
+    visit both replicas 3 times in 4."""
+    pool = RewardPool.connect("rewardplug")
+
+    def misses() -> dict:
+        return {r["replica"]: r["engine"]["vision_misses"] for r in pool.stats()["replicas"]}
+
+    before = misses()
+    assert len(before) == 2, before
+    groups = [grpo_group(seed=500 + g, g=2) for g in range(6)]
+    for round_ in range(3):
+        for group in groups:
+            samples = [{**s, "completion": f"{s['completion']} (round {round_})", "images": [data_uri(s["images"][0])]}
+                       for s in group]  # fmt: skip
+            r = api.post("/v1/score", json={"samples": samples})
+            assert r.status_code == 200 and r.json()["errors"] == {}, r.text
+    after = misses()
+    pool.close()
+    assert sum(after.values()) - sum(before.values()) == len(groups), (before, after)
 
 
 def test_client_sends_numpy_images(server, model):
@@ -340,15 +367,22 @@ def test_metrics_need_key_and_are_prometheus_text(server, anon, api):
         r = api.get("/metrics")
         assert r.status_code == 200, r.text
         assert r.headers["content-type"].startswith("text/plain")
-        assert "\nrewardplug_samples " in "\n" + r.text
-        return {s.name: s.value for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(r.text) for s in fam.samples}  # fmt: skip
+
+    def added(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
 
     before = read()
-    r = api.post("/v1/score", json={"samples": [{"prompt": "Hi", "completion": f"{k}"} for k in range(3)]})
+    r = api.post("/v1/score", json={"samples": [{"prompt": "Hi", "completion": f"{k}"} for k in range(3)] + [7]})
     assert r.status_code == 200
+    assert anon.post("/v1/score", json={}).status_code == 401
     after = read()
-    assert after["rewardplug_samples"] >= before["rewardplug_samples"] + 3
-    assert after["rewardplug_http_requests_score"] >= before["rewardplug_http_requests_score"] + 1
+    assert added("rewardplug_http_requests_total", route="/v1/score", status="200") == 1
+    assert added("rewardplug_http_requests_total", route="/v1/score", status="401") == 1
+    assert added("rewardplug_http_samples_total", route="/v1/score", outcome="scored") == 3
+    assert added("rewardplug_http_samples_total", route="/v1/score", outcome="invalid") == 1
 
 
 # ---- 3. limits and malformed requests ----------------------------------------------------------------------
@@ -569,6 +603,30 @@ def test_local_paths_outside_roots_are_refused(server, api):
         content = f.read().strip()
     if len(content) >= 8:
         assert content.decode(errors="replace") not in r.text  # file contents never echoed
+
+
+def test_image_dicts_follow_the_door_rules(server, api, model, tmp_path):
+    """An image given as a dict ({"url": ...}, a datasets dict without bytes) is loaded under the door's
+    roots and URL rules like a string: a real picture outside the roots is never read."""
+    outside = tmp_path / "outside.png"
+    random_image(64, 64, seed=3).save(outside)
+    sources = [{"url": str(outside)}, {"bytes": None, "path": None, "url": str(outside)}, {"path": str(outside)},
+               {"url": f"http://127.0.0.1:{closed_port()}/x.png"}]  # fmt: skip
+    samples = [{"prompt": "What is it?", "completion": "Noise.", "images": [src]} for src in sources]
+    image = {"type": "image", "image": {"url": str(outside)}}
+    user = {"role": "user", "content": [image, {"type": "text", "text": "?"}]}
+    samples.append({"messages": [user, {"role": "assistant", "content": "Noise."}]})
+    r = api.post("/v1/score", json={"samples": samples})
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["scores"] == [None] * len(samples), data
+    reasons = [data["errors"][str(i)] for i in range(len(samples))]
+    assert all("outside the allowed image roots" in e for k, e in enumerate(reasons) if k != 3), reasons
+    assert "fetching URLs is off" in reasons[3], reasons
+    inside = {"prompt": "What is it?", "completion": "Noise.", "images": [{"url": str(server.image_root / "ok.png")}]}
+    r = api.post("/v1/score", json={"samples": [inside]})
+    want = model.score([{**inside, "images": [random_image(80, 96, seed=21)]}])
+    assert r.status_code == 200 and close(r.json()["scores"], want), r.text
 
 
 def test_decompression_bomb_is_refused_by_size(server, api):
@@ -927,7 +985,7 @@ def test_client_disconnecting_mid_request_leaves_the_service_whole(server, api, 
     assert r.status_code == 200 and close(r.json()["scores"], model.score([good])), r.text
     pool = RewardPool.connect("rewardplug")
     deadline = time.monotonic() + 60
-    while pool.stats()["inflight_samples"] != 0 or any(r["age_s"] > 2 for r in pool.stats()["replicas"]):
-        assert time.monotonic() < deadline, pool.stats()
+    while (held := pool.stats()["inflight_samples"]) != 0:
+        assert time.monotonic() < deadline, held
         time.sleep(0.5)
     pool.close()

@@ -78,11 +78,9 @@ class HttpSettings:
         return ImagePolicy(local_roots=tuple(self.image_roots), url_hosts=tuple(self.image_url_hosts))
 
 
-app = FastAPI(title="rewardplug", description="Multimodal reward model service")
 door = FastAPI(title="rewardplug", description="Multimodal reward model service")
 
 
-@app.exception_handler(Exception)
 @door.exception_handler(Exception)
 async def _internal_error(request: Request, error: Exception):  # never leak paths or secrets
     request_id = uuid.uuid4().hex[:12]
