@@ -24,7 +24,7 @@ Where the scores come from (first match; read once per process):
   ``REWARDPLUG_RAY_ADDRESS`` names the Ray cluster when the process is not already in one.
 
 Images come from the labels and the policy's chat format is re-rendered into the reward model's
-template (see ``rewardplug.serving.get_reward`` for the label layout).
+template (see ``rewardplug.get_reward`` for the label layout).
 
 A query that cannot be scored follows ``REWARDPLUG_ON_INVALID``, the same option and default as in every
 adapter: "raise" (default) raises InvalidSampleError naming each bad query and its reason (logged at
@@ -46,7 +46,7 @@ from typing import Any
 
 from ..errors import InvalidSampleError
 from ..serving.config import PoolConfig
-from ..serving.get_reward import assemble, build_batch
+from ..get_reward import assemble, build_batch
 from .on_invalid import DEFAULT as ON_INVALID_DEFAULT
 from .on_invalid import parse_on_invalid, raise_hint
 from .pools import connect_pool, open_pool

@@ -18,7 +18,7 @@ import pytest
 from rewardplug import InvalidSampleError, RewardEngine
 from rewardplug.errors import ScoringError
 from rewardplug.serving.config import PoolConfig
-from rewardplug.serving.get_reward import GetRewardInvalidError, GetRewardRequestError, get_reward, parse_query
+from rewardplug.get_reward import GetRewardInvalidError, GetRewardRequestError, get_reward, parse_query
 
 from conftest import random_image
 

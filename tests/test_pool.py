@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import multiprocessing
 import os
@@ -279,6 +280,16 @@ class TestSharedPool:
         assert all(s > 0 for s in served), f"token samples per replica {served}: all went to one replica"
         assert sum(hits) == 16 * 3, f"prefix hits {hits}: a prompt group of token samples was split"
 
+    def test_a_token_sample_with_junk_ids_is_that_samples_error_not_the_requests(self, pool, model):
+        """Cutting a request into parts must not fail on a bad token sample: the engine names it."""
+        good = [{"prompt": "Hi", "completion": "there"}]
+        for junk in (5, None):
+            scores = pool.score([{"input_ids": junk}] + good, on_invalid="none")
+            assert scores[0] is None, f"input_ids={junk!r} was scored: {scores}"
+            assert_scores(scores[1:], model.score(good), f"the good sample beside input_ids={junk!r}")
+        with pytest.raises(InvalidSampleError, match="sample 0"):
+            pool.score([{"input_ids": 5}] + good)
+
     def test_get_or_create_returns_the_same_replicas_and_checks_options(self, pool, tiny_path):
         same = RewardPool(tiny_path, name="shared", num_replicas=2, gpus_per_replica=1, **OPTS)
         assert same is not pool and not same.owner
@@ -392,6 +403,15 @@ def test_flooding_processes_never_exceed_the_replica_bound(tiny_path, model, clu
             busy.score([{"prompt": "Hi", "completion": "x"}])
         assert len(held.result(timeout=WAIT)) == 6
         assert busy.score([{"prompt": "Hi", "completion": "x"}])[0] is not None  # room again
+
+        queued = [pool.submit(heavy_samples(4, seed=20 + k)) for k in range(12)]  # more than the replica holds
+        pool.shutdown()
+        t0 = time.monotonic()
+        for f in queued:  # answered before the shutdown, or failed by it: never left to their deadline
+            with contextlib.suppress(ScoringError):
+                f.result(timeout=30)
+        assert time.monotonic() - t0 < 30
+        assert any(isinstance(f.exception(), ScoringError) and "shut down" in str(f.exception()) for f in queued)
     finally:
         pool.shutdown()
 

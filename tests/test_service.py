@@ -50,6 +50,7 @@ pytestmark = pytest.mark.timeout(600)
 
 TOL = 1e-4
 API_KEY = "rp-test-" + secrets.token_hex(12)
+HEDGE_S = 10.0  # the pool's hedge_after_s: a part without an answer this long is sent again
 MAX_BODY = 2 * 2**20
 MAX_SAMPLES = 64
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +135,7 @@ def server(tiny_path, tmp_path_factory):
         # The HTTP door of a pool: an ingress deployment of its own (HttpDoor) in front of the same replicas
         # as the Python door, with the door's own limits and roots.
         RewardPool(tiny_path, name="rewardplug", num_replicas=2, gpus_per_replica=0, http_port=port, http=http,
-                   dtype="float32")  # fmt: skip
+                   hedge_after_s=HEDGE_S, dtype="float32")  # fmt: skip
         assert "HttpDoor" in serve.status().applications["rewardplug"].deployments
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -285,7 +286,7 @@ def test_get_reward_openrlhf_protocol_matches_v1_score(server, api, model):
     ]
     queries = [openrlhf_query(model, q, a, len(i)) for q, a, i in cases]
     assert "<|vision_start|><|image_pad|><|vision_end|>" in queries[0] and queries[0].endswith("<|im_end|>\n")
-    # OpenRLHF sends no images: they come in the labels (rewardplug.serving.get_reward)
+    # OpenRLHF sends no images: they come in the labels (rewardplug.get_reward)
     body = {"query": queries, "prompts": [q for q, _, _ in cases],
             "labels": [json.dumps({"images": [data_uri(im) for im in i]}) for _, _, i in cases]}  # fmt: skip
     r = api.post("/get_reward", json=body)
@@ -989,3 +990,42 @@ def test_client_disconnecting_mid_request_leaves_the_service_whole(server, api, 
         assert time.monotonic() < deadline, held
         time.sleep(0.5)
     pool.close()
+
+
+def test_a_stopped_replica_costs_http_requests_only_the_hedge_delay(server, api, model):
+    """One of the two replicas stopped (SIGSTOP: a hung device or host). The door sends the parts that
+    went to it again after hedge_after_s, to the other replica: every request is answered with its
+    scores in a small multiple of the hedge delay, far from the deadline (600 s). Last in this module:
+    the stopped replica is continued and left to recover."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rewardplug.serving.client import to_json_samples
+
+    replicas = RewardPool.connect("rewardplug").stats()["replicas"]
+    assert len(replicas) == 2, replicas
+    victim = replicas[0]["pid"]
+    picture = [random_image(60, 70, seed=900 + g) for g in range(12)]  # 12 keys: some hash to the stopped replica
+    groups = [[{"prompt": f"Hedge {g}: what is it?", "completion": f"Answer {k}.", "images": [picture[g]]} for k in range(2)]
+              for g in range(12)]  # fmt: skip
+    expected = [model.score(g) for g in groups]
+
+    def before() -> float:
+        text = api.get("/metrics").text
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("rewardplug_http_resends_total"))
+
+    resends = before()
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(len(groups)) as threads:
+            answers = list(threads.map(lambda g: api.post("/v1/score", json={"samples": to_json_samples(g)}), groups))
+        took = time.monotonic() - t0
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    for g, (response, want) in enumerate(zip(answers, expected)):
+        assert response.status_code == 200, (g, response.text)
+        assert close(response.json()["scores"], want), (g, response.json(), want)
+    assert took < 5 * HEDGE_S, f"HTTP requests took {took:.0f}s with one replica stopped (hedge {HEDGE_S:.0f} s)"
+    assert before() > resends, "no part was sent again, yet one replica was stopped"
+

@@ -1,3 +1,4 @@
 """Serving: the replica (a RewardModel and its RewardEngine) as a Ray Serve deployment, with two doors
-to it: the Python pool handle (``RewardPool``) and the HTTP app. Built on the engine; never imported by it.
+to it: the Python pool handle (``RewardPool``) and the HTTP door (``HttpDoor``, an ingress deployment).
+Built on the engine; never imported by it.
 """

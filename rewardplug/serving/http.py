@@ -8,7 +8,7 @@ Endpoints:
 - ``POST /v1/score``: ``{"samples": [...], "on_invalid": "none"}`` -> ``{"scores": [...], "errors": {...}}``.
   Samples use the Python API's schema; images as base64 data URIs, or paths/URLs the server allows.
   A sample that cannot be scored gets a null score and its reason in ``errors``; the others are scored.
-- ``POST /get_reward``: OpenRLHF's remote reward model protocol (see ``rewardplug.serving.get_reward``):
+- ``POST /get_reward``: OpenRLHF's remote reward model protocol (see ``rewardplug.get_reward``):
   images come from the labels. A query that cannot be scored follows ``HttpSettings.on_invalid``:
   ``"raise"`` (the default) answers 422 with each bad query's reason under ``detail.errors`` (OpenRLHF
   retries, then its step fails); a float is that query's reward, flagged in ``extra_logs``.
@@ -25,7 +25,6 @@ client can poison a cache other clients read), and error bodies that never carry
 
 # No `from __future__ import annotations`: FastAPI reads the routes' parameter types at class creation.
 import asyncio
-import contextvars
 import hmac
 import json
 import logging
@@ -182,6 +181,8 @@ REQUESTS = Counter("rewardplug_http_requests", "HTTP requests answered, by route
                    registry=METRICS)  # fmt: skip
 SAMPLES = Counter("rewardplug_http_samples", "samples received, by route and outcome (scored, invalid)",
                   ["route", "outcome"], registry=METRICS)  # fmt: skip
+HEDGES = Counter("rewardplug_http_resends", "parts sent again: after hedge_after_s without an answer, or after "
+                 "their replica died", ["reason"], registry=METRICS)  # fmt: skip
 
 
 @door.middleware("http")
@@ -203,6 +204,11 @@ def _tally(route: str, scored: int, invalid: int) -> None:
     SAMPLES.labels(route, "invalid").inc(invalid)
 
 
+def _resent(kind: str, error: BaseException | None) -> None:
+    HEDGES.labels(kind).inc()
+    logger.warning("HTTP door: a part sent again (%s%s)", kind, f": {error}" if error else "")
+
+
 def _exposition() -> bytes:
     return generate_latest(METRICS)
 
@@ -212,8 +218,8 @@ class HttpDoor:
     """Takes HTTP requests, decodes their images under ``HttpSettings``, and scores them on the replica
     deployment (``replicas``: its handle) one prompt group per call, each by its content key."""
 
-    def __init__(self, replicas, settings: dict, part_samples: int, request_timeout_s: float):
-        self.replicas = replicas
+    def __init__(self, replicas, settings: dict, part_samples: int, request_timeout_s: float, hedge_after_s: float):
+        self.replicas, self.hedge_after_s = replicas, hedge_after_s
         self.http = HttpSettings(**settings)
         self.policy = self.http.policy()
         self.part_samples, self.request_timeout_s = max(1, part_samples), request_timeout_s
@@ -252,13 +258,11 @@ class HttpDoor:
     async def _parts(self, samples: list) -> tuple[list, list]:
         """The samples cut by prompt group (keys and digests computed here, from the decoded images),
         each part sent by its key; answers by part."""
-        from .transport import externalize, send, split
+        from .transport import answer, externalize, split
 
         parts = split(externalize(samples, ray.put), self.part_samples, await self._token_format())
-        # Each part in a context of its own: Serve gives the calls made while handling a request that
-        # request's id, and the router (no FIFO hand-off) tells concurrent calls apart by their ids.
-        loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(send(self.replicas, part), context=contextvars.Context()) for part in parts]
+        tasks = [asyncio.ensure_future(answer(self.replicas, part, self.hedge_after_s, on_event=_resent))
+                 for part in parts]  # fmt: skip
         try:
             return parts, await asyncio.gather(*tasks)
         finally:  # a part failed: its siblings are not needed
@@ -283,7 +287,7 @@ class HttpDoor:
     @door.post("/get_reward")
     async def get_reward(self, request: Request) -> dict:
         """OpenRLHF's remote reward protocol; images come from the labels (see ``get_reward``)."""
-        from .get_reward import GetRewardInvalidError, GetRewardRequestError, get_reward
+        from ..get_reward import GetRewardInvalidError, GetRewardRequestError, get_reward
 
         authorize(request, self.http.api_key)
         data = await read_json(request, self.http.max_body_bytes)
@@ -311,11 +315,13 @@ class HttpDoor:
         return Response(_exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-def door_application(replica_app, http_settings: dict, part_samples: int = 64, request_timeout_s: float = 600.0):
+def door_application(replica_app, http_settings: dict, part_samples: int = 64, request_timeout_s: float = 600.0,
+                     hedge_after_s: float = 30.0):
     """The HTTP door over a pool's replica application (``serving.pool._application``): the app to run
-    with ``route_prefix="/"``. ``part_samples`` and ``request_timeout_s`` as the pool's (PoolConfig)."""
+    with ``route_prefix="/"``. ``part_samples``, ``request_timeout_s`` and ``hedge_after_s`` as the
+    pool's (PoolConfig): a part on a hung replica is sent again, as from the Python door."""
     settings = HttpSettings(**http_settings)
     return serve.deployment(HttpDoor).options(
         name="HttpDoor", num_replicas=1, max_ongoing_requests=settings.max_ongoing_requests,
         ray_actor_options={"num_cpus": 0},  # it decodes and forwards; the replicas hold the CPUs and GPUs
-    ).bind(replica_app, http_settings, part_samples, request_timeout_s)  # fmt: skip
+    ).bind(replica_app, http_settings, part_samples, request_timeout_s, hedge_after_s)  # fmt: skip

@@ -45,12 +45,9 @@ from ..samples import token_samples
 from .config import HANDLE_FIELDS, PoolConfig
 from .replica import CONTROL_SLOTS, DEPLOYMENT
 from .router import TO_REPLICA
-from .transport import Part, call, externalize, send, split
+from .transport import Part, answer, call, externalize, split
 
 logger = logging.getLogger(__name__)
-
-MAX_ATTEMPTS = 5  # sends of one part whose replica died, before the request fails
-MAX_HEDGES = 3  # concurrent sends of one part that waits past hedge_after_s
 
 
 class PoolPlacementError(ReplicaError):
@@ -88,6 +85,7 @@ class RewardPool:
         self._attach_lock = threading.Lock()
         self._attached = False
         self._closed = False
+        self._requests: set[PendingRequest] = set()  # unresolved, touched on the event loop only
 
     # ---- finding or making the pool -----------------------------------------------------------------
 
@@ -288,8 +286,10 @@ class RewardPool:
             pending.fail(ScoringError(f"pool {self.name!r}: could not send the request: {type(e).__name__}: {e}"))
             return
         deadline = self._loop.call_later(limit, lambda: asyncio.ensure_future(self._expire(pending, limit)))
+        self._requests.add(pending)
 
         def finished(_):  # resolved, failed or expired: cancel what still runs (releases the replicas' slots)
+            self._requests.discard(pending)
             deadline.cancel()
             for task in tasks:
                 task.cancel()
@@ -309,48 +309,26 @@ class RewardPool:
                                       f"(replicas: {replicas})"))  # fmt: skip
 
     async def _run_part(self, pending: PendingRequest, part: Part) -> None:
-        """Send the part, again each ``hedge_after_s`` without an answer (at most MAX_HEDGES sends at once)
-        and again when its replica died (MAX_ATTEMPTS in all: scores are a pure function of the samples);
-        the first answer resolves it. Sends still running then are left to finish (their answers dropped:
-        a send cancelled on a hung replica would look like progress there to the router). Another error
-        fails the request once no send runs."""
-        from ray.exceptions import RayActorError
+        """The part's first answer resolves its samples (``transport.answer``: hedged, re-sent when its
+        replica died); its failure fails the request."""
+        attempts = [1]
 
-        running: set[asyncio.Task] = set()
-        error: BaseException | None = None
-        attempts, resend = 1, False
+        def event(kind: str, error: BaseException | None) -> None:
+            self._count("hedges" if kind == "hedge" else "retries")
+            if kind == "hedge":
+                logger.warning("pool %r: a part waited %.0fs; sending it again", self.name, self.config.hedge_after_s)
+            else:
+                attempts[0] += 1
+                logger.warning("pool %r: a replica died (%s); re-sending %d samples", self.name, _cause(error),
+                               len(part.indices))  # fmt: skip
+
         try:
-            while not pending.done:
-                if error is None and len(running) < MAX_HEDGES:
-                    if running and not resend:
-                        self._count("hedges")
-                        logger.warning("pool %r: a part waited %.0fs; sending it again", self.name, self.config.hedge_after_s)
-                    running.add(asyncio.ensure_future(send(self._handle, part)))
-                done, running = await asyncio.wait(running, timeout=self.config.hedge_after_s,
-                                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-                resend = False
-                for task in done:
-                    if task.exception() is None:
-                        pending.resolve(part.indices, *task.result())
-                        return
-                    died = isinstance(task.exception(), RayActorError)  # ActorDiedError, ActorUnavailableError
-                    if died and attempts < MAX_ATTEMPTS and _app_running(self.name):
-                        attempts, resend = attempts + 1, True
-                        self._count("retries")
-                        logger.warning("pool %r: a replica died (%s); re-sending %d samples", self.name,
-                                       _cause(task.exception()), len(part.indices))  # fmt: skip
-                        await asyncio.sleep(min(2.0, 0.2 * attempts))
-                    else:
-                        error = error or task.exception()
-                if error is not None and not running:
-                    pending.fail(self._error(error, attempts))
-        except asyncio.CancelledError:
-            for task in running:
-                task.cancel()
-            raise
-        finally:
-            for task in running:
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            got = await answer(self._handle, part, self.config.hedge_after_s,
+                               resend_dead=lambda: _app_running(self.name), on_event=event)  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - every failure of a part fails its request, with its cause
+            pending.fail(self._error(e, attempts[0]))
+        else:
+            pending.resolve(part.indices, *got)
 
     def _error(self, error: BaseException, attempts: int) -> ScoringError:
         """A part's failure as the user sees it: the replica's own error, not Ray's wrapper."""
@@ -455,6 +433,9 @@ class RewardPool:
         try:
             import ray
 
+            if self._attached:  # this handle's requests fail now, not at their deadline
+                error = ScoringError(f"pool {self.name!r} was shut down with this request in flight")
+                self._loop.call_soon_threadsafe(lambda: [p.fail(error) for p in list(self._requests)])
             if ray.is_initialized():
                 serve.delete(self.name)
         except Exception:  # noqa: BLE001 - the cluster may already be gone at process exit
@@ -731,7 +712,8 @@ def _application(config: PoolConfig, replicas: int):
         return replicas
     from .http import door_application  # the HTTP door: an ingress deployment of its own in front
 
-    return door_application(replicas, asdict(config.http), config.part_samples, config.request_timeout_s)
+    return door_application(replicas, asdict(config.http), config.part_samples, config.request_timeout_s,
+                            config.hedge_after_s)
 
 
 def _first_error(status) -> str:

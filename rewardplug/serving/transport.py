@@ -12,6 +12,7 @@ verl and OpenRLHF make, goes by its own key).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import itertools
 from dataclasses import dataclass, field
@@ -38,6 +39,54 @@ class Part:
     indices: list[int]  # positions in the request
     samples: list  # with ImageRefs
     key: str  # content key: the router's session id
+
+
+MAX_HEDGES = 3  # sends of one part at once: one more each hedge_after_s without an answer
+MAX_ATTEMPTS = 5  # sends of one part whose replica died, before the part fails
+
+
+async def answer(handle: Any, part: Part, hedge_after_s: float, *, resend_dead: Callable[[], bool] = lambda: True,
+                 on_event: Callable[[str, BaseException | None], None] = lambda kind, error: None) -> tuple[list, dict]:
+    """The part's first answer, for both doors. Sent again each ``hedge_after_s`` without one (at most
+    MAX_HEDGES sends at once; the router passes over a replica that holds requests and completes none: a
+    hung device or host) and when its replica died (MAX_ATTEMPTS in all, while ``resend_dead()``: scores
+    are a pure function of the samples). Sends still running then are left to finish, their answers
+    dropped (a send cancelled on a hung replica would look like progress there to the router). Another
+    error is raised once no send runs. ``on_event("hedge" | "retry", error)`` for the caller's counters."""
+    from ray.exceptions import RayActorError  # ActorDiedError, ActorUnavailableError
+
+    loop = asyncio.get_running_loop()
+    running: set[asyncio.Task] = set()
+    error: BaseException | None = None
+    attempts, resend = 1, False
+    try:
+        while True:
+            if error is None and len(running) < MAX_HEDGES:
+                if running and not resend:
+                    on_event("hedge", None)
+                # A context of its own: Serve gives calls made while handling a request that request's id,
+                # and the router (no FIFO hand-off) tells concurrent calls apart by their ids.
+                running.add(loop.create_task(send(handle, part), context=contextvars.Context()))
+            done, running = await asyncio.wait(running, timeout=hedge_after_s, return_when=asyncio.FIRST_COMPLETED)
+            resend = False
+            for task in done:
+                if task.exception() is None:
+                    return task.result()
+                if isinstance(task.exception(), RayActorError) and attempts < MAX_ATTEMPTS and resend_dead():
+                    attempts, resend = attempts + 1, True
+                    on_event("retry", task.exception())
+                    await asyncio.sleep(min(2.0, 0.2 * attempts))
+                else:
+                    error = error or task.exception()
+            if error is not None and not running:
+                raise error
+    except asyncio.CancelledError:
+        for task in running:
+            task.cancel()
+        raise
+    finally:
+        for task in running:
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 async def send(handle: Any, part: Part) -> tuple[list, dict]:
@@ -157,9 +206,11 @@ def group_key(sample: Any, im_start: int | None = None) -> str:
     if not isinstance(sample, dict):
         h.update(repr(id(sample)).encode())
     elif "input_ids" in sample:
-        ids = list(sample["input_ids"]) if not hasattr(sample["input_ids"], "tolist") else sample["input_ids"].tolist()
-        cut = len(ids) - ids[::-1].index(im_start) if im_start in ids else len(ids)
-        h.update(repr((ids[:cut], sample.get("images"))).encode())
+        ids = sample["input_ids"]
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids) if isinstance(ids, list | tuple) else ids
+        if isinstance(ids, list):  # anything else is a bad sample: keyed as it is, the engine says why
+            ids = ids[: len(ids) - ids[::-1].index(im_start) if im_start in ids else len(ids)]
+        h.update(repr((ids, sample.get("images"))).encode())
     else:
         head = sample["messages"][:-1] if isinstance(sample.get("messages"), list) else sample.get("prompt")
         h.update(repr((head, sample.get("images"), sample.get("image"))).encode())

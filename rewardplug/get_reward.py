@@ -1,4 +1,7 @@
-"""OpenRLHF's remote reward protocol (``POST /get_reward`` and ``reward_func(queries, prompts, labels)``).
+"""OpenRLHF's remote reward protocol (``POST /get_reward`` and ``reward_func(queries, prompts, labels)``):
+its requests turned into samples and its answers assembled. An input format, not serving: the HTTP door
+(``rewardplug.serving.http``) and the in-process OpenRLHF adapter (``rewardplug.integrations.openrlhf``)
+both use it.
 
 OpenRLHF 0.11 sends ``{"query": [...], "prompts": [...], "labels": [...]}``, usually one query per
 request, and never any images:
@@ -36,9 +39,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from ..errors import InvalidSampleError, RewardPlugError, SampleError
-from ..on_invalid import DEFAULT as ON_INVALID_DEFAULT
-from ..on_invalid import RAISE, parse_on_invalid
+from .errors import InvalidSampleError, RewardPlugError, SampleError
+from .on_invalid import DEFAULT as ON_INVALID_DEFAULT
+from .on_invalid import RAISE, parse_on_invalid
 
 logger = logging.getLogger(__name__)
 
