@@ -164,7 +164,6 @@ def test_pool_of_random_7b_one_layer_on_cpu_scores_as_the_model_loaded_directly(
     ray = pytest.importorskip("ray")
     serve = pytest.importorskip("ray.serve")
     from rewardplug import RewardPool, named_models
-    from rewardplug.serving.config import PoolConfig
 
     if ray.is_initialized():  # another module's cluster
         serve.shutdown()
@@ -172,9 +171,10 @@ def test_pool_of_random_7b_one_layer_on_cpu_scores_as_the_model_loaded_directly(
     ray.init(address="local", num_cpus=2, namespace="rewardplug", log_to_driver=False, include_dashboard=False)
     try:
         options = {"layers": 1, "dtype": "float32"}
-        config = PoolConfig("random-7b", model_options=options, gpus_per_replica=0, num_replicas=1,
-                            request_timeout_s=600, ready_timeout_s=600)  # fmt: skip
-        with RewardPool(config=config) as pool:
+        # As a user writes it: random-7b's own options beside the pool's (PoolConfig.from_kwargs).
+        with RewardPool("random-7b", **options, gpus_per_replica=0, num_replicas=1, request_timeout_s=600,
+                        ready_timeout_s=600) as pool:  # fmt: skip
+            assert pool.config.model_options == options, pool.config
             got = pool.score(_samples())
             (replica,) = pool.health()
     finally:
@@ -186,3 +186,20 @@ def test_pool_of_random_7b_one_layer_on_cpu_scores_as_the_model_loaded_directly(
     assert all(isinstance(x, float) for x in got), got
     diffs = [abs(a - b) for a, b in zip(got, expected)]
     assert max(diffs) <= 1e-5, f"pool {got} vs named_models.load {expected}"
+
+
+def test_pool_options_given_as_keywords_and_as_option_dicts_merge():
+    """``model_options=``/``engine_options=`` beside loose keywords (the TRL, verl and OpenRLHF adapters
+    pass both): one PoolConfig with every option where it belongs; unknown names fail naming them."""
+    from rewardplug.serving.config import PoolConfig
+
+    c = PoolConfig.from_kwargs("m", model_options={"dtype": "float32"}, engine_options={"busy": "raise"},
+                               image_roots=None, max_batch_tokens=4096, num_replicas=2)  # fmt: skip
+    assert c.model_options == {"dtype": "float32", "image_roots": None}, c.model_options
+    assert c.engine_options == {"busy": "raise", "max_batch_tokens": 4096}, c.engine_options
+    assert c.num_replicas == 2 and c.busy == "wait"  # the flat busy is the pool handle's
+    r = PoolConfig.from_kwargs("random-7b", layers=2, seed=3, dtype="bfloat16")
+    assert r.model_options == {"layers": 2, "seed": 3, "dtype": "bfloat16"}, r.model_options
+    with pytest.raises(TypeError, match="layers"):  # only random-7b is built with a layer count
+        PoolConfig.from_kwargs("m", layers=2)
+

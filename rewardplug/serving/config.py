@@ -99,10 +99,14 @@ class PoolConfig:
         if "max_inflight_per_replica" in kwargs:
             raise TypeError("max_inflight_per_replica was replaced by max_ongoing_requests: parts (of at most "
                             "part_samples samples) one replica holds at once")  # fmt: skip
+        from ..named_models import RANDOM_7B
+
         pool = {k: v for k, v in kwargs.items() if k in own}
+        given_model, given_engine = pool.pop("model_options", {}), pool.pop("engine_options", {})
+        random_7b = {k: kwargs.pop(k) for k in ("layers", "seed") if str(model) == RANDOM_7B and k in kwargs}
         model_options, engine_options = split_options({k: v for k, v in kwargs.items() if k not in own})
-        return cls(model=str(model), **pool, model_options={**pool.pop("model_options", {}), **model_options},
-                   engine_options={**pool.pop("engine_options", {}), **engine_options})  # fmt: skip
+        return cls(model=str(model), **pool, model_options={**given_model, **random_7b, **model_options},
+                   engine_options={**given_engine, **engine_options})  # fmt: skip
 
     def with_(self, **changes: Any) -> "PoolConfig":
         return replace(self, **changes)
