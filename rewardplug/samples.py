@@ -53,8 +53,9 @@ class Conversation:
     sizes: list[dict] = field(default_factory=list)  # per image: qwen-vl-utils size keys given in its item
 
 
-def to_conversation(sample: Any, policy: ImagePolicy) -> Conversation:
-    """Normalize one sample; raise SampleError with the reason when it cannot be scored."""
+def to_conversation(sample: Any, policy: ImagePolicy | None) -> Conversation:
+    """Normalize one sample; raise SampleError with the reason when it cannot be scored. Its images are
+    read under ``policy``; with None they are placed but not read (a text model sees only the text)."""
     if isinstance(sample, Sample):
         sample = sample.to_dict()
     if not isinstance(sample, dict):
@@ -82,12 +83,12 @@ def to_conversation(sample: Any, policy: ImagePolicy) -> Conversation:
     _place_column_images(messages, column)
     images, sizes = [], []
     for item in _image_items(messages):
-        try:
-            image = load_image(item["image"], policy)
-        except SampleError as e:
-            raise SampleError(f"image {len(images)}: {e}") from None
-        item["image"] = image
-        images.append(image)
+        if policy is not None:
+            try:
+                item["image"] = load_image(item["image"], policy)
+            except SampleError as e:
+                raise SampleError(f"image {len(images)}: {e}") from None
+        images.append(item["image"])
         sizes.append({k: item[k] for k in SIZE_KEYS if k in item})
     return Conversation(messages, images, sizes)
 

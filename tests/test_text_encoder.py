@@ -27,7 +27,6 @@ BAD = [
     {"messages": [{"role": "user", "content": "Hi"}]},  # does not end with the answer
     {"messages": [{"role": "tool", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]},
     {"prompt": [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}], "completion": "Yes"},
-    {"prompt": "Hi", "completion": "Yes", "images": ["/nonexistent/picture.png"]},
     "not a dict",
 ]
 
@@ -54,3 +53,19 @@ def test_text_messages_of_a_conversation_leave_images_out_and_join_text_items():
     expected = [{"role": "user", "content": "Describe.\nBriefly."}, {"role": "assistant", "content": "Noise."}]
     assert text_messages(conversation) == expected
     assert text_messages(sample) == expected  # a sample goes through to_conversation first
+
+
+def test_a_text_model_never_reads_a_samples_images(encoder):
+    """Images are left out of a text model's input, so they are not read: a path that does not exist and a
+    URL (never fetched) give the same token ids as the sample without them (docs/reward-models.md)."""
+    plain = {"prompt": "What is 2 + 2?", "completion": "4."}
+    with_images = [
+        {**plain, "images": ["/nonexistent/picture.png"]},
+        {"prompt": [{"role": "user", "content": [{"type": "image", "image": "https://example.com/a.png"},
+                                                 {"type": "text", "text": "What is 2 + 2?"}]}], "completion": "4."},
+    ]  # fmt: skip
+    encoded, errors = encoder.encode_many([plain, *with_images])
+    assert errors == {}, errors
+    for e in encoded[1:]:
+        assert e.input_ids.tolist() == encoded[0].input_ids.tolist()
+

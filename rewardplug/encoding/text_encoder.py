@@ -22,7 +22,6 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import SampleError, ScoringError
-from ..images import ImagePolicy
 from ..samples import Conversation, to_conversation
 from .encoded import EncodedSample
 
@@ -52,16 +51,14 @@ class TextEncoder:
 
     pool_pad_token_id: the model config's pad token, where its class pools (None: the last token).
     max_length: samples with more tokens are refused (a SampleError) instead of scored.
-    image_policy: where a sample's images may be read from. A sample is checked by
-        ``samples.to_conversation`` as for a vision model (its images too: a sample whose image cannot
-        be read is refused by every model), then its images are left out. Default: any local path, no URL.
+    A sample is checked by ``samples.to_conversation`` as for a vision model; its images are never
+    read (a text model sees only the text: an image path need not exist, a URL is not fetched).
     """
 
     tokenizer: Any
     pool_pad_token_id: int | None = None
     max_length: int | None = None
     counters: TextEncoderCounters = field(default_factory=TextEncoderCounters)
-    image_policy: ImagePolicy = field(default_factory=ImagePolicy)
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -97,7 +94,7 @@ class TextEncoder:
                 "a text reward model takes text samples (prompt/completion or messages): token ids of another "
                 "model's tokenizer cannot be scored by its own tokenizer"
             )
-        messages = text_messages(to_conversation(sample, self.image_policy))
+        messages = text_messages(to_conversation(sample, None))
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
         except Exception as e:  # jinja's TemplateError: the template refuses this conversation
@@ -125,14 +122,14 @@ class TextEncoder:
         )
 
 
-def text_messages(sample: Any, policy: ImagePolicy | None = None) -> list[dict]:
+def text_messages(sample: Any) -> list[dict]:
     """A sample's conversation as plain-text chat messages ending with the assistant's answer.
 
     sample: ``samples.to_conversation``'s Conversation, or a sample it takes (then its shape is
-    checked there, with ``policy`` for its images: one validation, one set of messages for every
-    family). Image items are left out and a turn's text items joined with newlines."""
+    checked there: one validation, one set of messages for every family; its images are not read).
+    Image items are left out and a turn's text items joined with newlines."""
     if not isinstance(sample, Conversation):
-        sample = to_conversation(sample, policy or ImagePolicy())
+        sample = to_conversation(sample, None)
     return [{"role": m["role"], "content": _text(m["content"])} for m in sample.messages]
 
 
