@@ -155,8 +155,13 @@ class RewardPool:
         self._handle = serve.get_deployment_handle(DEPLOYMENT, app_name=self.name)
         # Control calls through a handle of their own: its own router, so they never wait in this
         # process's queue of parts (Serve routes a handle's requests with at most 2 tasks per replica).
-        self._control = DeploymentHandle(DEPLOYMENT, self.name)  # not Serve's cached one: a router of its own
-        about = self._control.options(session_id=TO_REPLICA).identity.remote().result(timeout_s=120)
+        # Made per use and shut down after it: Serve's shutdown knows only its cached handles, and a
+        # router left behind keeps calling Ray (its metrics task starts a new local cluster once Ray is down).
+        control = DeploymentHandle(DEPLOYMENT, self.name)
+        try:
+            about = control.options(session_id=TO_REPLICA).identity.remote().result(timeout_s=120)
+        finally:
+            control.shutdown()
         self._identity, self._im_start = about["config"], about["im_start"]
         self._seen: dict[str, dict] = {}  # each live replica's last answer (its pid when it answers no more)
         self._loop = _loop()
@@ -390,8 +395,18 @@ class RewardPool:
         True, or the replica with ``alive`` False and its error (no answer within ``timeout_s``). Unless
         ``every``, stops waiting once as many replicas answered as Serve counts running (the others are
         starting: they answer once loaded)."""
+        from ray.serve.handle import DeploymentHandle
+
         ids, running = await asyncio.to_thread(_replica_ids, self.name)
-        calls = {asyncio.ensure_future(call(self._control, TO_REPLICA + i, method)): i for i in ids}
+        control = DeploymentHandle(DEPLOYMENT, self.name)  # see _attach
+        try:
+            return await self._ask_each(control, ids, running, method, timeout_s, every)
+        finally:
+            await control.shutdown_async()
+
+    async def _ask_each(self, control, ids: list[str], running: int, method: str, timeout_s: float,
+                        every: bool) -> list[dict]:  # fmt: skip
+        calls = {asyncio.ensure_future(call(control, TO_REPLICA + i, method)): i for i in ids}
         enough = len(ids) if every else min(running, len(ids))
         answers: dict[str, dict] = {}
         waiting, deadline = set(calls), self._loop.time() + timeout_s
