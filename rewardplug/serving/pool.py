@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
-import contextvars
 import logging
 import re
 import threading
@@ -225,7 +224,7 @@ class RewardPool:
         if n:
             # An empty context: called inside a Serve request, the parts would otherwise share its request
             # id, and Serve's router fulfils one pending request per id (the others would wait forever).
-            self._loop.call_soon_threadsafe(self._start, pending, samples, limit, context=contextvars.Context())
+            self._loop.call_soon_threadsafe(self._start, pending, samples, limit)  # each send: a context of its own (transport.answer)
         return pending.future
 
     def score(self, samples: Sequence[Any], *, on_invalid: str = "raise", request_timeout_s: float | None = None) -> list:

@@ -95,9 +95,9 @@ async def send(handle: Any, part: Part) -> tuple[list, dict]:
     answers None: it holds its bound of parts) is sent again after a short backoff (the router passes a
     full replica over while it knows it full)."""
     for attempt in itertools.count():
-        answer = await call(handle, part.key, "score_samples", part.samples)
-        if answer is not None:
-            return answer
+        got = await call(handle, part.key, "score_samples", part.samples)
+        if got is not None:
+            return got
         await asyncio.sleep(min(1.0, 0.02 * 2**attempt))
     raise AssertionError("unreachable")
 
