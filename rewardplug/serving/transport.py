@@ -21,7 +21,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from ..encoding.request_images import with_digest
-from ..images import image_digest
+from ..images import content_hash, image_digest
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ async def call(handle: Any, session_id: str, method: str, *args: Any) -> Any:
 def _digest(value: Any) -> str:
     if isinstance(value, Image.Image):
         return image_digest(value)
-    h = hashlib.blake2b(digest_size=16)
+    h = content_hash()
     if hasattr(value, "__array_interface__"):
         import numpy as np
 
@@ -125,7 +125,7 @@ def _digest(value: Any) -> str:
         h.update(array.tobytes())
     else:
         h.update(value.encode() if isinstance(value, str) else bytes(value))
-    return h.hexdigest()
+    return h.hexdigest(length=16)
 
 
 def _is_inline_image(value: Any) -> bool:
