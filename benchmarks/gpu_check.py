@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py                  # one GPU: under 8 minutes on an H100 / H200
     python benchmarks/gpu_check.py --smoke          # the same code path on the CPU with tiny sizes (the tests run it)
 
-Needs only the core dependencies (torch, transformers, accelerate, safetensors, pillow, cachetools,
+Needs only the core dependencies (torch, transformers, accelerate, safetensors, pillow, blake3, cachetools,
 qwen-vl-utils) and no network: the models are ``tiny`` (the embedded checkpoint) and ``random-7b`` (the
 Qwen2.5-VL-7B architecture with random weights built on the device, ``rewardplug.named_models``). Their
 scores mean nothing; their speed and memory are the real model's. Writes ``gpu_check.json`` and
