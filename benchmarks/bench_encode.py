@@ -11,7 +11,9 @@ Reported per image side:
 - one core, in process: ms per sample (best of ``--repeats`` fresh requests), with the host resize
   (CPU engine) and with the resize left to the device (``resize_on_device``, what a GPU node's host does);
 - processes: samples/s of ``--requests`` fresh requests sent by as many threads as processes, through 1
-  process and through ``--workers`` processes, side by side, and their ratio.
+  process and through ``--workers`` processes, side by side, and their ratio;
+- the content digest of one picture (``rewardplug.images.image_digest``, BLAKE3) beside blake2b of the
+  same bytes, the hash it replaced.
 
 Targets (issue 21): one core <= 0.6 ms per sample at 448 px and <= 3 ms at 1024 px; 2 processes >= 1.7x
 one on a 2-core machine. The machine's load average is printed with the figures: on a shared machine
@@ -21,6 +23,7 @@ they move with it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import tempfile
 import time
@@ -31,6 +34,7 @@ import torch
 
 from rewardplug import RewardModel, workload
 from rewardplug.encoding.workers import EncoderProcesses
+from rewardplug.images import image_digest
 from rewardplug.testing import make_tiny_checkpoint
 
 _seed = [int(time.time()) % 100_000 * 100]  # a new range per run: no picture is ever seen twice
@@ -54,6 +58,24 @@ def one_core_ms(rm: RewardModel, side: int, groups: int, repeats: int) -> float:
         return best * 1e3
     finally:
         torch.set_num_threads(threads)
+
+
+def digest_ms(side: int, repeats: int = 20) -> tuple[float, float]:
+    """(image_digest, blake2b of the same bytes) in ms for one fresh side x side picture: the content digest
+    beside the hash it replaced (same bytes, tobytes() included in both)."""
+    image = workload.make_image(side, _seed[0] + 1)
+
+    def best(f) -> float:
+        f()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return min(times) * 1e3
+
+    return (best(lambda: image_digest(image)),
+            best(lambda: hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest()))  # fmt: skip
 
 
 def stream_rate(pool: EncoderProcesses, requests: list[list[dict]]) -> float:
@@ -100,6 +122,10 @@ def main() -> None:
             r1 = stream_rate(one, [fresh(tok, args.groups, side) for _ in range(args.requests)])
             rn = stream_rate(many, [fresh(tok, args.groups, side) for _ in range(args.requests)])
             print(f"{side:>6}{ms:>9.2f}{ms_dev:>26.2f}{r1:>11.0f}{rn:>13.0f}{rn / r1:>6.2f}x", flush=True)
+        print("\nimage digest of one picture, ms (best of 20): BLAKE3 (image_digest) / blake2b (before)")
+        for side in args.sides:
+            ours, before = digest_ms(side)
+            print(f"{side:>6}{ours:>9.2f} / {before:.2f}")
     finally:
         one.close()
         many.close()
