@@ -87,7 +87,7 @@ def run(args) -> None:
         encoded, _ = rm.encode_many(work)
         im_start = rm.processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
         items = [make_item(e, im_start) for e in encoded]
-        runner = ModelRunner(rm, VisionCache(2**30), Stats())
+        runner = ModelRunner(rm, VisionCache(2**30), Stats(), max_kv_tokens=16384)  # the engine's default
         return [r for plan in plan_batches(make_units(items, True), 16384, 64) for r in runner.run(plan.units)]
 
     engine_run(fresh(102))  # warm up on other images

@@ -705,6 +705,31 @@ def test_expanded_prefix_key_value_stays_in_the_planners_budget(make_engine, mod
     assert engine.stats()["kv_budget_bytes"] == max_kv_tokens * engine.kv_bytes_per_token
 
 
+def test_a_group_larger_than_one_suffix_pass_encodes_its_prefix_once(make_engine, model, grpo):
+    """A key/value budget that fits only a few suffix rows per pass splits the suffix passes, not the
+    prompt groups: each of the three prompts runs its prefix once (splitting a group would encode its
+    prefix again per part), its suffixes run in several passes, and the scores do not change."""
+    prefix_rows, suffix_passes = [], []
+    real_prefixes, real_suffixes = model.forward_prefixes, model.forward_suffixes
+
+    def prefixes(batch, *args, **kwargs):
+        prefix_rows.append(batch.input_ids.shape[0])
+        return real_prefixes(batch, *args, **kwargs)
+
+    def suffixes(cache, rows, *args, **kwargs):
+        suffix_passes.append(len(rows))
+        return real_suffixes(cache, rows, *args, **kwargs)
+
+    model.forward_prefixes, model.forward_suffixes = prefixes, suffixes
+    try:
+        engine = make_engine(max_kv_tokens=700)
+        assert_scores(engine.score(grpo[0]), grpo[1], "kv budget, one prefix pass per group")
+    finally:
+        del model.forward_prefixes, model.forward_suffixes
+    assert sum(prefix_rows) == 3, prefix_rows  # three prompts, each prefix encoded once
+    assert len(suffix_passes) > 3 and sum(suffix_passes) == 4 + 6 + 8, suffix_passes  # every row, in several passes
+
+
 # ---- 9. metrics and per-step deltas --------------------------------------------------------------------
 
 

@@ -73,8 +73,9 @@ class RewardEngine:
             request larger than the whole bound is admitted only when the engine holds nothing else.
         vision_cache_mb: vision tower outputs kept by image content, in MiB (default 1024).
         max_kv_tokens: prefix sharing expands each prompt's key/value cache once per completion row;
-            the planner keeps ``suffix rows x (longest prefix + longest suffix)`` of a batch under this
-            many tokens (default ``max_batch_tokens``), i.e. at most ``max_kv_tokens x kv_bytes_per_token``
+            each suffix pass holds ``rows x (padded prefix + padded suffix)`` of them, at most this many
+            tokens (default ``max_batch_tokens``: a larger group runs its suffixes in several passes over
+            its one prefix pass), i.e. at most ``max_kv_tokens x kv_bytes_per_token``
             bytes (``stats()["kv_budget_bytes"]``: 56 KiB per token for the 7B in bf16, 0.875 GiB at the
             default). Decided before running, never found by running out of memory.
         The pixel cache in front of the image processor belongs to the model's encoder
@@ -136,7 +137,7 @@ class RewardEngine:
         self._admission = Admission(max_queued_samples, busy)
         self._stats = Stats(sink=make_sink(metrics, name))
         self.vision_cache = VisionCache(int(vision_cache_mb * 2**20))
-        self.runner = ModelRunner(model, self.vision_cache, self._stats)
+        self.runner = ModelRunner(model, self.vision_cache, self._stats, max_kv_tokens=self.max_kv_tokens)
         self.scheduler = Scheduler(
             max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size, max_kv_tokens=self.max_kv_tokens,
             max_wait_s=max_wait_ms / 1e3, share_prefix=share_prefix, producers=self.encode_workers, stats=self._stats,

@@ -59,9 +59,14 @@ class Launched:
 
 
 class ModelRunner:
-    def __init__(self, model: RewardModel, vision_cache: VisionCache, stats: Stats, min_chunk_tokens: int = 512):
+    """max_kv_tokens: the most expanded key/value tokens one suffix pass holds, ``rows x (padded prefix +
+    padded suffix)`` (the engine's budget); None: no bound."""
+
+    def __init__(self, model: RewardModel, vision_cache: VisionCache, stats: Stats, min_chunk_tokens: int = 512,
+                 max_kv_tokens: int | None = None):  # fmt: skip
         self.model = model
         self.min_chunk_tokens = min_chunk_tokens
+        self.max_kv_tokens = max_kv_tokens
         self.vision_cache = vision_cache
         self.stats = stats
 
@@ -153,7 +158,10 @@ class ModelRunner:
                       key=lambda r: r[0].num_tokens - r[2])  # fmt: skip
         results: list[tuple[list, torch.Tensor]] = []
         padded, passes = prefixes.padded_tokens, 1
-        for chunk in _similar_length_chunks(rows, self.min_chunk_tokens):
+        chunks = _similar_length_chunks(rows, self.min_chunk_tokens)
+        if self.max_kv_tokens is not None:
+            chunks = [c for chunk in chunks for c in _kv_chunks(chunk, prefixes.input_ids.shape[1], self.max_kv_tokens)]
+        for chunk in chunks:
             suffixes = collate([_suffix(i.encoded, p) for i, _, p in chunk], pad, "right")
             index = torch.tensor([k for _, k, _ in chunk])
             scores = self.model.forward_suffixes(cache, index, prefixes.attention_mask, suffixes, on_device=True)
@@ -226,6 +234,19 @@ def _similar_length_chunks(rows: list, min_tokens: int, efficiency: float = 0.9)
             chunk, real = chunks[-1], 0
         chunk.append(row)
         real += length
+    return chunks
+
+
+def _kv_chunks(rows: list, prefix_len: int, max_kv_tokens: int) -> list[list]:
+    """Rows (sorted by suffix length) in passes whose expanded key/value, ``rows x (prefix_len + longest
+    suffix)``, stays within ``max_kv_tokens``; a row over it alone gets a pass of its own (the planner
+    keeps such rows out of sharing)."""
+    chunks: list[list] = [[]]
+    for row in rows:
+        length = row[0].num_tokens - row[2]
+        if chunks[-1] and (len(chunks[-1]) + 1) * (prefix_len + length) > max_kv_tokens:
+            chunks.append([])
+        chunks[-1].append(row)
     return chunks
 
 

@@ -6,9 +6,11 @@ prefix (same tokens up to the final assistant turn, same images), whose prefix i
 are sorted by length and packed greedily so that padded tokens stay under ``max_batch_tokens``.
 
 Prefix sharing has a memory cost of its own: each suffix row attends to a copy of its prefix's
-key/value cache (expanded per row), plus its own suffix. The planner counts those tokens,
-``suffix rows x (longest prefix + longest suffix)``, and keeps them under ``max_kv_tokens``, so the
-expanded key/value of a batch is bounded in bytes before it runs (never found by running out of memory).
+key/value cache (expanded per row), plus its own suffix. That copy lives for one suffix pass, so the
+bound is per pass: the runner runs a batch's suffix rows in passes of at most ``max_kv_tokens`` expanded
+tokens, ``rows x (padded prefix + padded suffix)``, bounded in bytes before it runs (never found by
+running out of memory). A group larger than one pass keeps its one prefix pass (splitting the group
+would encode the prefix again per part); only a row that alone is over the bound is scored unshared.
 """
 
 from __future__ import annotations
@@ -88,15 +90,11 @@ class BatchPlan:
         s, smax, g, pmax, n, nmax = self._dims_with(unit)
         return s * smax + g * pmax + n * nmax, s + n
 
-    def kv_tokens_with(self, unit: Unit) -> int:
-        """Key/value tokens the suffix passes hold at most if ``unit`` were added: every suffix row
-        attends to the padded prefix (expanded per row) and to its own padded suffix."""
-        _, _, _, pmax, n, nmax = self._dims_with(unit)
-        return n * (pmax + nmax)
-
-    @property
-    def kv_tokens(self) -> int:
-        return self.suffixes * (self.prefix_max + self.suffix_max)
+    def row_kv_tokens_with(self, unit: Unit) -> int:
+        """Expanded key/value tokens of the widest suffix row if ``unit`` were added (the padded prefix
+        plus the longest suffix): the least a suffix pass of this batch can hold."""
+        _, _, _, pmax, _, nmax = self._dims_with(unit)
+        return pmax + nmax
 
     def add(self, unit: Unit) -> None:
         self.singles, self.single_max, self.groups, self.prefix_max, self.suffixes, self.suffix_max = (
@@ -136,17 +134,19 @@ def plan_batches(
 ) -> list[BatchPlan]:
     """Pack units, in order, into batches under the token, row and key/value budgets.
 
-    max_kv_tokens: bound on ``BatchPlan.kv_tokens`` (expanded prefix key/value plus suffixes);
-    default ``max_batch_tokens``. A unit that is over a budget on its own runs alone; a shared group
-    over a budget is split into sub-groups that fit (each encodes the prefix again); a sub-group of one
-    row is scored as a plain sample (no expansion).
+    max_kv_tokens: the runner's bound on one suffix pass's expanded key/value tokens (default
+    ``max_batch_tokens``); here it keeps every suffix row of a batch (its padded prefix plus its suffix)
+    within it, and takes out of sharing a row that alone is over it. A unit that is over a budget on its
+    own runs alone; a shared group over the token or row budget is split into sub-groups that fit (each
+    encodes the prefix again); a sub-group of one row is scored as a plain sample (no expansion).
     """
     max_kv_tokens = max_batch_tokens if max_kv_tokens is None else max_kv_tokens
     plans: list[BatchPlan] = []
     current = BatchPlan()
     for unit in _split_oversized(units, max_batch_tokens, max_batch_size, max_kv_tokens):
         padded, rows = current.padded_with(unit)
-        over = padded > max_batch_tokens or rows > max_batch_size or current.kv_tokens_with(unit) > max_kv_tokens
+        kv = current.row_kv_tokens_with(unit)
+        over = padded > max_batch_tokens or rows > max_batch_size or kv > max_kv_tokens
         if current.units and over:
             plans.append(current)
             current = BatchPlan()
@@ -159,7 +159,8 @@ def plan_batches(
 def _split_oversized(units: list[Unit], max_batch_tokens: int, max_batch_size: int, max_kv_tokens: int) -> list[Unit]:
     def over(unit: Unit) -> bool:
         padded, rows = BatchPlan().padded_with(unit)
-        return padded > max_batch_tokens or rows > max_batch_size or BatchPlan().kv_tokens_with(unit) > max_kv_tokens
+        kv = BatchPlan().row_kv_tokens_with(unit)
+        return padded > max_batch_tokens or rows > max_batch_size or kv > max_kv_tokens
 
     out = []
     for unit in units:
