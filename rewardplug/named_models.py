@@ -229,18 +229,15 @@ def hash_uniform_(tensor, std: float, seed: int, salt: int) -> None:
 
 # ---- bench-cpu -------------------------------------------------------------------------------------
 
-_BENCH_CPU_DIR: Path | None = None
-
-
 def _bench_cpu_checkpoint() -> Path:
-    global _BENCH_CPU_DIR
-    if _BENCH_CPU_DIR is None or not (_BENCH_CPU_DIR / "config.json").is_file():
-        import tempfile
+    """bench-cpu's checkpoint (484 MB: the full vocabulary), written once into rewardplug's cache folder
+    and reused by every later process; its name carries a digest of its config, so a changed config
+    gets a new folder. (It used to be written into a new temporary folder per process, never removed.)"""
+    from .bench import bench_cpu_config
+    from .encoding.digests import digest
+    from .testing import cached_checkpoint, make_tiny_checkpoint
 
-        from .bench import bench_cpu_config
-        from .testing import make_tiny_checkpoint
-
-        folder = Path(tempfile.mkdtemp(prefix="rewardplug-bench-cpu-"))
-        _BENCH_CPU_DIR = make_tiny_checkpoint(folder / "bench-cpu", seed=0, config=bench_cpu_config(),
-                                              max_pixels=12845056)  # fmt: skip
-    return _BENCH_CPU_DIR
+    config = bench_cpu_config()
+    name = f"bench-cpu-{digest(config, 12845056)[:12]}"
+    return cached_checkpoint(name, lambda folder: make_tiny_checkpoint(folder, seed=0, config=config,
+                                                                       max_pixels=12845056))  # fmt: skip

@@ -157,14 +157,23 @@ def make_tiny_checkpoint(
 def cached_tiny_checkpoint(seed: int = 0) -> Path:
     """The tiny checkpoint in rewardplug's cache folder, built once (atomically, so parallel workers
     and Ray actors can call this at the same time)."""
+    name = f"tiny-qwen2.5-vl-rm-seed{seed}-v1"
+    return cached_checkpoint(name, lambda folder: make_tiny_checkpoint(folder, seed=seed))
+
+
+def cached_checkpoint(name: str, build) -> Path:
+    """``build(folder)``'s checkpoint in rewardplug's cache folder (``$REWARDPLUG_CACHE``, default
+    ``~/.cache/rewardplug``) under ``name``, built once and reused by every later process (atomically:
+    parallel workers and Ray actors may call this at the same time). ``name`` must change whenever what
+    ``build`` writes does."""
     root = Path(os.environ.get("REWARDPLUG_CACHE", Path.home() / ".cache" / "rewardplug"))
-    target = root / f"tiny-qwen2.5-vl-rm-seed{seed}-v1"
+    target = root / name
     if (target / "value_head.safetensors").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
     try:
-        make_tiny_checkpoint(tmp, seed=seed)
+        build(tmp)
         os.rename(tmp, target)
     except OSError:
         if not (target / "value_head.safetensors").exists():

@@ -127,3 +127,21 @@ def test_random_7b_scores_are_finite_distinct_and_batch_independent(random_1_lay
 def test_banner_says_the_scores_mean_nothing():
     text = nm.banner(nm.RANDOM_7B)
     assert "RANDOM WEIGHTS" in text and "mean nothing" in text and "random-7b" in text
+
+
+def test_bench_cpu_is_written_once_into_the_cache_and_reused_by_later_processes(tmp_path):
+    """bench-cpu's checkpoint (about 484 MB) lands in rewardplug's cache folder once; a second process
+    finds it there instead of writing another copy (each process used to leave one in /tmp)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "REWARDPLUG_CACHE": str(tmp_path / "cache"), "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    code = "from rewardplug import named_models as nm; print(nm.checkpoint_path('bench-cpu'))"
+    paths = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+             .stdout.strip() for _ in range(2)]  # fmt: skip
+    assert paths[0] == paths[1] and paths[0].startswith(str(tmp_path / "cache"))
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [os.path.basename(paths[0])]
+    assert list((tmp_path / "tmp").iterdir()) == []  # nothing left in the temporary folder
+    assert (tmp_path / "cache" / os.path.basename(paths[0]) / "value_head.safetensors").is_file()
