@@ -158,10 +158,8 @@ class ModelRunner:
                       key=lambda r: r[0].num_tokens - r[2])  # fmt: skip
         results: list[tuple[list, torch.Tensor]] = []
         padded, passes = prefixes.padded_tokens, 1
-        chunks = _similar_length_chunks(rows, self.min_chunk_tokens)
-        if self.max_kv_tokens is not None:
-            chunks = [c for chunk in chunks for c in _kv_chunks(chunk, prefixes.input_ids.shape[1], self.max_kv_tokens)]
-        for chunk in chunks:
+        prefix_len = prefixes.input_ids.shape[1]  # padded: every suffix row attends to all of it
+        for chunk in _similar_length_chunks(rows, self.min_chunk_tokens, prefix_len, self.max_kv_tokens):
             suffixes = collate([_suffix(i.encoded, p) for i, _, p in chunk], pad, "right")
             index = torch.tensor([k for _, k, _ in chunk])
             scores = self.model.forward_suffixes(cache, index, prefixes.attention_mask, suffixes, on_device=True)
@@ -219,34 +217,26 @@ def _vision_passes(images: list, max_patches: int | None) -> list[list]:
     return passes
 
 
-def _similar_length_chunks(rows: list, min_tokens: int, efficiency: float = 0.9) -> list[list]:
-    """Split rows sorted by suffix length into chunks; a chunk is closed when adding the next row would
-    push its padding efficiency under ``efficiency`` and it already holds ``min_tokens`` padded tokens
-    (so GPUs still get big enough batches)."""
+def _similar_length_chunks(rows: list, min_tokens: int, prefix_len: int = 0, max_kv_tokens: int | None = None,
+                           efficiency: float = 0.9) -> list[list]:  # fmt: skip
+    """Split rows sorted by suffix length into suffix passes. A pass is closed when adding the next row
+    would push its padding efficiency under ``efficiency`` and it already holds ``min_tokens`` padded
+    tokens (so GPUs still get big enough batches), or would take its expanded key/value, ``rows x
+    (prefix_len + longest suffix)``, over ``max_kv_tokens`` (a row over it alone gets a pass of its own;
+    the planner keeps such rows out of sharing)."""
     chunks: list[list] = [[]]
     real = 0
     for row in rows:
         length = row[0].num_tokens - row[2]
         chunk = chunks[-1]
         padded_after = (len(chunk) + 1) * length
-        if chunk and padded_after * efficiency > real + length and len(chunk) * length >= min_tokens:
+        uneven = padded_after * efficiency > real + length and len(chunk) * length >= min_tokens
+        over_kv = max_kv_tokens is not None and (len(chunk) + 1) * (prefix_len + length) > max_kv_tokens
+        if chunk and (uneven or over_kv):
             chunks.append([])
             chunk, real = chunks[-1], 0
         chunk.append(row)
         real += length
-    return chunks
-
-
-def _kv_chunks(rows: list, prefix_len: int, max_kv_tokens: int) -> list[list]:
-    """Rows (sorted by suffix length) in passes whose expanded key/value, ``rows x (prefix_len + longest
-    suffix)``, stays within ``max_kv_tokens``; a row over it alone gets a pass of its own (the planner
-    keeps such rows out of sharing)."""
-    chunks: list[list] = [[]]
-    for row in rows:
-        length = row[0].num_tokens - row[2]
-        if chunks[-1] and (len(chunks[-1]) + 1) * (prefix_len + length) > max_kv_tokens:
-            chunks.append([])
-        chunks[-1].append(row)
     return chunks
 
 
