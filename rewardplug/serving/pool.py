@@ -222,9 +222,9 @@ class RewardPool:
         self._reserve(n, timeout)
         pending = PendingRequest(n, on_invalid, on_done=lambda p: self._unreserve(p.size))
         if n:
-            # An empty context: called inside a Serve request, the parts would otherwise share its request
-            # id, and Serve's router fulfils one pending request per id (the others would wait forever).
-            self._loop.call_soon_threadsafe(self._start, pending, samples, limit)  # each send: a context of its own (transport.answer)
+            # Each part is sent from a context of its own (transport.answer): inside a Serve request they
+            # would otherwise share its request id, and Serve's router fulfils one pending request per id.
+            self._loop.call_soon_threadsafe(self._start, pending, samples, limit)
         return pending.future
 
     def score(self, samples: Sequence[Any], *, on_invalid: str = "raise", request_timeout_s: float | None = None) -> list:
