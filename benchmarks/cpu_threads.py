@@ -1,53 +1,128 @@
-"""Why the engine on a CPU trails batch-of-one calls at G=1: torch's CPU kernels, called from a thread
-other than the main one, run slower than from the main thread with 2 intra-op threads (libgomp's
-worker hand-off), while with 1 thread they run the same. The engine's model thread is such a thread.
+"""The engine's model thread on a CPU, and ``RewardEngine(cpu_cores=...)``: shared against dedicated.
 
-    python benchmarks/cpu_threads.py
+    python benchmarks/cpu_threads.py              # nothing else running
+    python benchmarks/cpu_threads.py --busy 2     # with 2 busy-looping processes on the cores
 
-Prints one LM forward pass (the bench model, one 448 px sample, image features given) timed in the
-main thread and in another thread, alternated, at 1 and 2 torch threads. On a GPU the host thread
-only queues kernels, so this costs nothing there.
+1. The mechanism, one kernel: an elementwise multiply (1500 x 1536 fp32) timed on the main thread, on
+   another thread while the main thread keeps its idle OpenMP workers, and on another thread after the
+   main thread freed them (``rewardplug.engine.openmp.free_idle_workers``). libgomp throttles its
+   workers' spinning while it manages more threads than there are cores, so the second is the slow one.
+2. The engine: bench-cpu, 448 px, 4 prompts x G=8 (fresh pictures each time), ``RewardEngine.score``
+   with ``cpu_cores="shared"`` and ``"dedicated"``, alternated, best of 3 and median; the same batches
+   run directly on the main thread beside them. Each engine is fresh (no cache carries over).
+
+On a GPU the host thread only queues kernels; none of this applies there.
 """
 
 from __future__ import annotations
 
-import tempfile
+import argparse
+import multiprocessing
+import statistics
 import threading
 import time
-from pathlib import Path
 
 import torch
-from common import grpo_workload, make_bench_checkpoint
 
-from rewardplug import RewardModel
-from rewardplug.encoding import collate
+from rewardplug import RewardEngine, named_models
+from rewardplug.engine.caches import VisionCache
+from rewardplug.engine.openmp import free_idle_workers
+from rewardplug.engine.runner import ModelRunner
+from rewardplug.engine.scheduler import make_item, make_units, plan_batches
+from rewardplug.engine.stats import Stats
+from rewardplug.workload import make_workload
+
+
+def busy_loop() -> None:
+    while True:
+        pass
+
+
+def in_thread(function):
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("result", function()))
+    thread.start()
+    thread.join()
+    return out["result"]
+
+
+def kernel_us(x: torch.Tensor, n: int = 300) -> float:
+    for _ in range(5):
+        x * x
+    start = time.perf_counter()
+    for _ in range(n):
+        x * x
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def one_kernel() -> None:
+    x = torch.randn(1500, 1536)
+    main, kept, freed = [], [], []
+    for _ in range(3):
+        main.append(kernel_us(x))  # the main thread now holds its workers
+        kept.append(in_thread(lambda: kernel_us(x)))
+        free_idle_workers()
+        freed.append(in_thread(lambda: kernel_us(x)))
+    print(f"1. one elementwise kernel, {torch.get_num_threads()} torch threads (us, best of 3):")
+    print(f"   main thread {min(main):.0f}; another thread, main's idle workers kept {min(kept):.0f} "
+          f"({min(kept) / min(main):.2f}x), freed {min(freed):.0f} ({min(freed) / min(main):.2f}x)")  # fmt: skip
+
+
+def engine_side_by_side(rounds: int) -> None:
+    rm = named_models.load(named_models.BENCH_CPU, dtype="float32", device="cpu", image_roots=None)
+    tokenizer = rm.processor.tokenizer
+    seeds = iter(range(100, 10_000))
+
+    def fresh():
+        return make_workload(tokenizer, 4, 8, 448, 16, 256, next(seeds))
+
+    def engine(cpu_cores: str) -> float:
+        samples = fresh()
+        start = time.perf_counter()
+        with RewardEngine(rm, cpu_cores=cpu_cores, metrics=None) as e:
+            e.score(samples)
+        return time.perf_counter() - start
+
+    def direct() -> float:
+        samples = fresh()
+        start = time.perf_counter()
+        encoded, _ = rm.encode_many(samples)
+        items = [make_item(e, rm.turn_start_token_id) for e in encoded]
+        runner = ModelRunner(rm, VisionCache(2**30), Stats(), max_kv_tokens=16384)
+        for plan in plan_batches(make_units(items, True), 16384, 64, 16384):
+            runner.run(plan.units)
+        return time.perf_counter() - start
+
+    engine("shared"), engine("dedicated"), direct()  # warm-up
+    times: dict[str, list[float]] = {"shared": [], "dedicated": [], "direct, main thread": []}
+    for _ in range(rounds):
+        times["direct, main thread"].append(direct())
+        times["shared"].append(engine("shared"))
+        times["dedicated"].append(engine("dedicated"))
+    print("2. RewardEngine.score, bench-cpu, 448 px, 4 x G=8 (32 samples), seconds:")
+    base = min(times["direct, main thread"])
+    for name, ts in times.items():
+        print(f"   {name:22}{' '.join(f'{t:6.2f}' for t in ts)}   best {min(ts):.2f} ({min(ts) / base:.2f}x direct)"
+              f"  median {statistics.median(ts):.2f}")  # fmt: skip
+    print(f"   dedicated vs shared: {min(times['shared']) / min(times['dedicated']):.2f}x (best), "
+          f"{statistics.median(times['shared']) / statistics.median(times['dedicated']):.2f}x (median)")  # fmt: skip
 
 
 def main() -> None:
-    path = make_bench_checkpoint(Path(tempfile.mkdtemp(prefix="rp-threads-")) / "bench")
-    rm = RewardModel.from_pretrained(path, dtype="float32", device="cpu", image_roots=None)
-    encoded, _ = rm.encode_many(grpo_workload(1, 1, seed=5))
-    sample = encoded[0]
-    batch = collate([sample], rm.pad_token_id)
-    features = rm.image_features(sample.pixels, sample.image_grid_thw)
-
-    def timed(threads: int, n: int = 10) -> float:
-        torch.set_num_threads(threads)  # per thread: each thread sets its own
-        rm.forward(batch, features)
-        start = time.perf_counter()
-        for _ in range(n):
-            rm.forward(batch, features)
-        return (time.perf_counter() - start) / n * 1e3
-
-    print(f"{'torch threads':>14}{'main thread ms':>16}{'other thread ms':>17}{'ratio':>7}")
-    for threads in (1, 2):
-        for _ in range(2):
-            out = {}
-            worker = threading.Thread(target=lambda: out.setdefault("ms", timed(threads)))
-            worker.start()
-            worker.join()
-            main_ms = timed(threads)
-            print(f"{threads:>14}{main_ms:>16.1f}{out['ms']:>17.1f}{out['ms'] / main_ms:>7.2f}")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--busy", type=int, default=0, help="busy-looping processes on the cores meanwhile")
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    busy = [multiprocessing.Process(target=busy_loop, daemon=True) for _ in range(args.busy)]
+    for process in busy:
+        process.start()
+    try:
+        print(f"{args.busy} busy processes beside this one")
+        one_kernel()
+        engine_side_by_side(args.rounds)
+    finally:
+        for process in busy:
+            process.terminate()
 
 
 if __name__ == "__main__":

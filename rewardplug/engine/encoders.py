@@ -34,12 +34,16 @@ class EncoderPool:
     deliver: receives each request's items, together. on_stopped: called once per worker that stops
     (after ``close``, once every queued request is encoded). encode: what encodes a request (the
     contract of ``RewardModel.encode_many``); default the model's own, in these threads; an
-    ``EncoderProcesses``' ``encode_many`` makes each thread hand its request to a worker process."""
+    ``EncoderProcesses``' ``encode_many`` makes each thread hand its request to a worker process.
+    after_request: called by a worker after each request (the engine's ``cpu_cores="dedicated"``
+    frees the thread's idle OpenMP workers there)."""
 
     def __init__(self, model, workers: int, stats: Stats, deliver: Callable[[list[WorkItem]], None],
-                 on_stopped: Callable[[], None], encode: Callable | None = None):  # fmt: skip
+                 on_stopped: Callable[[], None], encode: Callable | None = None,
+                 after_request: Callable[[], object] | None = None):  # fmt: skip
         self.model = model
         self._encode_many = encode
+        self._after_request = after_request
         self.stats = stats
         self._deliver = deliver
         self._on_stopped = on_stopped
@@ -76,6 +80,8 @@ class EncoderPool:
                         fail(job.pending, str(error), error.__cause__ or error)
                     else:
                         fail(job.pending, f"encoding a request of {len(job.samples)} samples failed", error)
+                if self._after_request is not None:
+                    self._after_request()
         finally:
             self._on_stopped()
 

@@ -14,7 +14,8 @@ for the host's planning, collation and resolution between batches.
 
 The loop stays on its own thread even for a blocking ``score()`` (nano-vllm runs it on the caller's):
 on a CPU the caller's thread has an OpenMP pool that spins at full count, which on a busy host ran a
-score 3-7x slower than the model thread's throttled pool (bench-cpu, 448 px, load 15 on 2 cores).
+score 3-7x slower than the model thread's throttled pool (bench-cpu, 448 px, load 15 on 2 cores). On a
+CPU whose cores are the engine's alone, ``cpu_cores="dedicated"`` lifts that throttle (``openmp.py``).
 
 Failures of two kinds, never mixed: a bad sample gets its own reason (``InvalidSampleError`` or None);
 anything else (a device error, a bug, a closed engine) fails the whole request with ``ScoringError``
@@ -45,6 +46,7 @@ from .admission import Admission
 from .caches import VisionCache
 from .encoders import EncoderPool, Job, fail
 from .metrics import make_sink
+from .openmp import free_idle_workers
 from .pending import PendingRequest, check_on_invalid
 from .runner import Launched, ModelRunner, SampleTooLarge
 from .scheduler import PlanningFailed, ScheduledBatch, Scheduler, WorkItem
@@ -99,6 +101,16 @@ class RewardEngine:
         ``ScoringError`` (cause attached) and marks the engine unhealthy until a batch succeeds;
         ``check_health()`` raises while it stays broken. Only out of memory splits batches.
 
+    CPU threads (no effect on a GPU):
+        cpu_cores: "shared" (default): libgomp's own waiting between kernels, which sleeps at once
+            while the process holds more OpenMP threads than the machine has cores (the right wait
+            when other processes use them too); "dedicated": nothing else uses this machine's cores,
+            so the encoder threads (after each request) and a caller waiting in ``score()`` free
+            their idle OpenMP workers, and the model thread's workers spin between kernels: 1.1-1.3x
+            faster on an idle machine, about 2x slower with two busy processes on its 2 cores
+            (bench-cpu, ``benchmarks/cpu_threads.py``). A caller thread that runs torch kernels
+            while the engine works (``submit``, then compute) keeps its workers, and the throttle.
+
     Metrics:
         metrics: "prometheus" (default; prometheus_client's default registry), "ray" (Ray's metrics
             API, for Serve replicas), None, or a sink object (see ``rewardplug.engine.metrics``).
@@ -121,10 +133,17 @@ class RewardEngine:
         busy: str = "wait",
         queue_timeout_s: float | None = None,
         max_kv_tokens: int | None = None,
+        cpu_cores: str = "shared",
         metrics: Any = "prometheus",
         name: str = "default",
     ):
         check_on_invalid(on_invalid)
+        if cpu_cores not in ("shared", "dedicated"):
+            raise ValueError(f"cpu_cores must be 'shared' or 'dedicated', not {cpu_cores!r}")
+        # Dedicated CPU cores: threads other than the model's give back their idle OpenMP workers.
+        self._free_workers = cpu_cores == "dedicated" and model.device.type == "cpu"
+        if self._free_workers:
+            free_idle_workers()  # the thread that built the model and this engine
         self.model = model
         self.name = name
         self.max_batch_tokens = max_batch_tokens
@@ -153,7 +172,8 @@ class RewardEngine:
             self._processes = EncoderProcesses.for_model(model, workers=self.encode_workers)
         self._encoders = EncoderPool(model, self.encode_workers, self._stats, self.scheduler.add,
                                      self.scheduler.producer_stopped,
-                                     self._processes.encode_many if self._processes else None)  # fmt: skip
+                                     self._processes.encode_many if self._processes else None,
+                                     after_request=free_idle_workers if self._free_workers else None)  # fmt: skip
         self._worker = threading.Thread(target=self._model_loop, name="rewardplug-model", daemon=True)
         self._worker.start()
 
@@ -184,6 +204,8 @@ class RewardEngine:
         """Scores of ``samples`` in order (blocking). ``timeout`` bounds the wait for room and result."""
         start = time.monotonic()
         future = self.submit(samples, on_invalid=on_invalid, timeout=timeout)
+        if self._free_workers:
+            free_idle_workers()  # this thread only waits now
         return future.result(None if timeout is None else max(0.0, timeout - (time.monotonic() - start)))
 
     async def ascore(self, samples: Sequence[Any], *, on_invalid: str | None = None, timeout: float | None = None) -> list:
