@@ -13,6 +13,8 @@ proportions (benchmarks/common.py), fp32.
 (b) naive batched: one processor call per group of G (right padding), one forward of the inner model
     (no logits), no sharing;
 (c) RewardEngine: one call with all samples (vision once per image, prompt prefix once per group).
+(c') the same with ``cpu_cores="dedicated"`` (its model thread's OpenMP workers spin; for a CPU that
+    runs nothing else), alternated with (c) and with the direct calls.
 
 No cache carries over into a timed run: the pixel cache lives on the model and survives across engines,
 so every warm-up and every repeated timing of (c) uses images of its own (same shapes, other seeds).
@@ -77,8 +79,8 @@ def run(args) -> None:
                                     for v in score_batch(samples[k : k + args.group])])  # fmt: skip
     mem_b = mem.peak
 
-    def engine_run(work=samples):
-        with RewardEngine(rm) as engine:  # a fresh engine: fresh vision cache (the pixel cache is the model's)
+    def engine_run(work=samples, cpu_cores="shared"):
+        with RewardEngine(rm, cpu_cores=cpu_cores) as engine:  # fresh: a fresh vision cache (the pixel cache is the model's)
             scores = engine.score(work)
             return scores, engine.stats()
 
@@ -95,22 +97,24 @@ def run(args) -> None:
         (got_c, stats), t_c = timed(engine_run)
     mem_c = mem.peak
     def in_thread(f):
-        """Run f on a new thread, as the engine runs its model: on a CPU, torch's kernels may run at
-        another speed there (the OpenMP pool of a second thread)."""
+        """Run f on a new thread, as the engine runs its model: on a CPU, torch's kernels run slower there
+        while this thread keeps idle OpenMP workers (``rewardplug.engine.openmp``)."""
         out = {}
         worker = threading.Thread(target=lambda: out.setdefault("result", f()))
         worker.start()
         worker.join()
         return out["result"]
 
-    # Engine against direct calls (on this thread, and on a thread of their own), alternated and best of 3
-    # each (this machine is noisy), each on new images.
-    t_engine, t_direct, t_thread = [t_c], [], []
+    # Engine against direct calls (on this thread, and on a thread of their own) and the engine with
+    # cpu_cores="dedicated", alternated and best of 3 each (this machine is noisy), each on new images.
+    engine_run(fresh(103), "dedicated")  # warm up
+    t_engine, t_direct, t_thread, t_dedicated = [t_c], [], [], []
     for k in range(3):
-        work_d, work_e, work_t = fresh(200 + 3 * k), fresh(201 + 3 * k), fresh(202 + 3 * k)
+        work_d, work_e, work_t, work_x = (fresh(200 + 4 * k + j) for j in range(4))
         t_direct.append(timed(lambda: direct(work_d))[1])
         t_engine.append(timed(lambda: engine_run(work_e))[1])
         t_thread.append(timed(lambda: in_thread(lambda: direct(work_t)))[1])
+        t_dedicated.append(timed(lambda: engine_run(work_x, "dedicated"))[1])
     flops_c = count_flops(lambda: direct(fresh(300)))
 
     n = len(samples)
@@ -131,6 +135,11 @@ def run(args) -> None:
           f"(best of {len(t_engine)}: {min(t_engine):.2f}s vs {min(t_direct):.2f}s)")  # fmt: skip
     print(f"the same direct calls on a thread of their own: {min(t_thread) / min(t_direct) - 1:+.1%} "
           f"(best of {len(t_thread)}: {min(t_thread):.2f}s): the part of the engine's overhead that is its thread")  # fmt: skip
+    rate_x = n / min(t_dedicated)
+    print(f"(c') RewardEngine(cpu_cores='dedicated'): {rate_x:.2f} samples/s (best of {len(t_dedicated)}), "
+          f"{min(t_dedicated) / min(t_direct) - 1:+.1%} vs the direct calls; (c')/(a) = {rate_x / rate_a:.1f}x   "
+          f"(c')/(b) = {rate_x / rate_b:.2f}x   (best (c) of {len(t_engine)}: {n / min(t_engine) / rate_a:.1f}x, "
+          f"{n / min(t_engine) / rate_b:.2f}x)")  # fmt: skip
     print(f"engine FLOPs executed {flops_c / 1e9:.0f} GFLOP -> {flops_c / t_c / 1e9:.0f} GFLOP/s = "
           f"{flops_c / t_c / peak_flops:.0%} of dense matmul")  # fmt: skip
 
@@ -165,13 +174,17 @@ def run(args) -> None:
 
     if args.scaling:
         print("\nscaling (engine vs naive batched, same run):")
-        print(f"{'G':>4}{'image':>7}{'(b) s/s':>10}{'(c) s/s':>10}{'(c)/(b)':>9}")
+        print(f"{'G':>4}{'image':>7}{'(b) s/s':>10}{'(c) s/s':>10}{'(c)/(b)':>9}{'(c\') s/s':>10}{'(c\')/(b)':>10}")
         for group, side in [(1, 448), (4, 448), (8, 448), (16, 448), (8, 224), (8, 672)]:
             work = grpo_workload(max(2, 32 // group), group, side=side, seed=1000 + group + side)  # unseen images
             _, tb = timed(lambda: [v for k in range(0, len(work), group) for v in score_batch(work[k : k + group])])
             with RewardEngine(rm) as eng:
                 _, tc = timed(lambda: eng.score(work))
-            print(f"{group:>4}{side:>7}{len(work) / tb:>10.2f}{len(work) / tc:>10.2f}{tb / tc:>9.2f}")
+            work = grpo_workload(max(2, 32 // group), group, side=side, seed=2000 + group + side)
+            with RewardEngine(rm, cpu_cores="dedicated") as eng:
+                _, tx = timed(lambda: eng.score(work))
+            print(f"{group:>4}{side:>7}{len(work) / tb:>10.2f}{len(work) / tc:>10.2f}{tb / tc:>9.2f}"
+                  f"{len(work) / tx:>10.2f}{tb / tx:>10.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":
