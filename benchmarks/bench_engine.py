@@ -174,7 +174,7 @@ def run(args) -> None:
 
     if args.scaling:
         print("\nscaling (engine vs naive batched, same run):")
-        print(f"{'G':>4}{'image':>7}{'(b) s/s':>10}{'(c) s/s':>10}{'(c)/(b)':>9}{'(c\') s/s':>10}{'(c\')/(b)':>10}")
+        print(f"{'G':>4}{'image':>7}{'(b) s/s':>10}{'(c) s/s':>10}{'(c)/(b)':>9}" + "(c') s/s".rjust(10) + "(c')/(b)".rjust(10))
         for group, side in [(1, 448), (4, 448), (8, 448), (16, 448), (8, 224), (8, 672)]:
             work = grpo_workload(max(2, 32 // group), group, side=side, seed=1000 + group + side)  # unseen images
             _, tb = timed(lambda: [v for k in range(0, len(work), group) for v in score_batch(work[k : k + group])])

@@ -370,8 +370,9 @@ def device_peak_flops(device, dtype) -> tuple[float, str]:
 
 
 def measured_matmul_flops(device, dtype, seconds: float = 1.0) -> float:
-    """The fastest of the square matmuls run for ``seconds``: the device's rate when nothing disturbs it
-    (an average over the burst moved by 10-20% between runs on a shared CPU, and the MFU with it)."""
+    """The fastest of the square matmuls run for ``seconds``, after as long a warm-up: the device's rate
+    when nothing disturbs it. An average over one burst moved by 10-40% between runs on a shared CPU (a
+    virtual machine's cores come back slowly from idle), and the MFU with it."""
     import time
 
     import torch
@@ -379,8 +380,10 @@ def measured_matmul_flops(device, dtype, seconds: float = 1.0) -> float:
     n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    _sync(device)
+    warm = time.perf_counter() + seconds
+    while time.perf_counter() < warm:
+        a @ b
+        _sync(device)
     best, end = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < end:
         t0 = time.perf_counter()
