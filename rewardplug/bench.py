@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> dict:
         # A distinct seed per use: every timed run sees images nothing has cached.
         return make_workload(tokenizer, groups, G, args.image_size, lo, hi, seed=args.seed * 1000 + tag)
 
-    peak, peak_source = device_peak_flops(device, rm.dtype)
+    model_dtype = rm.dtype
+    peak, peak_source = device_peak_flops(device, model_dtype)
     report: dict = {
         "device": str(device), "device_name": _device_name(device), "model": args.model, "dtype": dtype_name,
         "layers": rm.config.text_config.num_hidden_layers, "parameters": rm.num_parameters(),
@@ -163,6 +164,13 @@ def run(args: argparse.Namespace) -> dict:
                                        stats, peak)  # fmt: skip
         if "error" not in methods["pool"]:
             methods["pool"]["encode_ms_per_sample"] = encode["rewardplug_1_thread"]
+    if peak_source.startswith("measured"):  # measured again at the end: the faster of the two is the peak
+        again, _ = device_peak_flops(device, model_dtype)
+        if again > peak:
+            for m in methods.values():
+                if m.get("mfu") is not None:
+                    m["mfu"] *= peak / again
+            report["peak_flops"] = peak = again
     ratios = {}
     rate = {k: v.get("samples_per_s") for k, v in methods.items()}
     for a, b in (("engine", "card"), ("engine", "naive"), ("pool", "engine"), ("naive", "card")):
