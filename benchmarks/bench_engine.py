@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -34,15 +33,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
-    PeakRSS, count_flops, grpo_workload, make_bench_checkpoint, matmul_flops, param_split,
+    PeakRSS, count_flops, engine_batches_directly, grpo_workload, in_thread, make_bench_checkpoint, matmul_flops,
+    param_split,
 )  # fmt: skip
 
 from rewardplug import RewardEngine, RewardModel  # noqa: E402
 from rewardplug.bench import card_way  # noqa: E402
-from rewardplug.engine.runner import ModelRunner  # noqa: E402
-from rewardplug.engine.scheduler import make_item, make_units, plan_batches  # noqa: E402
-from rewardplug.engine.stats import Stats  # noqa: E402
-from rewardplug.engine.caches import VisionCache  # noqa: E402
 
 
 def timed(fn):
@@ -85,27 +81,14 @@ def run(args) -> None:
             return scores, engine.stats()
 
     def direct(work=samples):
-        """Same encoding and same batches as the engine, without its threads, queues and futures."""
-        encoded, _ = rm.encode_many(work)
-        im_start = rm.processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
-        items = [make_item(e, im_start) for e in encoded]
-        runner = ModelRunner(rm, VisionCache(2**30), Stats(), max_kv_tokens=16384)  # the engine's default
-        return [r for plan in plan_batches(make_units(items, True), 16384, 64) for r in runner.run(plan.units)]
+        return engine_batches_directly(rm, work)
 
     engine_run(fresh(102))  # warm up on other images
     with mem.measure():
         (got_c, stats), t_c = timed(engine_run)
     mem_c = mem.peak
-    def in_thread(f):
-        """Run f on a new thread, as the engine runs its model: on a CPU, torch's kernels run slower there
-        while this thread keeps idle OpenMP workers (``rewardplug.engine.openmp``)."""
-        out = {}
-        worker = threading.Thread(target=lambda: out.setdefault("result", f()))
-        worker.start()
-        worker.join()
-        return out["result"]
-
-    # Engine against direct calls (on this thread, and on a thread of their own) and the engine with
+    # On a CPU, torch's kernels run slower on another thread while this one keeps idle OpenMP workers
+    # (``rewardplug.engine.openmp``): the direct calls are timed there too. Engine against direct calls (on this thread, and on a thread of their own) and the engine with
     # cpu_cores="dedicated", alternated and best of 3 each (this machine is noisy), each on new images.
     engine_run(fresh(103), "dedicated")  # warm up
     t_engine, t_direct, t_thread, t_dedicated = [t_c], [], [], []

@@ -95,3 +95,27 @@ def count_flops(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def engine_batches_directly(rm, samples: list, max_batch_tokens: int = 16384) -> list:
+    """The engine's own encoding, planning and batches (its default budgets), run by a ModelRunner on
+    the calling thread: no threads, queues or futures. Returns the runner's (item, score) results."""
+    from rewardplug.engine.caches import VisionCache
+    from rewardplug.engine.runner import ModelRunner
+    from rewardplug.engine.scheduler import make_item, make_units, plan_batches
+    from rewardplug.engine.stats import Stats
+
+    encoded, _ = rm.encode_many(samples)
+    items = [make_item(e, rm.turn_start_token_id) for e in encoded]
+    runner = ModelRunner(rm, VisionCache(2**30), Stats(), max_kv_tokens=max_batch_tokens)
+    plans = plan_batches(make_units(items, True), max_batch_tokens, 64, max_batch_tokens)
+    return [result for plan in plans for result in runner.run(plan.units)]
+
+
+def in_thread(function):
+    """Run ``function`` on a new thread, as the engine runs its model, and return its result."""
+    out = {}
+    worker = threading.Thread(target=lambda: out.setdefault("result", function()))
+    worker.start()
+    worker.join()
+    return out["result"]

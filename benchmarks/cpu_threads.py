@@ -19,31 +19,19 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import statistics
-import threading
 import time
 
 import torch
+from common import engine_batches_directly, in_thread
 
 from rewardplug import RewardEngine, named_models
-from rewardplug.engine.caches import VisionCache
 from rewardplug.engine.openmp import free_idle_workers
-from rewardplug.engine.runner import ModelRunner
-from rewardplug.engine.scheduler import make_item, make_units, plan_batches
-from rewardplug.engine.stats import Stats
 from rewardplug.workload import make_workload
 
 
 def busy_loop() -> None:
     while True:
         pass
-
-
-def in_thread(function):
-    out = {}
-    thread = threading.Thread(target=lambda: out.setdefault("result", function()))
-    thread.start()
-    thread.join()
-    return out["result"]
 
 
 def kernel_us(x: torch.Tensor, n: int = 300) -> float:
@@ -86,11 +74,7 @@ def engine_side_by_side(rounds: int) -> None:
     def direct() -> float:
         samples = fresh()
         start = time.perf_counter()
-        encoded, _ = rm.encode_many(samples)
-        items = [make_item(e, rm.turn_start_token_id) for e in encoded]
-        runner = ModelRunner(rm, VisionCache(2**30), Stats(), max_kv_tokens=16384)
-        for plan in plan_batches(make_units(items, True), 16384, 64, 16384):
-            runner.run(plan.units)
+        engine_batches_directly(rm, samples)
         return time.perf_counter() - start
 
     engine("shared"), engine("dedicated"), direct()  # warm-up

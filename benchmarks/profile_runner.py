@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 
 import torch
+from common import engine_batches_directly
 from torch.profiler import ProfilerActivity, profile
 
 from rewardplug import named_models
-from rewardplug.engine.caches import VisionCache
-from rewardplug.engine.runner import ModelRunner
-from rewardplug.engine.scheduler import make_item, make_units, plan_batches
-from rewardplug.engine.stats import Stats
 from rewardplug.workload import make_workload
 
 ATTENTION = "aten::_scaled_dot_product_flash_attention_for_cpu"
@@ -40,11 +37,7 @@ def main() -> None:
 
     def run(seed: int) -> None:
         samples = make_workload(tokenizer, args.groups, args.group_size, args.image_size, 16, 256, seed)
-        encoded, _ = rm.encode_many(samples)
-        items = [make_item(e, rm.turn_start_token_id) for e in encoded]
-        runner = ModelRunner(rm, VisionCache(2**30), Stats(), max_kv_tokens=args.max_batch_tokens)
-        for plan in plan_batches(make_units(items, True), args.max_batch_tokens, 64, args.max_batch_tokens):
-            runner.run(plan.units)
+        engine_batches_directly(rm, samples, args.max_batch_tokens)
 
     run(1)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
