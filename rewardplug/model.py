@@ -25,6 +25,7 @@ from torch import nn
 from .checkpoint import CheckpointKind, detect_checkpoint, read_value_head, resolve_checkpoint
 from .encoding import DEFAULT_PIXEL_CACHE_BYTES, Batch, EncodedSample, Encoder, PixelCodes, collate, pixel_values
 from .errors import CheckpointError, InvalidSampleError
+from .grouped_attention import use_grouped_sdpa
 from .images import ImagePolicy
 from .samples import token_samples
 
@@ -202,6 +203,9 @@ class RewardModel:
             architecture without reading weights); default: the first GPU if there is one, else CPU.
         device_map / max_memory: split the model over several GPUs with accelerate ("auto",
             "balanced", or an explicit map); excludes ``device``.
+        attn_implementation: transformers' attention ("sdpa" by default, "eager", "flash_attention_2");
+            SDPA runs as ``sdpa_grouped_kv`` (``rewardplug.grouped_attention``): on a CPU its masked passes
+            read grouped key/value heads without repeating them, bit for bit the same output.
         min_pixels / max_pixels: image size bounds, applied where the model card's recipe applies them
             (qwen-vl-utils' resize and the processor); default: qwen-vl-utils' defaults, then the
             checkpoint's preprocessor config. An image item's own "min_pixels"/"max_pixels" win.
@@ -299,6 +303,7 @@ class RewardModel:
         backbone = full.model
         del full.lm_head  # never run: scores come from the last hidden state
         linear_patch_embed(backbone.visual)
+        use_grouped_sdpa(backbone.language_model)
 
         head = cls._make_head(weight, bias, hidden, torch_dtype, backbone.language_model.norm.weight.device)
 

@@ -50,7 +50,9 @@ _START_ATTEMPTS = 3  # a replacement that dies while starting is tried again thi
 
 class MetaRopeIndex:
     """M-RoPE positions from the model's own ``get_rope_index``, on a copy of its backbone built on the
-    meta device from the config (no weights: positions are a pure function of ids, types and grids)."""
+    meta device from the config (no weights: positions are a pure function of ids, types and grids), with
+    eager attention: the copy never attends, and the model's own implementation (rewardplug's grouped SDPA)
+    may not be registered in this process."""
 
     def __init__(self, backbone_class: type, config: Any):
         self.backbone_class, self.config = backbone_class, config
@@ -62,7 +64,7 @@ class MetaRopeIndex:
     def __call__(self, ids: torch.Tensor, mm: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor:
         if self._backbone is None:
             with torch.device("meta"):
-                self._backbone = self.backbone_class._from_config(self.config)
+                self._backbone = self.backbone_class._from_config(self.config, attn_implementation="eager")
         return self._backbone.get_rope_index(ids, mm, image_grid_thw=grid)[0]
 
 

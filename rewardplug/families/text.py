@@ -21,6 +21,7 @@ from ..checkpoint import CheckpointKind
 from ..encoding import Batch
 from ..encoding.text_encoder import TextEncoder, TextProcessor
 from ..errors import CheckpointError
+from ..grouped_attention import use_grouped_sdpa
 from ..model import RewardModel, _resolve_dtype, cache_argument, take_rows
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class TextRewardModel(RewardModel):
                 f"{str(folder)!r}: {type(full).__name__} has no one-output 'score' linear ({found.architectures})"
             )
         backbone = getattr(full, full.base_model_prefix)
+        use_grouped_sdpa(backbone)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         try:
             encoder = TextEncoder(tokenizer, config.get_text_config().pad_token_id, max_length)
