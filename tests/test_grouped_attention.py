@@ -29,13 +29,14 @@ def padded_mask(rows: int, queries: int, keys: int, lengths: list[int]) -> torch
     return mask
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("queries", [1, 7, 40])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (28, 4), (6, 2)])
-def test_grouped_sdpa_equals_transformers_sdpa_bitwise_under_a_mask(queries, heads, kv_heads):
+def test_grouped_sdpa_equals_transformers_sdpa_bitwise_under_a_mask(queries, heads, kv_heads, dtype):
     torch.manual_seed(queries + heads)
     rows, keys = 3, 90
-    q = torch.randn(rows, heads, queries, 16)
-    k, v = torch.randn(rows, kv_heads, keys, 16), torch.randn(rows, kv_heads, keys, 16)
+    q = torch.randn(rows, heads, queries, 16, dtype=dtype)
+    k, v = torch.randn(rows, kv_heads, keys, 16, dtype=dtype), torch.randn(rows, kv_heads, keys, 16, dtype=dtype)
     mask = padded_mask(rows, queries, keys, [50, 31, 9])
     layer = Layer(heads // kv_heads)
     expected, _ = sdpa_attention_forward(layer, q, k, v, mask, scaling=0.3)
