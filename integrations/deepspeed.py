@@ -49,6 +49,7 @@ from PIL import Image
 from ..checkpoint import read_value_head, resolve_checkpoint
 from ..encoding import collate
 from ..errors import CheckpointError, InvalidSampleError, ScoringError
+from ..grouped_attention import use_grouped_sdpa
 from ..model import RewardModel, _backbone_class
 
 OnInvalid = str | float  # "raise" | "none" | a fallback score
@@ -278,6 +279,7 @@ def _partitioned_backbone(folder: Path, shell: RewardModel, config: dict, attn_i
     del full  # the LM head (vocabulary logits) is never run
     _load_partitioned(backbone, folder, prefix="model.")
     backbone.eval()
+    use_grouped_sdpa(backbone.language_model)  # as RewardModel.from_pretrained does
     return backbone
 
 

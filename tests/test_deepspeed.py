@@ -40,6 +40,11 @@ def test_zero3_scores_equal_unsharded_and_each_rank_holds_half(score_run, model)
     assert score_run[1]["again"] == []  # took part with nothing to score
 
 
+def test_zero3_language_model_runs_the_same_attention_as_unsharded(score_run, model):
+    assert [r["attention"] for r in score_run] == [model.backbone.language_model.config._attn_implementation] * 2
+    assert score_run[0]["attention"] == "sdpa_grouped_kv"
+
+
 def test_zero3_bad_sample_gets_on_invalid_fallback_none_or_error_and_the_rest_is_scored(score_run, model):
     for r, result in enumerate(score_run):
         good = model.score(samples_for(r)[:1])[0]

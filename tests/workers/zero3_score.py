@@ -80,6 +80,7 @@ def main():
         result["scores"] = rm.score(samples)
         result["peak_rss_after_score"] = peak_rss()
     if mode == "score":
+        result["attention"] = rm.model.backbone.language_model.config._attn_implementation
         result["again"] = rm.score(samples[:1] if rank == 0 else [])  # an empty list still takes part
         result["fallback"] = rm.score([BAD] + samples[:1], on_invalid=-7.5)
         result["none"] = rm.score([BAD], on_invalid="none")
