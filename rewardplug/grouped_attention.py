@@ -5,18 +5,15 @@ SDPA path repeats each key/value head for its query heads (``repeat_kv``: a copy
 per layer and pass, 3x on bench-cpu, 7x on the 7B) because CUDA's masked SDPA kernels would fall back
 to the math path with grouped heads. torch's CPU flash kernel takes them as they are (``enable_gqa``),
 with the same output bit for bit. That path is registered under its own name at import, and
-``use_grouped_sdpa`` sets it on a model whose attention is SDPA; every other case (a GPU, no mask, no grouping) calls
-transformers' own ``sdpa_attention_forward``, so a model moved to a GPU keeps transformers' behaviour.
+``use_grouped_sdpa`` sets it on a model whose attention is SDPA; every other case (a GPU, no mask, one
+query, no grouping, a bias or soft-capping) calls transformers' own ``sdpa_attention_forward``, so a
+model moved to a GPU keeps transformers' behaviour.
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 NAME = "sdpa_grouped_kv"
 
@@ -39,9 +36,8 @@ def grouped_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
 
 
 def _register() -> bool:
-    """Register the function and SDPA's own mask builder under ``NAME``, at import: a config naming it
-    (a copy of the model rebuilt from its config, as the encoder processes do) then builds anywhere
-    rewardplug is imported."""
+    """Register the function and SDPA's own mask builder under ``NAME``, at import, so that a model
+    rebuilt from a config naming it (``rewardplug bench``'s card-recipe model) builds in this process."""
     try:
         from transformers import AttentionInterface, AttentionMaskInterface
         from transformers.masking_utils import sdpa_mask

@@ -12,6 +12,7 @@ from rewardplug import RewardEngine, RewardModel
 from rewardplug.grouped_attention import NAME, grouped_sdpa_attention
 from rewardplug.testing import cached_seq_cls_checkpoint
 
+
 class Layer(torch.nn.Module):
     """What the attention functions read from a decoder layer's attention module."""
 
