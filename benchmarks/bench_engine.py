@@ -87,9 +87,9 @@ def run(args) -> None:
     with mem.measure():
         (got_c, stats), t_c = timed(engine_run)
     mem_c = mem.peak
-    # On a CPU, torch's kernels run slower on another thread while this one keeps idle OpenMP workers
-    # (``rewardplug.engine.openmp``): the direct calls are timed there too. Engine against direct calls (on this thread, and on a thread of their own) and the engine with
-    # cpu_cores="dedicated", alternated and best of 3 each (this machine is noisy), each on new images.
+    # Engine against direct calls (on this thread, and on a thread of their own: on a CPU torch's kernels run
+    # slower there while this thread keeps idle OpenMP workers, ``rewardplug.engine.openmp``) and the engine
+    # with cpu_cores="dedicated", alternated and best of 3 each (this machine is noisy), each on new images.
     engine_run(fresh(103), "dedicated")  # warm up
     t_engine, t_direct, t_thread, t_dedicated = [t_c], [], [], []
     for k in range(3):
